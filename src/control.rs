@@ -1,0 +1,336 @@
+//! The control socket: how `localnet peers`, `watch` and `status` talk to a daemon.
+//!
+//! This module owns the Unix socket protocol (JSON lines), its server side inside the
+//! daemon and its client side. One request per line:
+//!
+//! ```text
+//! {"cmd":"peers"}                              -> {"ok":true,"peers":[...]}
+//! {"cmd":"peers","wait_for":3,"timeout_ms":500} -> answers once 3 peers are known, or at the timeout
+//! {"cmd":"status"}                             -> {"ok":true,"status":{...}}
+//! {"cmd":"watch"}                              -> {"ok":true}, then {"event":"joined","peer":{...}} per event
+//! anything else                                -> {"ok":false,"error":"..."}
+//! ```
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::broadcast;
+
+use crate::node::NodeHandle;
+use crate::peers::{Peer, PeerEvent};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+/// Longest a client waits to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Where the control socket is when none is named: `$LOCALNET_CONTROL`, else
+/// `/run/localnet/control.sock` for root, else `$XDG_RUNTIME_DIR/localnet.sock`
+/// (else `/tmp/localnet-<uid>.sock`).
+pub fn default_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("LOCALNET_CONTROL").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/localnet/control.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("localnet.sock"),
+        None => PathBuf::from(format!("/tmp/localnet-{uid}.sock")),
+    }
+}
+
+/// Errors of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no daemon answers on {0}")]
+    NoDaemon(String),
+    #[error("another localnet daemon is already serving {0}")]
+    InUse(String),
+    #[error("control socket {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("the daemon answered something unexpected: {0}")]
+    Protocol(String),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+}
+
+/// A bound control socket; the file is removed when this is dropped.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl ControlSocket {
+    /// Binds `path` (mode 0660), creating its directory. A stale socket file is
+    /// replaced; a live one (another daemon answers) is an error.
+    pub async fn bind(path: &Path) -> Result<Self, ControlError> {
+        let io_err = |source| ControlError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(ControlError::InUse(path.display().to_string()));
+            }
+            std::fs::remove_file(path).map_err(io_err)?;
+        }
+        let listener = UnixListener::bind(path).map_err(io_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err)?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves clients until the task is dropped.
+    pub async fn serve(&self, node: NodeHandle) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = serve_client(stream, node).await {
+                            tracing::debug!(%err, "control client");
+                        }
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+enum Request {
+    Peers {
+        #[serde(default)]
+        wait_for: Option<usize>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    Status,
+    Watch,
+}
+
+async fn serve_client(stream: UnixStream, node: NodeHandle) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if n > MAX_REQUEST {
+            write_line(
+                &mut write,
+                &json!({"ok": false, "error": "request too long"}),
+            )
+            .await?;
+            return Ok(());
+        }
+        let request = match serde_json::from_slice::<Request>(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let error =
+                    format!("bad request: {e}; expected {{\"cmd\":\"peers|status|watch\"}}");
+                write_line(&mut write, &json!({"ok": false, "error": error})).await?;
+                continue;
+            }
+        };
+        let answer = match request {
+            Request::Peers {
+                wait_for,
+                timeout_ms,
+            } => {
+                let peers = match wait_for {
+                    Some(n) => {
+                        let timeout =
+                            Duration::from_millis(timeout_ms.unwrap_or(1000).min(3_600_000));
+                        node.wait_for(n, timeout).await
+                    }
+                    None => node.peers().await,
+                };
+                match peers {
+                    Ok(peers) => json!({"ok": true, "peers": peers}),
+                    Err(e) => json!({"ok": false, "error": e.to_string()}),
+                }
+            }
+            Request::Status => match node.status().await {
+                Ok(status) => json!({"ok": true, "status": status}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            },
+            Request::Watch => {
+                let mut events = node.subscribe();
+                write_line(&mut write, &json!({"ok": true})).await?;
+                loop {
+                    match events.recv().await {
+                        Ok(event) => write_line(&mut write, &serde_json::to_value(&event)?).await?,
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            write_line(&mut write, &json!({"event": "lagged", "missed": n})).await?
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    }
+                }
+            }
+        };
+        write_line(&mut write, &answer).await?;
+    }
+}
+
+async fn write_line<W: AsyncWriteExt + Unpin>(w: &mut W, value: &Value) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(value)?;
+    bytes.push(b'\n');
+    w.write_all(&bytes).await
+}
+
+/// A connection to a daemon's control socket.
+pub struct ControlClient {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    path: PathBuf,
+}
+
+impl ControlClient {
+    /// Connects; [`ControlError::NoDaemon`] when nothing listens there.
+    pub async fn connect(path: &Path) -> Result<Self, ControlError> {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Err(ControlError::NoDaemon(path.display().to_string()));
+            }
+            Ok(Err(source)) => {
+                return Err(ControlError::Io {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+            Err(_) => return Err(ControlError::NoDaemon(path.display().to_string())),
+        };
+        let (read, writer) = stream.into_split();
+        Ok(Self {
+            reader: BufReader::new(read),
+            writer,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn io_err(&self, source: io::Error) -> ControlError {
+        ControlError::Io {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Sends one request and reads one answer line.
+    pub async fn request(&mut self, request: &Value) -> Result<Value, ControlError> {
+        write_line(&mut self.writer, request)
+            .await
+            .map_err(|e| self.io_err(e))?;
+        self.next_line().await
+    }
+
+    /// Reads the next line (an answer or a streamed event).
+    pub async fn next_line(&mut self) -> Result<Value, ControlError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(|e| self.io_err(e))?;
+        if n == 0 {
+            return Err(ControlError::Protocol(
+                "the daemon closed the connection".into(),
+            ));
+        }
+        let value: Value =
+            serde_json::from_str(&line).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        if value.get("ok") == Some(&Value::Bool(false)) {
+            let error = value
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error");
+            return Err(ControlError::Refused(error.to_string()));
+        }
+        Ok(value)
+    }
+
+    /// The daemon's peers; with `wait_for`, once that many are known or at `timeout`.
+    pub async fn peers(
+        &mut self,
+        wait_for: Option<usize>,
+        timeout: Duration,
+    ) -> Result<Vec<Peer>, ControlError> {
+        let request = match wait_for {
+            Some(n) => {
+                json!({"cmd": "peers", "wait_for": n, "timeout_ms": timeout.as_millis() as u64})
+            }
+            None => json!({"cmd": "peers"}),
+        };
+        let answer = self.request(&request).await?;
+        serde_json::from_value(answer.get("peers").cloned().unwrap_or(Value::Null))
+            .map_err(|e| ControlError::Protocol(e.to_string()))
+    }
+
+    /// The daemon's status object.
+    pub async fn status(&mut self) -> Result<Value, ControlError> {
+        let answer = self.request(&json!({"cmd": "status"})).await?;
+        answer
+            .get("status")
+            .cloned()
+            .ok_or_else(|| ControlError::Protocol("no status in answer".into()))
+    }
+
+    /// Starts watching; then call [`ControlClient::next_event`] repeatedly.
+    pub async fn watch(&mut self) -> Result<(), ControlError> {
+        self.request(&json!({"cmd": "watch"})).await.map(|_| ())
+    }
+
+    /// The next event of a watch (`None` for a "lagged" notice, with the count logged).
+    pub async fn next_event(&mut self) -> Result<Option<PeerEvent>, ControlError> {
+        let value = self.next_line().await?;
+        if value.get("event").and_then(Value::as_str) == Some("lagged") {
+            tracing::warn!(missed = %value["missed"], "watch fell behind; events were missed");
+            return Ok(None);
+        }
+        serde_json::from_value(value)
+            .map(Some)
+            .map_err(|e| ControlError::Protocol(e.to_string()))
+    }
+}

@@ -1,0 +1,1048 @@
+//! The sans-IO discovery protocol: a pure state machine.
+//!
+//! This module owns the protocol's rules and timing. It is fed `(now, datagram, source)`
+//! and timer ticks, and hands back datagrams to send ([`Transmit`]) and peer events
+//! ([`PeerEvent`]). It has no sockets, no clock and no async runtime: the caller supplies
+//! time as [`Millis`], which is what lets the simulator run thousands of nodes in virtual
+//! time and the tokio driver run one node for real.
+//!
+//! The protocol in short:
+//! - A starting node multicasts a `probe` that carries its own record, and once more
+//!   shortly after. Members answer with a unicast `announce` after a random delay that
+//!   grows with the group; a member that has several probes to answer by then multicasts
+//!   one announcement instead. So a newcomer learns the LAN in about one round trip.
+//! - Members multicast an `announce` every interval. The interval follows the RTCP rule
+//!   (RFC 3550 §6.2): group size × mean announcement size ÷ traffic budget, never below a
+//!   floor; timers are reconsidered when they fire, so a growing group slows down at once.
+//! - Each announcement carries the sender's interval and TTL (4.5 intervals). A peer
+//!   not heard for half its TTL becomes suspect and is probed directly (unicast) every
+//!   quarter interval; it is declared failed only when its TTL passes with no answer.
+//! - A `goodbye` removes its sender at once; a higher incarnation replaces an entry.
+//! - Every datagram passes a per-source rate limit, then decoding, then (with a key) the
+//!   replay check: the sender's microsecond counter must be within the replay window of
+//!   our clock and not seen before.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+
+use foldhash::HashMap;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::key::ClusterKey;
+pub use crate::peers::{Millis, Peer, PeerEvent};
+use crate::peers::{Observed, PeerState, PeerTable};
+use crate::wire::{self, Auth, DecodeError, HEADER_OVERHEAD, Message, NodeRecord};
+
+/// Tunables of the protocol. [`Config::default`] is what the daemon uses.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Shortest announcement interval (small groups).
+    pub min_interval_ms: u64,
+    /// Longest announcement interval (huge groups).
+    pub max_interval_ms: u64,
+    /// Traffic budget of the whole group's announcements, bytes per second (IP and UDP
+    /// headers included).
+    pub budget_bytes_per_sec: u64,
+    /// When a starting node sends its second probe.
+    pub second_probe_ms: u64,
+    /// Most peers kept; more are ignored (and counted).
+    pub max_peers: usize,
+    /// Datagrams per second accepted from one source address (sustained).
+    pub rate_per_source: u32,
+    /// Datagrams accepted from one source address in a burst.
+    pub burst_per_source: u32,
+    /// With a key: how far a sender's clock may be from ours.
+    pub replay_window_ms: u64,
+    /// An observer finds peers but is never listed by them and never announces.
+    pub observer: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            min_interval_ms: 200,
+            max_interval_ms: 120_000,
+            budget_bytes_per_sec: 64_000,
+            second_probe_ms: 100,
+            max_peers: 4096,
+            rate_per_source: 50,
+            burst_per_source: 100,
+            replay_window_ms: 30_000,
+            observer: false,
+        }
+    }
+}
+
+/// What a node says about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalNode {
+    /// Stable id.
+    pub id: Uuid,
+    /// Name shown to others.
+    pub name: String,
+    /// Grows on every restart (the daemon uses its start time in ms).
+    pub incarnation: u64,
+    /// Transport address; an unspecified IP lets receivers use the datagram's source IP.
+    pub addr: SocketAddr,
+    /// Role.
+    pub role: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Where a datagram goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// The multicast group, on every interface.
+    Group,
+    /// One peer's discovery socket.
+    Unicast(SocketAddr),
+}
+
+/// A datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub dest: Destination,
+    /// The bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Counters, as `localnet` status shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub received: u64,
+    pub received_bytes: u64,
+    pub sent: u64,
+    pub sent_bytes: u64,
+    pub dropped_malformed: u64,
+    pub dropped_oversize: u64,
+    pub dropped_version: u64,
+    pub dropped_auth: u64,
+    pub dropped_replay: u64,
+    pub dropped_rate: u64,
+    pub dropped_table_full: u64,
+}
+
+/// Why a local record cannot be announced.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "this node's announcement would be {0} bytes, over the {max} byte limit: use fewer or shorter tags or a shorter name",
+        max = wire::MAX_DATAGRAM
+    )]
+    RecordTooLarge(usize),
+    #[error("the node name must not be empty")]
+    EmptyName,
+}
+
+const GC_EVERY_MS: Millis = 10_000;
+const LOG_EVERY_MS: Millis = 10_000;
+const MAX_PENDING_REPLIES: usize = 1024;
+/// How far behind the newest counter of a sender a reordered datagram may be (µs).
+const REORDER_US: u64 = 1_000_000;
+const RECENT_COUNTERS: usize = 64;
+
+/// The discovery state machine of one node.
+///
+/// ```
+/// use localnet::core::{Config, Discovery, LocalNode, Destination};
+/// let me = LocalNode {
+///     id: uuid::Uuid::from_u128(1), name: "a".into(), incarnation: 1,
+///     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
+/// };
+/// let mut node = Discovery::new(Config::default(), me, None, 1, 0).unwrap();
+/// node.start(0);
+/// let probe = node.poll_transmit().unwrap();
+/// assert_eq!(probe.dest, Destination::Group);
+/// assert_eq!(node.poll_timeout(), Some(100)); // the second probe
+/// ```
+pub struct Discovery {
+    cfg: Config,
+    me: NodeRecord,
+    key: Option<ClusterKey>,
+    last_ctr: u64,
+    table: PeerTable,
+    /// One live item per peer: (deadline, id); stale items are skipped when popped.
+    timers: BinaryHeap<Reverse<(Millis, Uuid)>>,
+    started: bool,
+    leaving: bool,
+    second_probe_at: Option<Millis>,
+    next_announce: Option<Millis>,
+    last_announce: Option<Millis>,
+    pending_replies: Vec<SocketAddr>,
+    reply_at: Option<Millis>,
+    /// Mean size of an announcement on the wire, headers included (RTCP's avg_rtcp_size).
+    avg_size: f64,
+    rng: fastrand::Rng,
+    limiter: HashMap<SocketAddr, Bucket>,
+    replay: HashMap<Uuid, ReplayState>,
+    next_gc: Millis,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<PeerEvent>,
+    stats: Stats,
+    log_gate: LogGate,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Millis,
+}
+
+#[derive(Clone, Debug)]
+struct ReplayState {
+    newest: u64,
+    recent: VecDeque<u64>,
+    heard: Millis,
+}
+
+/// Lets one warning through per period and counts the rest.
+#[derive(Debug, Default)]
+struct LogGate {
+    next: Millis,
+    suppressed: u64,
+}
+
+impl LogGate {
+    fn allow(&mut self, now: Millis) -> Option<u64> {
+        if now >= self.next {
+            self.next = now + LOG_EVERY_MS;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+impl Discovery {
+    /// Builds a node. `seed` drives its random choices (timer jitter), so a simulation
+    /// is reproducible; `now` is the clock at creation (with a key it must be close to
+    /// unix time in ms, since counters are checked against it).
+    pub fn new(
+        cfg: Config,
+        me: LocalNode,
+        key: Option<ClusterKey>,
+        seed: u64,
+        now: Millis,
+    ) -> Result<Self, ConfigError> {
+        if me.name.is_empty() {
+            return Err(ConfigError::EmptyName);
+        }
+        let me = NodeRecord {
+            id: me.id,
+            name: me.name,
+            inc: me.incarnation,
+            addr: me.addr,
+            role: me.role,
+            tags: me.tags,
+            interval_ms: cfg.min_interval_ms,
+            ttl_ms: ttl_for(cfg.min_interval_ms),
+        };
+        let mut node = Self {
+            table: PeerTable::new(cfg.max_peers),
+            cfg,
+            me,
+            key,
+            last_ctr: now.saturating_mul(1000),
+            timers: BinaryHeap::new(),
+            started: false,
+            leaving: false,
+            second_probe_at: None,
+            next_announce: None,
+            last_announce: None,
+            pending_replies: Vec::new(),
+            reply_at: None,
+            avg_size: 0.0,
+            rng: fastrand::Rng::with_seed(seed),
+            limiter: HashMap::default(),
+            replay: HashMap::default(),
+            next_gc: now + GC_EVERY_MS,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: Stats::default(),
+            log_gate: LogGate::default(),
+        };
+        // Check the largest form of our record now rather than fail later.
+        let size = node.largest_announcement()?;
+        node.avg_size = size as f64;
+        Ok(node)
+    }
+
+    /// The size on the wire of our largest possible message, headers included.
+    fn largest_announcement(&self) -> Result<usize, ConfigError> {
+        let mut big = self.me.clone();
+        big.interval_ms = u64::MAX;
+        big.ttl_ms = u64::MAX;
+        let msg = Message::Probe {
+            from: self.me.id,
+            node: Some(big),
+            direct: false,
+        };
+        let auth = self.key.as_ref().map(|k| (k, Auth { ctr: u64::MAX }));
+        match wire::encode(&msg, auth) {
+            Ok(bytes) => Ok(bytes.len() + HEADER_OVERHEAD),
+            Err(_) => {
+                let body = serde_json::to_string(&msg).map(|s| s.len()).unwrap_or(0);
+                Err(ConfigError::RecordTooLarge(body + 100))
+            }
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> Uuid {
+        self.me.id
+    }
+
+    /// This node's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.me.inc
+    }
+
+    /// The announcement interval in force.
+    pub fn interval_ms(&self) -> u64 {
+        self.me.interval_ms
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Number of known peers.
+    pub fn peer_count(&self) -> usize {
+        self.table.len()
+    }
+
+    /// The known peers, sorted by name then id.
+    pub fn peers(&self, now: Millis) -> Vec<Peer> {
+        let mut peers: Vec<Peer> = self.table.iter().map(|e| e.snapshot(now)).collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        peers
+    }
+
+    /// Starts the node: probes the group now and once more shortly after.
+    pub fn start(&mut self, now: Millis) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        self.send_probe(now);
+        self.second_probe_at = Some(now + self.cfg.second_probe_ms);
+        if !self.cfg.observer {
+            let interval = self.compute_interval();
+            self.next_announce = Some(now + self.jittered(interval));
+        }
+    }
+
+    /// Leaves the group: a goodbye (sent twice against loss), then silence.
+    pub fn leave(&mut self, now: Millis) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        self.second_probe_at = None;
+        self.next_announce = None;
+        self.reply_at = None;
+        self.pending_replies.clear();
+        if self.started && !self.cfg.observer {
+            let bye = Message::Goodbye {
+                id: self.me.id,
+                inc: self.me.inc,
+            };
+            self.send(now, Destination::Group, &bye);
+            self.send(now, Destination::Group, &bye);
+        }
+    }
+
+    /// Changes this node's tags and announces them at once.
+    pub fn set_tags(
+        &mut self,
+        now: Millis,
+        tags: BTreeMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        let old = std::mem::replace(&mut self.me.tags, tags);
+        if let Err(e) = self.largest_announcement() {
+            self.me.tags = old;
+            return Err(e);
+        }
+        if self.started && !self.leaving && !self.cfg.observer {
+            self.announce(now, Destination::Group);
+        }
+        Ok(())
+    }
+
+    /// The next datagram to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next peer event, if any.
+    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Discovery::handle_timeout`] wants to be called next.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        if !self.started || self.leaving {
+            return None;
+        }
+        [
+            self.second_probe_at,
+            self.next_announce,
+            self.reply_at,
+            self.timers.peek().map(|Reverse((t, _))| *t),
+            Some(self.next_gc),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Runs whatever timers are due at `now`.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if !self.started || self.leaving {
+            return;
+        }
+        if self.second_probe_at.is_some_and(|t| t <= now) {
+            self.second_probe_at = None;
+            self.send_probe(now);
+        }
+        if self.reply_at.is_some_and(|t| t <= now) {
+            self.reply_at = None;
+            self.answer_probes(now);
+        }
+        if let Some(due) = self.next_announce.filter(|t| *t <= now) {
+            self.announce_timer(now, due);
+        }
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            self.peer_timer(now, t, id);
+        }
+        if now >= self.next_gc {
+            self.next_gc = now + GC_EVERY_MS;
+            self.collect_garbage(now);
+        }
+    }
+
+    /// Handles one received datagram.
+    pub fn handle_datagram(&mut self, now: Millis, source: SocketAddr, bytes: &[u8]) {
+        if self.leaving {
+            return;
+        }
+        self.stats.received += 1;
+        self.stats.received_bytes += bytes.len() as u64;
+        if !self.rate_allows(now, source) {
+            self.stats.dropped_rate += 1;
+            self.warn(now, source, "rate limit exceeded");
+            return;
+        }
+        let (msg, auth) = match wire::decode(bytes, self.key.as_ref()) {
+            Ok(decoded) => decoded,
+            Err(err) => {
+                match err {
+                    DecodeError::Oversize => self.stats.dropped_oversize += 1,
+                    DecodeError::Malformed => self.stats.dropped_malformed += 1,
+                    DecodeError::Version => self.stats.dropped_version += 1,
+                    DecodeError::Auth => self.stats.dropped_auth += 1,
+                }
+                if err != DecodeError::Version {
+                    self.warn(now, source, &err.to_string());
+                }
+                return;
+            }
+        };
+        let sender = msg.sender();
+        if sender == self.me.id {
+            return; // our own multicast, looped back
+        }
+        if let Some(auth) = auth
+            && !self.replay_allows(now, sender, auth)
+        {
+            self.stats.dropped_replay += 1;
+            self.warn(now, source, "replayed or stale datagram");
+            return;
+        }
+        match msg {
+            Message::Announce { node } => {
+                if node.id == self.me.id {
+                    return;
+                }
+                let size = (bytes.len() + HEADER_OVERHEAD) as f64;
+                self.avg_size += (size - self.avg_size) / 16.0;
+                self.observe(now, node, source);
+            }
+            Message::Probe { from, node, direct } => {
+                if let Some(node) = node
+                    && node.id == from
+                {
+                    self.observe(now, node, source);
+                }
+                if self.cfg.observer || !self.started {
+                    return;
+                }
+                if direct {
+                    self.announce(now, Destination::Unicast(source));
+                } else {
+                    self.queue_reply(now, source);
+                }
+            }
+            Message::Goodbye { id, inc } => {
+                if self.table.get(&id).is_some_and(|e| e.record.inc <= inc)
+                    && let Some(entry) = self.table.remove(&id)
+                {
+                    self.events.push_back(PeerEvent::Left(entry.snapshot(now)));
+                }
+            }
+        }
+    }
+
+    fn observe(&mut self, now: Millis, record: NodeRecord, source: SocketAddr) {
+        let id = record.id;
+        match self.table.observe(record, source, now) {
+            Observed::Joined => {
+                if let Some(entry) = self.table.get_mut(&id) {
+                    let deadline = suspect_at(entry.last_heard, entry.record.ttl_ms);
+                    entry.armed_at = deadline;
+                    let snapshot = entry.snapshot(now);
+                    self.timers.push(Reverse((deadline, id)));
+                    self.events.push_back(PeerEvent::Joined(snapshot));
+                }
+            }
+            Observed::Updated => {
+                if let Some(entry) = self.table.get(&id) {
+                    self.events
+                        .push_back(PeerEvent::Updated(entry.snapshot(now)));
+                }
+            }
+            Observed::Refreshed | Observed::Stale => {}
+            Observed::Full => {
+                self.stats.dropped_table_full += 1;
+                if let Some(suppressed) = self.log_gate.allow(now) {
+                    tracing::warn!(
+                        max_peers = self.cfg.max_peers,
+                        suppressed,
+                        "peer table full; ignoring new peers"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A peer's timer fired: re-arm it if it was heard since, else suspect, probe or fail it.
+    fn peer_timer(&mut self, now: Millis, fired: Millis, id: Uuid) {
+        let Some(entry) = self.table.get_mut(&id) else {
+            return;
+        };
+        if entry.armed_at != fired {
+            return; // a stale item of an entry that was removed and added again
+        }
+        let ttl = entry.record.ttl_ms;
+        let expires = entry.last_heard + ttl;
+        if now >= expires {
+            if let Some(entry) = self.table.remove(&id) {
+                self.events
+                    .push_back(PeerEvent::Failed(entry.snapshot(now)));
+            }
+            return;
+        }
+        let suspect = suspect_at(entry.last_heard, ttl);
+        if now < suspect {
+            entry.state = PeerState::Alive;
+            entry.armed_at = suspect;
+            self.timers.push(Reverse((suspect, id)));
+            return;
+        }
+        if entry.state == PeerState::Alive {
+            entry.state = PeerState::Suspect;
+            entry.next_probe = now;
+        }
+        let mut probe_to = None;
+        if now >= entry.next_probe {
+            entry.next_probe = now + probe_gap(entry.record.interval_ms);
+            probe_to = Some(entry.source);
+        }
+        let next = entry.next_probe.min(expires);
+        entry.armed_at = next;
+        self.timers.push(Reverse((next, id)));
+        if let Some(dest) = probe_to {
+            let probe = Message::Probe {
+                from: self.me.id,
+                node: (!self.cfg.observer).then(|| self.me.clone()),
+                direct: true,
+            };
+            self.send(now, Destination::Unicast(dest), &probe);
+        }
+    }
+
+    fn announce_timer(&mut self, now: Millis, due: Millis) {
+        let interval = self.compute_interval();
+        // Forward reconsideration (RFC 3550 §6.3.6): the group may have grown since the
+        // timer was set; if the new interval has not yet passed, wait for it.
+        if let Some(last) = self.last_announce {
+            let reconsidered = last + interval;
+            if reconsidered > now && reconsidered > due {
+                self.next_announce = Some(reconsidered);
+                return;
+            }
+        }
+        self.announce(now, Destination::Group);
+    }
+
+    /// Sends our announcement; a multicast one also resets the periodic timer.
+    fn announce(&mut self, now: Millis, dest: Destination) {
+        if dest == Destination::Group {
+            let interval = self.compute_interval();
+            self.me.interval_ms = interval;
+            self.me.ttl_ms = ttl_for(interval);
+            self.last_announce = Some(now);
+            self.next_announce = Some(now + self.jittered(interval));
+        }
+        let msg = Message::Announce {
+            node: self.me.clone(),
+        };
+        if let Some(size) = self.send(now, dest, &msg)
+            && dest == Destination::Group
+        {
+            self.avg_size += ((size + HEADER_OVERHEAD) as f64 - self.avg_size) / 16.0;
+        }
+    }
+
+    fn send_probe(&mut self, now: Millis) {
+        let probe = Message::Probe {
+            from: self.me.id,
+            node: (!self.cfg.observer).then(|| self.me.clone()),
+            direct: false,
+        };
+        self.send(now, Destination::Group, &probe);
+    }
+
+    fn queue_reply(&mut self, now: Millis, to: SocketAddr) {
+        if self.pending_replies.contains(&to) || self.pending_replies.len() >= MAX_PENDING_REPLIES {
+            return;
+        }
+        self.pending_replies.push(to);
+        if self.reply_at.is_none() {
+            // Spread the group's answers so that, all together, they would fit in a
+            // quarter second of budget... at four times the budget: fast for small
+            // groups, bounded for large ones.
+            let n = self.table.len() as f64 + 1.0;
+            let spread = n * self.avg_size * 1000.0 / (4.0 * self.cfg.budget_bytes_per_sec as f64);
+            let spread = (spread as u64).clamp(2, 1000);
+            self.reply_at = Some(now + self.rng.u64(0..=spread));
+        }
+    }
+
+    fn answer_probes(&mut self, now: Millis) {
+        let pending = std::mem::take(&mut self.pending_replies);
+        match pending.as_slice() {
+            [] => {}
+            [one] => self.announce(now, Destination::Unicast(*one)),
+            _ => self.announce(now, Destination::Group),
+        }
+    }
+
+    fn compute_interval(&self) -> u64 {
+        let members = self.table.len() as f64 + 1.0;
+        let interval = members * self.avg_size * 1000.0 / self.cfg.budget_bytes_per_sec as f64;
+        (interval as u64).clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms)
+    }
+
+    /// An interval spread over ±10 % so that nodes do not fall into step.
+    fn jittered(&mut self, interval: u64) -> u64 {
+        let spread = interval / 10;
+        interval - spread + self.rng.u64(0..=2 * spread)
+    }
+
+    /// Encodes and queues a datagram; returns its size.
+    fn send(&mut self, now: Millis, dest: Destination, msg: &Message) -> Option<usize> {
+        let auth = match &self.key {
+            Some(key) => {
+                self.last_ctr = (self.last_ctr + 1).max(now.saturating_mul(1000));
+                Some((key, Auth { ctr: self.last_ctr }))
+            }
+            None => None,
+        };
+        match wire::encode(msg, auth) {
+            Ok(payload) => {
+                let size = payload.len();
+                self.stats.sent += 1;
+                self.stats.sent_bytes += size as u64;
+                self.transmits.push_back(Transmit { dest, payload });
+                Some(size)
+            }
+            Err(err) => {
+                // Our record was checked against the size limit at start.
+                tracing::error!(%err, "cannot encode own message");
+                None
+            }
+        }
+    }
+
+    fn rate_allows(&mut self, now: Millis, source: SocketAddr) -> bool {
+        let (rate, burst) = (
+            self.cfg.rate_per_source as f64,
+            self.cfg.burst_per_source as f64,
+        );
+        if !self.limiter.contains_key(&source) && self.limiter.len() >= 2 * self.cfg.max_peers {
+            self.collect_garbage(now);
+            if self.limiter.len() >= 2 * self.cfg.max_peers {
+                return false;
+            }
+        }
+        let bucket = self.limiter.entry(source).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let elapsed = now.saturating_sub(bucket.at) as f64 / 1000.0;
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn replay_allows(&mut self, now: Millis, sender: Uuid, auth: Auth) -> bool {
+        if auth.timestamp_ms().abs_diff(now) > self.cfg.replay_window_ms {
+            return false;
+        }
+        if !self.replay.contains_key(&sender) && self.replay.len() >= 2 * self.cfg.max_peers {
+            self.collect_garbage(now);
+            if self.replay.len() >= 2 * self.cfg.max_peers {
+                return false;
+            }
+        }
+        let state = self.replay.entry(sender).or_insert(ReplayState {
+            newest: 0,
+            recent: VecDeque::new(),
+            heard: now,
+        });
+        if auth.ctr + REORDER_US <= state.newest || state.recent.contains(&auth.ctr) {
+            return false;
+        }
+        state.newest = state.newest.max(auth.ctr);
+        state.heard = now;
+        if state.recent.len() == RECENT_COUNTERS {
+            state.recent.pop_front();
+        }
+        state.recent.push_back(auth.ctr);
+        true
+    }
+
+    fn collect_garbage(&mut self, now: Millis) {
+        let (rate, burst) = (
+            self.cfg.rate_per_source as f64,
+            self.cfg.burst_per_source as f64,
+        );
+        // A bucket that would be full again carries no information.
+        self.limiter
+            .retain(|_, b| b.tokens + now.saturating_sub(b.at) as f64 / 1000.0 * rate < burst);
+        // Counters older than the replay window are refused by the clock check anyway.
+        let window = self.cfg.replay_window_ms;
+        self.replay
+            .retain(|_, s| now.saturating_sub(s.heard) <= window);
+    }
+
+    fn warn(&mut self, now: Millis, source: SocketAddr, why: &str) {
+        if let Some(suppressed) = self.log_gate.allow(now) {
+            tracing::warn!(%source, suppressed, "dropped datagram: {why}");
+        }
+    }
+}
+
+/// A sender's TTL for its interval: 4.5 intervals.
+fn ttl_for(interval: u64) -> u64 {
+    interval * 9 / 2
+}
+
+/// When a peer silent since `last_heard` becomes suspect: after half its TTL.
+fn suspect_at(last_heard: Millis, ttl: u64) -> Millis {
+    last_heard + ttl / 2
+}
+
+/// Time between direct probes of a suspect.
+fn probe_gap(interval: u64) -> u64 {
+    (interval / 4).max(10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u128, key: Option<ClusterKey>, observer: bool) -> Discovery {
+        let me = LocalNode {
+            id: Uuid::from_u128(id),
+            name: format!("n{id}"),
+            incarnation: 1,
+            addr: "0.0.0.0:7000".parse().unwrap(),
+            role: "daemon".into(),
+            tags: BTreeMap::new(),
+        };
+        let cfg = Config {
+            observer,
+            ..Config::default()
+        };
+        Discovery::new(cfg, me, key, id as u64, 1_000_000).unwrap()
+    }
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 9000))
+    }
+
+    fn drain(n: &mut Discovery) -> Vec<Transmit> {
+        std::iter::from_fn(|| n.poll_transmit()).collect()
+    }
+
+    fn events(n: &mut Discovery) -> Vec<PeerEvent> {
+        std::iter::from_fn(|| n.poll_event()).collect()
+    }
+
+    #[test]
+    fn probe_teaches_both_sides() {
+        let t = 1_000_000;
+        let mut a = node(1, None, false);
+        let mut b = node(2, None, false);
+        a.start(t);
+        drain(&mut a);
+        b.start(t + 5);
+        let probe = drain(&mut b).remove(0);
+        a.handle_datagram(t + 6, addr(2), &probe.payload);
+        assert!(matches!(events(&mut a)[..], [PeerEvent::Joined(ref p)] if p.name == "n2"));
+        // The reply is jittered; run a's timers until it goes out.
+        let at = a.poll_timeout().unwrap();
+        assert!(
+            at <= t + 6 + 2,
+            "reply delay for a tiny group is small: {at}"
+        );
+        a.handle_timeout(at);
+        let reply = drain(&mut a).remove(0);
+        assert_eq!(reply.dest, Destination::Unicast(addr(2)));
+        b.handle_datagram(at + 1, addr(1), &reply.payload);
+        let ev = events(&mut b);
+        assert!(
+            matches!(&ev[..], [PeerEvent::Joined(p)] if p.name == "n1" && p.addr == "10.0.0.1:7000".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn goodbye_removes_and_silence_fails() {
+        let t = 1_000_000;
+        let mut a = node(1, None, false);
+        let mut b = node(2, None, false);
+        let mut c = node(3, None, false);
+        a.start(t);
+        b.start(t);
+        c.start(t);
+        drain(&mut a);
+        let pb = drain(&mut b).remove(0);
+        let pc = drain(&mut c).remove(0);
+        a.handle_datagram(t, addr(2), &pb.payload);
+        a.handle_datagram(t, addr(3), &pc.payload);
+        assert_eq!(a.peer_count(), 2);
+        events(&mut a);
+        b.leave(t + 10);
+        let bye = drain(&mut b);
+        assert_eq!(bye.len(), 2);
+        a.handle_datagram(t + 10, addr(2), &bye[0].payload);
+        a.handle_datagram(t + 10, addr(2), &bye[1].payload);
+        assert!(matches!(&events(&mut a)[..], [PeerEvent::Left(p)] if p.name == "n2"));
+        // c is never heard again: suspect, probed directly, then failed at its TTL.
+        let ttl = ttl_for(200);
+        let mut now = t;
+        let mut direct_probes = 0;
+        while a.peer_count() > 0 {
+            now = a.poll_timeout().unwrap();
+            a.handle_timeout(now);
+            direct_probes += drain(&mut a)
+                .iter()
+                .filter(|x| x.dest == Destination::Unicast(addr(3)))
+                .count();
+            assert!(now <= t + ttl, "failed late: {}", now - t);
+        }
+        assert_eq!(now, t + ttl);
+        assert!(direct_probes >= 5, "{direct_probes}");
+        assert!(matches!(&events(&mut a)[..], [PeerEvent::Failed(p)] if p.name == "n3"));
+    }
+
+    #[test]
+    fn answered_direct_probe_keeps_a_suspect_alive() {
+        let t = 1_000_000;
+        let mut a = node(1, None, false);
+        let mut b = node(2, None, false);
+        a.start(t);
+        b.start(t);
+        drain(&mut a);
+        let pb = drain(&mut b).remove(0);
+        a.handle_datagram(t, addr(2), &pb.payload);
+        // b's announcements are lost; only its answers to direct probes get through.
+        let mut now = t;
+        while now < t + 10_000 {
+            now = a.poll_timeout().unwrap().min(b.poll_timeout().unwrap());
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            drain(&mut b);
+            for x in drain(&mut a) {
+                if x.dest == Destination::Unicast(addr(2)) {
+                    b.handle_datagram(now, addr(1), &x.payload);
+                    for answer in drain(&mut b) {
+                        a.handle_datagram(now, addr(2), &answer.payload);
+                    }
+                }
+            }
+        }
+        assert_eq!(a.peer_count(), 1);
+        assert!(
+            !events(&mut a)
+                .iter()
+                .any(|e| matches!(e, PeerEvent::Failed(_)))
+        );
+    }
+
+    #[test]
+    fn restart_with_new_incarnation_is_an_update() {
+        let t = 1_000_000;
+        let mut a = node(1, None, false);
+        a.start(t);
+        let mut b = node(2, None, false);
+        b.start(t);
+        a.handle_datagram(t, addr(2), &drain(&mut b)[0].payload);
+        let mut me = LocalNode {
+            id: Uuid::from_u128(2),
+            name: "n2".into(),
+            incarnation: 2,
+            addr: "0.0.0.0:7001".parse().unwrap(),
+            role: "daemon".into(),
+            tags: BTreeMap::new(),
+        };
+        let mut b2 = Discovery::new(Config::default(), me.clone(), None, 9, t).unwrap();
+        b2.start(t + 50);
+        a.handle_datagram(t + 50, addr(2), &drain(&mut b2)[0].payload);
+        let ev = events(&mut a);
+        assert!(
+            matches!(&ev[..], [PeerEvent::Joined(_), PeerEvent::Updated(p)] if p.incarnation == 2)
+        );
+        assert_eq!(a.peer_count(), 1);
+        me.incarnation = 1; // the old incarnation speaks again: ignored
+        let mut old = Discovery::new(Config::default(), me, None, 9, t).unwrap();
+        old.start(t + 60);
+        a.handle_datagram(t + 60, addr(2), &drain(&mut old)[0].payload);
+        assert_eq!(a.peers(t + 60)[0].incarnation, 2);
+    }
+
+    #[test]
+    fn observer_is_never_listed_and_never_announces() {
+        let t = 1_000_000;
+        let mut member = node(1, None, false);
+        member.start(t);
+        drain(&mut member);
+        let mut obs = node(2, None, true);
+        obs.start(t);
+        let probe = drain(&mut obs).remove(0);
+        member.handle_datagram(t, addr(2), &probe.payload);
+        assert_eq!(member.peer_count(), 0);
+        let at = member.poll_timeout().unwrap();
+        member.handle_timeout(at);
+        let reply = drain(&mut member).remove(0);
+        assert_eq!(reply.dest, Destination::Unicast(addr(2)));
+        obs.handle_datagram(at, addr(1), &reply.payload);
+        assert_eq!(obs.peer_count(), 1);
+        // Observers send no announcements, whatever the time.
+        for _ in 0..50 {
+            let next = obs.poll_timeout().unwrap();
+            obs.handle_timeout(next);
+        }
+        assert!(
+            drain(&mut obs)
+                .iter()
+                .all(|x| !String::from_utf8_lossy(&x.payload).contains("announce"))
+        );
+        obs.leave(t + 100_000);
+        assert!(drain(&mut obs).is_empty(), "observers say no goodbye");
+    }
+
+    #[test]
+    fn replays_and_stale_counters_are_refused() {
+        let t = 1_000_000_000;
+        let key = ClusterKey::from_bytes([3; 32]);
+        let me = |id: u128| LocalNode {
+            id: Uuid::from_u128(id),
+            name: format!("n{id}"),
+            incarnation: 1,
+            addr: "0.0.0.0:7000".parse().unwrap(),
+            role: "daemon".into(),
+            tags: BTreeMap::new(),
+        };
+        let mut a = Discovery::new(Config::default(), me(1), Some(key.clone()), 1, t).unwrap();
+        let mut b = Discovery::new(Config::default(), me(2), Some(key.clone()), 2, t).unwrap();
+        a.start(t);
+        b.start(t);
+        let probe = drain(&mut b).remove(0);
+        a.handle_datagram(t, addr(2), &probe.payload);
+        assert_eq!(a.peer_count(), 1);
+        a.handle_datagram(t + 1, addr(2), &probe.payload);
+        assert_eq!(a.stats().dropped_replay, 1);
+        // b says goodbye; replaying its old probe must not bring it back.
+        b.leave(t + 5);
+        for bye in drain(&mut b) {
+            a.handle_datagram(t + 5, addr(2), &bye.payload);
+        }
+        assert_eq!(a.peer_count(), 0);
+        a.handle_datagram(t + 6, addr(2), &probe.payload);
+        assert_eq!(a.peer_count(), 0);
+        // A sender whose clock is far off is refused.
+        let mut far = Discovery::new(Config::default(), me(3), Some(key), 3, t + 60_000).unwrap();
+        far.start(t + 60_000);
+        a.handle_datagram(t + 7, addr(3), &drain(&mut far)[0].payload);
+        assert_eq!(a.peer_count(), 0);
+        assert_eq!(a.stats().dropped_replay, 3);
+    }
+
+    #[test]
+    fn rate_limit_per_source() {
+        let t = 1_000_000;
+        let mut a = node(1, None, false);
+        a.start(t);
+        for _ in 0..1000 {
+            a.handle_datagram(t, addr(9), b"junk");
+        }
+        let s = a.stats().clone();
+        assert_eq!(s.dropped_malformed, 100);
+        assert_eq!(s.dropped_rate, 900);
+        // Other sources are unaffected, and the bucket refills.
+        a.handle_datagram(t, addr(8), b"junk");
+        a.handle_datagram(t + 1000, addr(9), b"junk");
+        assert_eq!(a.stats().dropped_malformed, 102);
+    }
+
+    #[test]
+    fn interval_follows_group_size_and_budget() {
+        let t = 1_000_000;
+        let mut a = node(1, None, false);
+        a.start(t);
+        assert_eq!(a.compute_interval(), 200);
+        for i in 0..2000u128 {
+            let mut b = node(10_000 + i, None, false);
+            b.start(t);
+            let probe = drain(&mut b).remove(0);
+            let src = SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 9000));
+            a.handle_datagram(t, src, &probe.payload);
+        }
+        assert_eq!(a.peer_count(), 2001 - 1);
+        let interval = a.compute_interval();
+        let expected = 2001.0 * a.avg_size * 1000.0 / 64_000.0;
+        assert!(
+            (interval as f64 - expected).abs() < 2.0,
+            "{interval} vs {expected}"
+        );
+        assert!(interval > 5_000);
+    }
+}

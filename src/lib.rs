@@ -1,0 +1,125 @@
+//! localnet: zero-configuration discovery of machines on a LAN.
+//!
+//! Run `localnet daemon` on every machine; `localnet peers` (or [`find_peers`]) on any
+//! of them lists the others within a fraction of a second. The crate is layered:
+//!
+//! - [`wire`]: the datagram format; [`key`]: the optional cluster key.
+//! - [`core`]: the discovery protocol as a pure state machine (no I/O, no clock);
+//!   [`peers`]: the peer table; [`sim`]: a simulated LAN for the core.
+//! - [`netif`]: interfaces and sockets; [`node`]: the core driven by tokio;
+//!   [`control`]: the daemon's control socket.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), localnet::Error> {
+//! let peers = localnet::find_peers(std::time::Duration::from_secs(1)).await?;
+//! for peer in peers {
+//!     println!("{} at {}", peer.name, peer.addr);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod control;
+pub mod core;
+pub mod key;
+pub mod netif;
+pub mod node;
+pub mod peers;
+pub mod sim;
+pub mod wire;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use key::ClusterKey;
+pub use node::{Node, NodeHandle, NodeOptions};
+pub use peers::{Peer, PeerEvent, PeerState};
+
+/// Errors of the library's entry points.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Node(#[from] node::NodeError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Key(#[from] key::KeyError),
+}
+
+/// How [`find_peers_with`] looks for peers.
+#[derive(Clone, Debug)]
+pub struct FindOptions {
+    /// The daemon's control socket; default: [`control::default_path`].
+    pub control: Option<PathBuf>,
+    /// How long to look (and the longest wait for `wait_for`).
+    pub timeout: Duration,
+    /// Return as soon as this many peers are known.
+    pub wait_for: Option<usize>,
+    /// How to discover when no daemon answers (the node runs as an observer).
+    pub node: NodeOptions,
+}
+
+impl Default for FindOptions {
+    fn default() -> Self {
+        Self {
+            control: None,
+            timeout: Duration::from_secs(1),
+            wait_for: None,
+            node: NodeOptions::default(),
+        }
+    }
+}
+
+/// Lists the peers on the LAN: asks the local daemon if one answers on the control
+/// socket, else discovers on its own for `timeout`.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), localnet::Error> {
+/// let peers = localnet::find_peers(std::time::Duration::from_millis(500)).await?;
+/// println!("{} peers", peers.len());
+/// # Ok(()) }
+/// ```
+pub async fn find_peers(timeout: Duration) -> Result<Vec<Peer>, Error> {
+    find_peers_with(&FindOptions {
+        timeout,
+        ..FindOptions::default()
+    })
+    .await
+}
+
+/// Like [`find_peers`], but returns as soon as `n` peers are known (or at `timeout`
+/// with those found so far).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), localnet::Error> {
+/// let peers = localnet::find_peers_until(3, std::time::Duration::from_secs(2)).await?;
+/// assert!(peers.len() >= 3 || true);
+/// # Ok(()) }
+/// ```
+pub async fn find_peers_until(n: usize, timeout: Duration) -> Result<Vec<Peer>, Error> {
+    find_peers_with(&FindOptions {
+        timeout,
+        wait_for: Some(n),
+        ..FindOptions::default()
+    })
+    .await
+}
+
+/// [`find_peers`] with every option.
+pub async fn find_peers_with(opts: &FindOptions) -> Result<Vec<Peer>, Error> {
+    let path = opts.control.clone().unwrap_or_else(control::default_path);
+    match control::ControlClient::connect(&path).await {
+        // A daemon already knows its peers: no need to wait unless asked to.
+        Ok(mut client) => return Ok(client.peers(opts.wait_for, opts.timeout).await?),
+        Err(control::ControlError::NoDaemon(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut node_opts = opts.node.clone();
+    node_opts.protocol.observer = true;
+    let node = Node::start(node_opts).await?;
+    let peers = node
+        .handle()
+        .wait_for(opts.wait_for.unwrap_or(usize::MAX), opts.timeout)
+        .await;
+    node.shutdown().await;
+    Ok(peers?)
+}

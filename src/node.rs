@@ -1,0 +1,574 @@
+//! The embeddable node: the discovery core driven by tokio over real sockets.
+//!
+//! This module owns the I/O loop around [`crate::core::Discovery`]: it feeds it datagrams
+//! from the sockets and timer ticks from the clock, sends what it asks to send, and
+//! publishes its peer events. The daemon is this node plus a control socket; the
+//! library's one-shot discovery is this node in observer mode.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::core::{Config, ConfigError, Destination, Discovery, LocalNode, Millis, Stats};
+use crate::key::ClusterKey;
+use crate::netif::{self, NetError, Sockets};
+use crate::peers::{Peer, PeerEvent};
+use crate::wire::MAX_DATAGRAM;
+
+/// Default multicast group.
+pub const DEFAULT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 76, 78);
+/// Default multicast port.
+pub const DEFAULT_PORT: u16 = 7766;
+
+/// How to start a node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Name shown to peers; default: the host name.
+    pub name: Option<String>,
+    /// Role announced (`daemon`, `slave`, ...).
+    pub role: String,
+    /// Interfaces to use; empty = every multicast-capable one.
+    pub interfaces: Vec<String>,
+    /// Multicast group.
+    pub group: Ipv4Addr,
+    /// Multicast port.
+    pub port: u16,
+    /// Tags announced.
+    pub tags: BTreeMap<String, String>,
+    /// Cluster key; `None` = open cluster.
+    pub key: Option<ClusterKey>,
+    /// Where the node id persists; `None` = a new id every start.
+    pub state_dir: Option<PathBuf>,
+    /// Transport address to announce; default: this node's unicast discovery port,
+    /// with the IP left for receivers to take from the datagram.
+    pub transport: Option<SocketAddr>,
+    /// Protocol tunables (observer mode among them).
+    pub protocol: Config,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            name: None,
+            role: "daemon".into(),
+            interfaces: Vec::new(),
+            group: DEFAULT_GROUP,
+            port: DEFAULT_PORT,
+            tags: BTreeMap::new(),
+            key: None,
+            state_dir: None,
+            transport: None,
+            protocol: Config::default(),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("state directory {path}: {source}")]
+    State {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("state directory {path}: node-id file holds no valid id; remove it to get a new one")]
+    BadState { path: String },
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+/// A node's status, as `localnet status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub id: Uuid,
+    pub name: String,
+    pub role: String,
+    pub incarnation: u64,
+    pub peers: usize,
+    pub interval_ms: u64,
+    pub unicast: Vec<SocketAddr>,
+    pub group: String,
+    pub interfaces: Vec<String>,
+    pub keyed: bool,
+    pub uptime_ms: u64,
+    pub stats: Stats,
+    /// Datagrams dropped because the node could not keep up.
+    pub dropped_overload: u64,
+}
+
+enum Command {
+    Peers(oneshot::Sender<Vec<Peer>>),
+    Status(oneshot::Sender<Status>),
+    Leave(oneshot::Sender<()>),
+}
+
+/// A cheap, cloneable handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<PeerEvent>,
+}
+
+impl NodeHandle {
+    /// The known peers.
+    pub async fn peers(&self) -> Result<Vec<Peer>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Peers(tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Status and counters.
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Status(tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// A stream of peer events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<PeerEvent> {
+        self.events.subscribe()
+    }
+
+    /// Waits until at least `n` peers are known or `timeout` passes; returns the peers
+    /// known then.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Result<Vec<Peer>, NodeError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut events = self.subscribe();
+        loop {
+            let peers = self.peers().await?;
+            if peers.len() >= n {
+                return Ok(peers);
+            }
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return self.peers().await,
+                Ok(Err(broadcast::error::RecvError::Closed)) => return Err(NodeError::Stopped),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// A running node.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use localnet::node::{Node, NodeOptions};
+/// let node = Node::start(NodeOptions {
+///     name: Some("worker-1".into()),
+///     interfaces: vec!["lo".into()],
+///     ..NodeOptions::default()
+/// })
+/// .await?;
+/// let mut events = node.handle().subscribe();
+/// let peers = node.handle().wait_for(2, std::time::Duration::from_secs(1)).await?;
+/// println!("{} peers", peers.len());
+/// if let Ok(event) = events.try_recv() {
+///     println!("{}: {}", event.kind(), event.peer().name);
+/// }
+/// node.shutdown().await; // says goodbye
+/// # Ok(()) }
+/// ```
+pub struct Node {
+    handle: NodeHandle,
+    task: JoinHandle<()>,
+    id: Uuid,
+}
+
+impl Node {
+    /// Opens the sockets, probes the group and starts the I/O loop.
+    pub async fn start(opts: NodeOptions) -> Result<Node, NodeError> {
+        let interfaces = netif::select(&opts.interfaces)?;
+        let sockets = netif::open(opts.group, opts.port, &interfaces)?;
+        let clock = Clock::new();
+        let id = match &opts.state_dir {
+            Some(dir) => load_or_create_id(dir)?,
+            None => Uuid::new_v4(),
+        };
+        let port = sockets
+            .unicast_addrs()
+            .first()
+            .map(|a| a.port())
+            .unwrap_or(0);
+        let me = LocalNode {
+            id,
+            name: opts.name.clone().unwrap_or_else(host_name),
+            incarnation: clock.now(),
+            addr: opts
+                .transport
+                .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
+            role: opts.role.clone(),
+            tags: opts.tags.clone(),
+        };
+        let seed =
+            u64::from_le_bytes(id.as_bytes()[..8].try_into().unwrap_or_default()) ^ clock.now();
+        let mut core = Discovery::new(
+            opts.protocol.clone(),
+            me,
+            opts.key.clone(),
+            seed,
+            clock.now(),
+        )?;
+        core.start(clock.now());
+        // The first probe tells whether multicast works at all: fail loudly if not.
+        let mut first_error = None;
+        let mut delivered = false;
+        while let Some(tx) = core.poll_transmit() {
+            match tx.dest {
+                Destination::Group => {
+                    for (iface, socket) in &sockets.unicast {
+                        match socket.send_to(&tx.payload, sockets.group_addr).await {
+                            Ok(_) => delivered = true,
+                            Err(source) => {
+                                first_error.get_or_insert(NetError::Send {
+                                    group: opts.group,
+                                    port: opts.port,
+                                    iface: iface.name.clone(),
+                                    source,
+                                });
+                            }
+                        }
+                    }
+                }
+                Destination::Unicast(_) => {}
+            }
+        }
+        if let (false, Some(err)) = (delivered, first_error) {
+            return Err(err.into());
+        }
+        let (commands, command_rx) = mpsc::channel(64);
+        let (events, _) = broadcast::channel(4096);
+        let handle = NodeHandle { commands, events };
+        let driver = Driver {
+            core,
+            sockets: Arc::new(sockets),
+            clock,
+            events: handle.events.clone(),
+            name: opts.name.clone().unwrap_or_else(host_name),
+            keyed: opts.key.is_some(),
+            role: opts.role,
+            interfaces: interfaces.into_iter().map(|i| i.name).collect(),
+            dropped_overload: 0,
+            send_errors: 0,
+            next_send_error_log: 0,
+        };
+        let task = tokio::spawn(driver.run(command_rx));
+        Ok(Node { handle, task, id })
+    }
+
+    /// A handle for queries and events.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Says goodbye to the group and stops.
+    pub async fn shutdown(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.handle.commands.send(Command::Leave(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// Unix time in ms that never goes backwards: the wall clock at start plus a monotonic
+/// clock since then.
+#[derive(Clone, Copy)]
+struct Clock {
+    start: Instant,
+    start_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let start_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self {
+            start: Instant::now(),
+            start_ms,
+        }
+    }
+
+    fn now(&self) -> Millis {
+        self.start_ms + self.start.elapsed().as_millis() as u64
+    }
+
+    fn instant(&self, at: Millis) -> tokio::time::Instant {
+        (self.start + Duration::from_millis(at.saturating_sub(self.start_ms))).into()
+    }
+}
+
+struct Driver {
+    core: Discovery,
+    sockets: Arc<Sockets>,
+    clock: Clock,
+    events: broadcast::Sender<PeerEvent>,
+    name: String,
+    keyed: bool,
+    role: String,
+    interfaces: Vec<String>,
+    dropped_overload: u64,
+    send_errors: u64,
+    next_send_error_log: Millis,
+}
+
+const INBOX: usize = 4096;
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let (inbox_tx, mut inbox) = mpsc::channel::<(SocketAddr, Vec<u8>)>(INBOX);
+        let (overload_tx, mut overload) = mpsc::unbounded_channel::<()>();
+        let mut readers = Vec::new();
+        for index in 0..=self.sockets.unicast.len() {
+            let sockets = self.sockets.clone();
+            let tx = inbox_tx.clone();
+            let overload_tx = overload_tx.clone();
+            readers.push(tokio::spawn(async move {
+                let socket: &UdpSocket = match index {
+                    0 => &sockets.group,
+                    i => &sockets.unicast[i - 1].1,
+                };
+                read_loop(socket, tx, overload_tx).await;
+            }));
+        }
+        drop(inbox_tx);
+        loop {
+            self.flush().await;
+            let wake = self.core.poll_timeout().map(|t| self.clock.instant(t));
+            tokio::select! {
+                Some((source, bytes)) = inbox.recv() => {
+                    self.core.handle_datagram(self.clock.now(), source, &bytes);
+                }
+                Some(()) = overload.recv() => self.dropped_overload += 1,
+                _ = sleep_until(wake) => self.core.handle_timeout(self.clock.now()),
+                command = commands.recv() => match command {
+                    Some(Command::Peers(reply)) => {
+                        let _ = reply.send(self.core.peers(self.clock.now()));
+                    }
+                    Some(Command::Status(reply)) => {
+                        let _ = reply.send(self.status());
+                    }
+                    Some(Command::Leave(reply)) => {
+                        self.core.leave(self.clock.now());
+                        self.flush().await;
+                        let _ = reply.send(());
+                        break;
+                    }
+                    None => {
+                        self.core.leave(self.clock.now());
+                        self.flush().await;
+                        break;
+                    }
+                },
+            }
+        }
+        for reader in readers {
+            reader.abort();
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = self.clock.now();
+        let peers = self.core.peers(now);
+        Status {
+            id: self.core.id(),
+            name: self.name.clone(),
+            role: self.role.clone(),
+            incarnation: self.core.incarnation(),
+            peers: peers.len(),
+            interval_ms: self.core.interval_ms(),
+            unicast: self.sockets.unicast_addrs(),
+            group: self.sockets.group_addr.to_string(),
+            interfaces: self.interfaces.clone(),
+            keyed: self.keyed,
+            uptime_ms: now.saturating_sub(self.clock.start_ms),
+            stats: self.core.stats().clone(),
+            dropped_overload: self.dropped_overload,
+        }
+    }
+
+    async fn flush(&mut self) {
+        while let Some(event) = self.core.poll_event() {
+            tracing::info!(event = event.kind(), peer = %event.peer().name, id = %event.peer().id, addr = %event.peer().addr);
+            let _ = self.events.send(event);
+        }
+        while let Some(tx) = self.core.poll_transmit() {
+            let result = match tx.dest {
+                Destination::Group => {
+                    let mut result = Ok(0);
+                    for (_, socket) in &self.sockets.unicast {
+                        if let Err(e) = socket.send_to(&tx.payload, self.sockets.group_addr).await {
+                            result = Err(e);
+                        }
+                    }
+                    result
+                }
+                Destination::Unicast(dest) => match self.sockets.route(dest) {
+                    Some(socket) => socket.send_to(&tx.payload, dest).await,
+                    None => Ok(0),
+                },
+            };
+            if let Err(err) = result {
+                self.send_errors += 1;
+                let now = self.clock.now();
+                if now >= self.next_send_error_log {
+                    self.next_send_error_log = now + 10_000;
+                    tracing::warn!(%err, errors = self.send_errors, "sending a discovery datagram failed");
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(wake: Option<tokio::time::Instant>) {
+    match wake {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn read_loop(
+    socket: &UdpSocket,
+    inbox: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    overload: mpsc::UnboundedSender<()>,
+) {
+    // One byte more than the limit, so that oversize datagrams are seen as such.
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, source)) => {
+                if let Err(mpsc::error::TrySendError::Full(_)) =
+                    inbox.try_send((source, buf[..n].to_vec()))
+                {
+                    let _ = overload.send(());
+                } else if inbox.is_closed() {
+                    return;
+                }
+            }
+            Err(err) => {
+                // ICMP errors surface here on some systems; they are not fatal.
+                tracing::debug!(%err, "receive error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+fn load_or_create_id(dir: &Path) -> Result<Uuid, NodeError> {
+    let state_err = |source| NodeError::State {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(state_err)?;
+    let file = dir.join("node-id");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => Uuid::parse_str(text.trim()).map_err(|_| NodeError::BadState {
+            path: dir.display().to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = Uuid::new_v4();
+            let tmp = dir.join("node-id.tmp");
+            std::fs::write(&tmp, format!("{id}\n")).map_err(state_err)?;
+            std::fs::rename(&tmp, &file).map_err(state_err)?;
+            Ok(id)
+        }
+        Err(e) => Err(state_err(e)),
+    }
+}
+
+/// The host's name, or `localnet` if it has none.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localnet".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_id_persists() {
+        let dir = std::env::temp_dir().join(format!("localnet-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = load_or_create_id(&dir).unwrap();
+        let b = load_or_create_id(&dir).unwrap();
+        assert_eq!(a, b);
+        std::fs::write(dir.join("node-id"), "garbage").unwrap();
+        assert!(matches!(
+            load_or_create_id(&dir),
+            Err(NodeError::BadState { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two nodes and an observer find each other over loopback multicast.
+    #[tokio::test]
+    async fn nodes_find_each_other_on_loopback() {
+        let port = 20000 + (std::process::id() % 20000) as u16;
+        let opts = |name: &str| NodeOptions {
+            name: Some(name.into()),
+            interfaces: vec!["lo".into()],
+            port,
+            ..NodeOptions::default()
+        };
+        let a = Node::start(opts("a")).await.unwrap();
+        let b = Node::start(opts("b")).await.unwrap();
+        let peers = a
+            .handle()
+            .wait_for(1, Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].name, "b");
+        assert_eq!(peers[0].addr.ip(), Ipv4Addr::LOCALHOST);
+        let mut observer_opts = opts("obs");
+        observer_opts.protocol.observer = true;
+        let obs = Node::start(observer_opts).await.unwrap();
+        let seen = obs
+            .handle()
+            .wait_for(2, Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert_eq!(seen.len(), 2);
+        obs.shutdown().await;
+        let mut events = a.handle().subscribe();
+        b.shutdown().await;
+        let left = tokio::time::timeout(Duration::from_secs(2), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(left, PeerEvent::Left(p) if p.name == "b"));
+        assert!(
+            a.handle().peers().await.unwrap().is_empty(),
+            "the observer was never listed"
+        );
+        a.shutdown().await;
+    }
+}

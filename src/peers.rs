@@ -1,0 +1,314 @@
+//! The peer table: who is known, in what state, and the events its changes make.
+//!
+//! This module owns [`Peer`] (the public view of one known node), [`PeerEvent`], and the
+//! bounded table the protocol core keeps. It applies the rules of identity: one entry
+//! per node id, a higher incarnation replaces the entry (a restart), a lower one is
+//! stale and ignored. Timing (suspicion, expiry) is the core's business.
+
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::wire::NodeRecord;
+
+/// Milliseconds on the protocol's clock (unix time in a real node, virtual in simulations).
+pub type Millis = u64;
+
+/// How a known peer is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// Heard from recently.
+    Alive,
+    /// Announcements are overdue; direct probes are checking it.
+    Suspect,
+}
+
+/// A known peer, as listed by `localnet peers`.
+///
+/// ```
+/// # use localnet::{Peer, PeerState};
+/// let json = r#"{"id":"00000000-0000-0000-0000-000000000001","name":"h1","addr":"10.0.0.1:4000",
+///   "role":"daemon","state":"alive","tags":{},"last_seen_ms":12,"incarnation":1,
+///   "source":"10.0.0.1:4001","interval_ms":200,"ttl_ms":900}"#;
+/// let peer: Peer = serde_json::from_str(json).unwrap();
+/// assert_eq!(peer.state, PeerState::Alive);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Stable node id.
+    pub id: Uuid,
+    /// Node name.
+    pub name: String,
+    /// Transport address (`ip:port`).
+    pub addr: SocketAddr,
+    /// Role (`daemon`, `slave`, ...).
+    pub role: String,
+    /// Alive or suspect.
+    pub state: PeerState,
+    /// Tags the peer announced.
+    pub tags: BTreeMap<String, String>,
+    /// Milliseconds since the peer was last heard from.
+    pub last_seen_ms: u64,
+    /// The peer's incarnation (changes when it restarts).
+    pub incarnation: u64,
+    /// Where its discovery datagrams come from.
+    pub source: SocketAddr,
+    /// Its announcement interval.
+    pub interval_ms: u64,
+    /// How long it may stay silent before it is declared failed.
+    pub ttl_ms: u64,
+}
+
+/// A change in the peer table.
+///
+/// Serialised as `{"event":"joined","peer":{...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", content = "peer", rename_all = "lowercase")]
+pub enum PeerEvent {
+    /// A new peer.
+    Joined(Peer),
+    /// A peer changed what it announces, or restarted (new incarnation).
+    Updated(Peer),
+    /// A peer said goodbye.
+    Left(Peer),
+    /// A peer went silent past its TTL and did not answer direct probes.
+    Failed(Peer),
+}
+
+impl PeerEvent {
+    /// The peer the event is about.
+    pub fn peer(&self) -> &Peer {
+        match self {
+            PeerEvent::Joined(p)
+            | PeerEvent::Updated(p)
+            | PeerEvent::Left(p)
+            | PeerEvent::Failed(p) => p,
+        }
+    }
+
+    /// `joined`, `updated`, `left` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PeerEvent::Joined(_) => "joined",
+            PeerEvent::Updated(_) => "updated",
+            PeerEvent::Left(_) => "left",
+            PeerEvent::Failed(_) => "failed",
+        }
+    }
+}
+
+/// One entry of the table.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    /// What the peer announced, with its address resolved against the source.
+    pub record: NodeRecord,
+    pub source: SocketAddr,
+    pub last_heard: Millis,
+    pub state: PeerState,
+    /// When the next direct probe is due while suspect.
+    pub next_probe: Millis,
+    /// The deadline of this entry's one live item in the core's timer heap.
+    pub armed_at: Millis,
+}
+
+impl Entry {
+    pub fn snapshot(&self, now: Millis) -> Peer {
+        let r = &self.record;
+        Peer {
+            id: r.id,
+            name: r.name.clone(),
+            addr: r.addr,
+            role: r.role.clone(),
+            state: self.state,
+            tags: r.tags.clone(),
+            last_seen_ms: now.saturating_sub(self.last_heard),
+            incarnation: r.inc,
+            source: self.source,
+            interval_ms: r.interval_ms,
+            ttl_ms: r.ttl_ms,
+        }
+    }
+}
+
+/// What observing a record did to the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Observed {
+    /// A new entry.
+    Joined,
+    /// The entry changed in a way users see (or the peer restarted).
+    Updated,
+    /// Only liveness (and perhaps timing) was refreshed.
+    Refreshed,
+    /// An older incarnation: ignored.
+    Stale,
+    /// The table is full: ignored.
+    Full,
+}
+
+/// The bounded peer table.
+#[derive(Debug)]
+pub(crate) struct PeerTable {
+    entries: HashMap<Uuid, Entry>,
+    capacity: usize,
+}
+
+impl PeerTable {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::default(),
+            capacity,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    pub fn get_mut(&mut self, id: &Uuid) -> Option<&mut Entry> {
+        self.entries.get_mut(id)
+    }
+
+    pub fn remove(&mut self, id: &Uuid) -> Option<Entry> {
+        self.entries.remove(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    /// Records that `record` was heard from `source` at `now`.
+    pub fn observe(&mut self, mut record: NodeRecord, source: SocketAddr, now: Millis) -> Observed {
+        if record.addr.ip().is_unspecified() {
+            record.addr = SocketAddr::new(source.ip(), record.addr.port());
+        }
+        let len = self.entries.len();
+        match self.entries.get_mut(&record.id) {
+            Some(entry) => {
+                if record.inc < entry.record.inc {
+                    return Observed::Stale;
+                }
+                let old = &entry.record;
+                let visible_change = record.inc != old.inc
+                    || record.name != old.name
+                    || record.addr != old.addr
+                    || record.role != old.role
+                    || record.tags != old.tags;
+                entry.record = record;
+                entry.source = source;
+                entry.last_heard = now;
+                entry.state = PeerState::Alive;
+                if visible_change {
+                    Observed::Updated
+                } else {
+                    Observed::Refreshed
+                }
+            }
+            None if len >= self.capacity => Observed::Full,
+            None => {
+                self.entries.insert(
+                    record.id,
+                    Entry {
+                        record,
+                        source,
+                        last_heard: now,
+                        state: PeerState::Alive,
+                        next_probe: now,
+                        armed_at: 0,
+                    },
+                );
+                Observed::Joined
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: u128, inc: u64) -> NodeRecord {
+        NodeRecord {
+            id: Uuid::from_u128(id),
+            name: format!("n{id}"),
+            inc,
+            addr: "0.0.0.0:5000".parse().unwrap(),
+            role: "daemon".into(),
+            tags: BTreeMap::new(),
+            interval_ms: 200,
+            ttl_ms: 900,
+        }
+    }
+
+    fn src(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn join_refresh_update_and_unspecified_address() {
+        let mut t = PeerTable::new(10);
+        assert_eq!(t.observe(rec(1, 1), src(9000), 5), Observed::Joined);
+        let e = t.get(&Uuid::from_u128(1)).unwrap();
+        assert_eq!(e.record.addr, "10.0.0.1:5000".parse().unwrap());
+        assert_eq!(e.snapshot(25).last_seen_ms, 20);
+        assert_eq!(t.observe(rec(1, 1), src(9000), 10), Observed::Refreshed);
+        let mut tagged = rec(1, 1);
+        tagged.tags.insert("k".into(), "v".into());
+        assert_eq!(t.observe(tagged, src(9000), 11), Observed::Updated);
+        let mut slower = rec(1, 1);
+        slower.tags.insert("k".into(), "v".into());
+        slower.interval_ms = 400;
+        slower.ttl_ms = 1800;
+        assert_eq!(t.observe(slower, src(9000), 12), Observed::Refreshed);
+        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record.ttl_ms, 1800);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn restart_replaces_and_stale_incarnation_is_ignored() {
+        let mut t = PeerTable::new(10);
+        t.observe(rec(1, 5), src(9000), 0);
+        assert_eq!(t.observe(rec(1, 4), src(9000), 1), Observed::Stale);
+        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record.inc, 5);
+        assert_eq!(t.observe(rec(1, 6), src(9100), 2), Observed::Updated);
+        let e = t.get(&Uuid::from_u128(1)).unwrap();
+        assert_eq!((e.record.inc, e.source), (6, src(9100)));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn capacity_is_a_hard_bound() {
+        let mut t = PeerTable::new(3);
+        for i in 0..3 {
+            assert_eq!(t.observe(rec(i, 1), src(9000), 0), Observed::Joined);
+        }
+        assert_eq!(t.observe(rec(99, 1), src(9000), 0), Observed::Full);
+        assert_eq!(t.len(), 3);
+        // Known peers are still refreshed when full.
+        assert_eq!(t.observe(rec(1, 1), src(9000), 1), Observed::Refreshed);
+        t.remove(&Uuid::from_u128(0));
+        assert_eq!(t.observe(rec(99, 1), src(9000), 2), Observed::Joined);
+    }
+
+    #[test]
+    fn event_json_shape() {
+        let mut t = PeerTable::new(3);
+        t.observe(rec(1, 1), src(9000), 0);
+        let ev = PeerEvent::Joined(t.get(&Uuid::from_u128(1)).unwrap().snapshot(3));
+        let v: serde_json::Value = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["event"], "joined");
+        assert_eq!(v["peer"]["name"], "n1");
+        assert_eq!(v["peer"]["state"], "alive");
+        assert_eq!(v["peer"]["last_seen_ms"], 3);
+        let back: PeerEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, ev);
+    }
+}

@@ -1,0 +1,163 @@
+//! Simulation tests: many nodes of the sans-IO core on a simulated LAN in virtual time.
+
+use localnet::PeerEvent;
+use localnet::sim::{Sim, SimConfig};
+
+fn failed_times(sim: &Sim, victim: usize) -> Vec<(usize, u64, u64)> {
+    let id = sim.id(victim);
+    sim.seen
+        .iter()
+        .filter_map(|s| match &s.event {
+            PeerEvent::Failed(p) if p.id == id => Some((s.by, s.at, p.ttl_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn thousand_nodes_converge_detect_failure_and_keep_the_budget() {
+    let mut sim = Sim::new(SimConfig {
+        nodes: 1000,
+        seed: 7,
+        ..SimConfig::default()
+    });
+    sim.start_all(0, 1000);
+    let converged = sim
+        .run_until_converged(60_000)
+        .expect("1000 nodes converge");
+    println!("1000 nodes started within 1 s converged at {converged} ms");
+    assert!(converged < 10_000, "converged only at {converged} ms");
+
+    // Steady state: the whole group's traffic stays within the 64 kB/s budget.
+    let from_s = (converged / 1000 + 5) as usize;
+    sim.run_until((from_s as u64 + 15) * 1000);
+    let rate = sim.group_rate(from_s, from_s + 15);
+    println!("group traffic over 15 s of steady state: {rate:.0} B/s");
+    assert!(rate <= 64_000.0, "group sends {rate:.0} B/s");
+    assert!(rate > 20_000.0, "suspiciously quiet: {rate:.0} B/s");
+    assert!(
+        !sim.seen
+            .iter()
+            .any(|s| matches!(s.event, PeerEvent::Failed(_)))
+    );
+
+    // A silent node is declared failed by every other node within its TTL.
+    let victim = 123;
+    let killed_at = sim.now();
+    sim.kill(victim);
+    let mut failed = Vec::new();
+    for second in 1..=60 {
+        sim.run_until(killed_at + second * 1000);
+        failed = failed_times(&sim, victim);
+        if failed.len() == 999 {
+            break;
+        }
+    }
+    assert_eq!(failed.len(), 999, "every other node declares it failed");
+    let ttl = failed[0].2;
+    let worst = failed
+        .iter()
+        .map(|(_, at, _)| at - killed_at)
+        .max()
+        .unwrap();
+    println!("victim's TTL {ttl} ms; last node declared it failed after {worst} ms");
+    assert!(worst <= ttl, "{worst} > ttl {ttl}");
+    assert!(sim.converged());
+}
+
+#[test]
+fn fifty_nodes_fail_fast_and_leave_at_once() {
+    let mut sim = Sim::new(SimConfig {
+        nodes: 50,
+        seed: 3,
+        ..SimConfig::default()
+    });
+    sim.start_all(0, 0);
+    let converged = sim.run_until_converged(5_000).expect("50 nodes converge");
+    println!("50 nodes converged at {converged} ms");
+    assert!(converged < 200);
+    sim.run_until(10_000);
+    let killed_at = sim.now();
+    sim.kill(7);
+    sim.stop(8);
+    sim.run_until(killed_at + 5_000);
+    let failed = failed_times(&sim, 7);
+    assert_eq!(failed.len(), 48);
+    let worst = failed
+        .iter()
+        .map(|(_, at, _)| at - killed_at)
+        .max()
+        .unwrap();
+    println!("50 nodes: killed node failed everywhere after {worst} ms");
+    assert!(worst <= 1000, "{worst} ms");
+    let id8 = sim.id(8);
+    let left: Vec<u64> = sim
+        .seen
+        .iter()
+        .filter_map(|s| {
+            matches!(&s.event, PeerEvent::Left(p) if p.id == id8).then_some(s.at - killed_at)
+        })
+        .collect();
+    assert_eq!(left.len(), 48);
+    assert!(left.iter().all(|&t| t <= 5), "{left:?}");
+}
+
+#[test]
+fn lossy_lan_converges_and_never_fails_a_live_node() {
+    let mut sim = Sim::new(SimConfig {
+        nodes: 50,
+        loss: 0.10,
+        seed: 11,
+        ..SimConfig::default()
+    });
+    sim.start_all(0, 500);
+    let converged = sim
+        .run_until_converged(10_000)
+        .expect("converges at 10% loss");
+    println!("50 nodes at 10% loss converged at {converged} ms");
+    sim.run_until(converged + 60_000);
+    let false_failures = sim
+        .seen
+        .iter()
+        .filter(|s| matches!(s.event, PeerEvent::Failed(_)))
+        .count();
+    assert_eq!(false_failures, 0, "live nodes were declared failed");
+    assert!(sim.converged());
+}
+
+#[test]
+fn keyed_cluster_behaves_the_same() {
+    let mut sim = Sim::new(SimConfig {
+        nodes: 50,
+        seed: 5,
+        key: Some(localnet::ClusterKey::from_bytes([9; 32])),
+        ..SimConfig::default()
+    });
+    sim.start_all(0, 100);
+    sim.run_until_converged(5_000)
+        .expect("keyed nodes converge");
+    sim.run_until(20_000);
+    let rate = sim.group_rate(10, 20);
+    println!("50 keyed nodes: {rate:.0} B/s");
+    assert!(rate <= 64_000.0);
+    for i in 0..50 {
+        let s = sim.node(i).stats();
+        assert_eq!(
+            s.dropped_auth + s.dropped_replay + s.dropped_malformed,
+            0,
+            "node {i}: {s:?}"
+        );
+    }
+    let killed_at = sim.now();
+    sim.kill(0);
+    sim.run_until(killed_at + 5_000);
+    let failed = failed_times(&sim, 0);
+    assert_eq!(failed.len(), 49);
+    let worst = failed
+        .iter()
+        .map(|(_, at, _)| at - killed_at)
+        .max()
+        .unwrap();
+    println!("50 keyed nodes: killed node failed everywhere after {worst} ms");
+    assert!(worst <= 1000, "{worst} ms");
+}
