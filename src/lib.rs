@@ -8,6 +8,9 @@
 //!   [`peers`]: the peer table; [`sim`]: a simulated LAN for the core.
 //! - [`netif`]: interfaces and sockets; [`node`]: the core driven by tokio;
 //!   [`control`]: the daemon's control socket.
+//! - [`transport`]: framed, optionally Noise-encrypted TCP between nodes; [`remote`]: the
+//!   master–slave messages and [`RemoteTable`]; [`slave`], [`master`] and [`backend`]:
+//!   the SimpleLocalnet-style runtime.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), localnet::Error> {
@@ -18,21 +21,29 @@
 //! # Ok(()) }
 //! ```
 
+pub mod backend;
 pub mod control;
 pub mod core;
 pub mod key;
+pub mod master;
 pub mod netif;
 pub mod node;
 pub mod peers;
+pub mod remote;
 pub mod sim;
+pub mod slave;
+pub mod transport;
 pub mod wire;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use backend::{Backend, BackendError, BackendOptions};
 pub use key::ClusterKey;
+pub use master::{CommandJob, ExecEvent, Master, MasterError, TerminateReport};
 pub use node::{Node, NodeHandle, NodeOptions};
 pub use peers::{Peer, PeerEvent, PeerState};
+pub use remote::{JobExit, NodeId, RemoteTable, Stream};
 
 /// Errors of the library's entry points.
 #[derive(Debug, thiserror::Error)]

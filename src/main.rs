@@ -14,7 +14,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use localnet::control::{self, ControlClient, ControlError, ControlSocket};
 use localnet::node::{DEFAULT_GROUP, DEFAULT_PORT};
-use localnet::{ClusterKey, FindOptions, Node, NodeOptions, Peer, PeerEvent};
+use localnet::{
+    Backend, BackendOptions, ClusterKey, ExecEvent, FindOptions, JobExit, Master, Node, NodeId,
+    NodeOptions, Peer, PeerEvent, RemoteTable, Stream,
+};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +50,13 @@ enum Command {
     Watch(WatchArgs),
     /// Show the daemon's status and counters.
     Status(WatchArgs),
+    /// Run a slave in the foreground: masters run registered functions and (with a
+    /// cluster key, or --insecure) commands on it, until one terminates it.
+    Slave(SlaveArgs),
+    /// Find slaves, run a command on each, print their output as `name: line`.
+    Master(MasterArgs),
+    /// Terminate slaves: they kill their jobs, say goodbye and exit.
+    Terminate(TerminateArgs),
     /// Manage cluster keys.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -116,6 +126,73 @@ struct WatchArgs {
     control: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct SlaveArgs {
+    /// Name shown to masters and peers; default: the host name.
+    #[arg(long, value_name = "N")]
+    name: Option<String>,
+    /// TCP address masters connect to (port 0 = any free port).
+    #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:0")]
+    listen: String,
+    /// Tag announced to masters, as KEY=VALUE (repeatable); masters select slaves by tags.
+    #[arg(long = "tag", value_name = "K=V", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// Most command jobs at once; default: number of CPUs.
+    #[arg(long, value_name = "N")]
+    slots: Option<usize>,
+    /// Run commands without a cluster key: anyone on the LAN may then run anything here.
+    #[arg(long)]
+    insecure: bool,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+#[derive(Args)]
+struct MasterArgs {
+    /// Wait for this many slaves (returns early once they are known; an error if fewer
+    /// are found within --wait).
+    #[arg(long, value_name = "N")]
+    slaves: Option<usize>,
+    /// How long to look for slaves.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    wait: Duration,
+    /// Only slaves with this tag, KEY=VALUE (repeatable: all must match).
+    #[arg(long = "tag", value_name = "K=V", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    /// Kill the command on a slave after this long.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Print one JSON object per slave's result instead of lines.
+    #[arg(long)]
+    json: bool,
+    /// A local daemon's control socket to ask for slaves first.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    #[command(flatten)]
+    net: NetArgs,
+    /// The command to run on every slave.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
+struct TerminateArgs {
+    /// Terminate every slave found.
+    #[arg(long, conflicts_with = "nodes")]
+    all: bool,
+    /// Slaves to terminate, as nid://IP:PORT, IP:PORT or name.
+    #[arg(value_name = "NODE", required_unless_present = "all")]
+    nodes: Vec<String>,
+    /// How long to look for slaves.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    wait: Duration,
+    /// A local daemon's control socket to ask for slaves first.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
 #[derive(Subcommand)]
 enum KeyCommand {
     /// Write a new random 256-bit key to a new file (mode 0600).
@@ -139,8 +216,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // exits 2 on usage errors
-    let quiet = !matches!(cli.command, Command::Daemon(_));
-    init_logging(quiet);
+    let quiet = !matches!(cli.command, Command::Daemon(_) | Command::Slave(_));
+    init_logging(quiet, matches!(cli.command, Command::Slave(_)));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -160,15 +237,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(quiet: bool) {
-    use tracing_subscriber::EnvFilter;
+fn init_logging(quiet: bool, slave: bool) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, filter::filter_fn};
     let default = if quiet { "warn" } else { "info" };
     let filter =
         EnvFilter::try_from_env("LOCALNET_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // A slave's log lines go to the master that redirected them, else to stderr.
+    let local = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        .with_filter(filter_fn(|_| !localnet::slave::logs_redirected()));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(local)
+        .with(slave.then_some(localnet::slave::RedirectLayer))
         .init();
 }
 
@@ -178,6 +261,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Peers(args) => peers(args).await,
         Command::Watch(args) => watch(args).await,
         Command::Status(args) => status(args).await,
+        Command::Slave(args) => slave(args).await,
+        Command::Master(args) => master(args).await,
+        Command::Terminate(args) => terminate(args).await,
         Command::Key(KeyCommand::Generate { out }) => {
             let key = ClusterKey::generate()?;
             key.write_new(&out)?;
@@ -325,6 +411,267 @@ async fn status(args: WatchArgs) -> Result<()> {
         println!("{status}");
     } else {
         println!("{}", serde_json::to_string_pretty(&status)?);
+    }
+    Ok(())
+}
+
+fn backend_options(net: &NetArgs, control: Option<PathBuf>) -> Result<BackendOptions> {
+    Ok(BackendOptions {
+        discovery: node_options(net)?,
+        control,
+        ..BackendOptions::default()
+    })
+}
+
+fn split_listen(listen: &str) -> Result<(String, u16)> {
+    let (host, port) = listen
+        .rsplit_once(':')
+        .with_context(|| format!("--listen {listen:?}: expected HOST:PORT"))?;
+    let port = port
+        .parse()
+        .with_context(|| format!("--listen {listen:?}: {port:?} is not a port number"))?;
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port,
+    ))
+}
+
+async fn slave(args: SlaveArgs) -> Result<()> {
+    let (host, port) = split_listen(&args.listen)?;
+    let mut opts = backend_options(&args.net, None)?;
+    opts.name = args.name;
+    opts.discovery.tags = args.tags.into_iter().collect();
+    opts.slots = args.slots;
+    opts.insecure = args.insecure;
+    let backend = Backend::initialize_with(&host, port, builtin_functions(), opts).await?;
+    let node = backend.node_id();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tracing::info!(%node, "slave listening");
+    tokio::select! {
+        served = backend.start_slave() => served?,
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM: exiting"),
+    }
+    Ok(())
+}
+
+/// Functions every `localnet slave` offers.
+fn builtin_functions() -> RemoteTable {
+    RemoteTable::new()
+        .register("echo", |v| async move { Ok(v) })
+        .register("hostname", |_| async move {
+            Ok(serde_json::json!(localnet::node::host_name()))
+        })
+        .register("sleep", |v| async move {
+            let ms = v.as_u64().context("sleep takes a number of milliseconds")?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(serde_json::Value::Null)
+        })
+}
+
+async fn find_slaves_for_cli(
+    net: &NetArgs,
+    control: Option<PathBuf>,
+    wait_for: Option<usize>,
+    wait: Duration,
+    tags: &BTreeMap<String, String>,
+) -> Result<Vec<Peer>> {
+    let opts = backend_options(net, control)?;
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(match wait_for {
+            Some(n) => format!("looking for {n} slaves..."),
+            None => "looking for slaves...".to_string(),
+        });
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    });
+    let found = localnet::backend::discover(&opts, wait_for, wait, tags).await;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    Ok(found?)
+}
+
+async fn master(args: MasterArgs) -> Result<()> {
+    let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
+    let slaves = find_slaves_for_cli(
+        &args.net,
+        args.control.clone(),
+        args.slaves,
+        args.wait,
+        &tags,
+    )
+    .await?;
+    if let Some(n) = args.slaves
+        && slaves.len() < n
+    {
+        bail!(
+            "found only {} of {n} slaves within {} (check that they run with the same --group, --port and key, \
+             and `localnet peers` lists them)",
+            slaves.len(),
+            humantime::format_duration(args.wait)
+        );
+    }
+    if slaves.is_empty() {
+        bail!(
+            "no slaves found within {}; start some with `localnet slave`",
+            humantime::format_duration(args.wait)
+        );
+    }
+    let key = node_options(&args.net)?.key;
+    let master = Master::new(&localnet::node::host_name(), key, None);
+    let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
+    master.add_known(&nodes);
+    let mut jobs = Vec::new();
+    for peer in &slaves {
+        let master = master.clone();
+        let node = NodeId::new(peer.addr);
+        let name = peer.name.clone();
+        let argv = args.command.clone();
+        let timeout = args.timeout;
+        let json = args.json;
+        jobs.push(tokio::spawn(async move {
+            let outcome = run_on_slave(&master, node, &name, argv, timeout, json).await;
+            (name, node, outcome)
+        }));
+    }
+    let mut failures = Vec::new();
+    for job in jobs {
+        let Ok((name, node, outcome)) = job.await else {
+            continue;
+        };
+        match outcome {
+            Ok(exit) if exit.success() => {}
+            Ok(exit) => failures.push(format!("{name} ({node}): {}", exit.describe())),
+            Err(e) => failures.push(format!("{name} ({node}): {e:#}")),
+        }
+    }
+    for f in &failures {
+        eprintln!("localnet: failed: {f}");
+    }
+    if !failures.is_empty() {
+        bail!("{} of {} slaves failed", failures.len(), slaves.len());
+    }
+    Ok(())
+}
+
+/// Runs the command on one slave, printing its output as it comes (or, with `json`,
+/// one object at the end).
+async fn run_on_slave(
+    master: &Master,
+    node: NodeId,
+    name: &str,
+    argv: Vec<String>,
+    timeout: Option<Duration>,
+    json: bool,
+) -> Result<JobExit> {
+    use std::io::Write;
+    master.redirect_logs_here(&[node]).await?;
+    let mut job = master.exec(node, argv, timeout).await?;
+    let (mut stdout_lines, mut stderr_lines) = (Vec::new(), Vec::new());
+    let exit = loop {
+        match job.next().await {
+            Some(ExecEvent::Output(stream, lines)) => {
+                if json {
+                    match stream {
+                        Stream::Stdout => stdout_lines.extend(lines),
+                        Stream::Stderr => stderr_lines.extend(lines),
+                    }
+                    continue;
+                }
+                let mut text =
+                    String::with_capacity(lines.iter().map(|l| l.len() + name.len() + 3).sum());
+                for line in lines {
+                    text.push_str(name);
+                    text.push_str(": ");
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                let written = match stream {
+                    Stream::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
+                    Stream::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
+                };
+                written.context("writing output")?;
+            }
+            Some(ExecEvent::Exit(exit)) => break exit,
+            None => bail!("connection to the slave lost"),
+        }
+    };
+    if json {
+        let object = serde_json::json!({
+            "slave": name,
+            "node": node,
+            "exit_code": exit.code,
+            "signal": exit.signal,
+            "timed_out": exit.timed_out,
+            "error": exit.error,
+            "stdout": stdout_lines,
+            "stderr": stderr_lines,
+        });
+        println!("{object}");
+    }
+    Ok(exit)
+}
+
+async fn terminate(args: TerminateArgs) -> Result<()> {
+    let key = node_options(&args.net)?.key;
+    let master = Master::new(&localnet::node::host_name(), key, None);
+    let mut targets: Vec<(String, NodeId)> = Vec::new();
+    let mut names = Vec::new();
+    for n in &args.nodes {
+        match n.parse::<NodeId>() {
+            Ok(nid) => targets.push((nid.to_string(), nid)),
+            Err(_) => names.push(n.clone()),
+        }
+    }
+    if args.all || !names.is_empty() {
+        let found =
+            find_slaves_for_cli(&args.net, args.control, None, args.wait, &BTreeMap::new()).await?;
+        for name in &names {
+            if !found.iter().any(|p| &p.name == name) {
+                bail!(
+                    "no slave named {name:?} found within {}",
+                    humantime::format_duration(args.wait)
+                );
+            }
+        }
+        for p in found {
+            if args.all || names.contains(&p.name) {
+                targets.push((p.name.clone(), NodeId::new(p.addr)));
+            }
+        }
+    }
+    if targets.is_empty() {
+        bail!(
+            "no slaves found within {}",
+            humantime::format_duration(args.wait)
+        );
+    }
+    let nodes: Vec<NodeId> = targets.iter().map(|(_, n)| *n).collect();
+    let report = master.terminate_slaves(&nodes).await;
+    let name_of = |node: &NodeId| {
+        targets
+            .iter()
+            .find(|(_, n)| n == node)
+            .map(|(name, _)| name.clone())
+            .unwrap_or_else(|| node.to_string())
+    };
+    for node in &report.acknowledged {
+        println!("terminated {} ({node})", name_of(node));
+    }
+    for (node, why) in &report.failed {
+        eprintln!("localnet: {} ({node}): {why}", name_of(node));
+    }
+    if !report.failed.is_empty() {
+        bail!(
+            "{} of {} slaves did not acknowledge",
+            report.failed.len(),
+            nodes.len()
+        );
     }
     Ok(())
 }

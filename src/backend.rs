@@ -1,0 +1,311 @@
+//! The SimpleLocalnet-style backend: one call to set a node up, then slave or master.
+//!
+//! This module owns the glue between discovery and the transport: it binds the node's
+//! TCP address (its [`NodeId`]), announces it with the node's role, finds slaves by
+//! asking the local daemon or by discovering on its own, and runs the slave server or
+//! the master's function.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::control::{self, ControlClient, ControlError};
+use crate::master::Master;
+use crate::node::{Node, NodeOptions};
+use crate::peers::Peer;
+use crate::remote::{NodeId, RemoteTable};
+use crate::slave::{self, SlaveOptions};
+
+/// Settings of a backend beyond host, port and functions.
+#[derive(Clone, Debug, Default)]
+pub struct BackendOptions {
+    /// Node name; default: the host name.
+    pub name: Option<String>,
+    /// Discovery settings (interfaces, group, port, key, tags, state dir...). Interfaces
+    /// default to `lo` when the host is a loopback address, to the interface holding the
+    /// host's address when it is one, else to every multicast-capable interface.
+    pub discovery: NodeOptions,
+    /// Most command jobs a slave runs at once; default: number of CPUs.
+    pub slots: Option<usize>,
+    /// Let a slave without a key run commands.
+    pub insecure: bool,
+    /// The local daemon's control socket, asked first when finding slaves.
+    pub control: Option<PathBuf>,
+}
+
+/// Errors of the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("slave: {0}")]
+    Slave(std::io::Error),
+}
+
+/// A node of a master/slave cluster, before it takes its role.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), localnet::BackendError> {
+/// use localnet::{Backend, RemoteTable};
+/// let backend = Backend::initialize("127.0.0.1", 8080, RemoteTable::new()).await?;
+/// println!("I am {}", backend.node_id());
+/// backend.start_slave().await?; // returns when a master terminates it
+/// # Ok(()) }
+/// ```
+pub struct Backend {
+    table: RemoteTable,
+    opts: BackendOptions,
+    listener: TcpListener,
+    node_id: NodeId,
+    announced: SocketAddr,
+}
+
+impl Backend {
+    /// Binds `host:port` (port 0 = any) with default options.
+    pub async fn initialize(
+        host: &str,
+        port: u16,
+        table: RemoteTable,
+    ) -> Result<Self, BackendError> {
+        Self::initialize_with(host, port, table, BackendOptions::default()).await
+    }
+
+    /// Binds `host:port` with `opts`.
+    pub async fn initialize_with(
+        host: &str,
+        port: u16,
+        table: RemoteTable,
+        mut opts: BackendOptions,
+    ) -> Result<Self, BackendError> {
+        let addr = format!("{host}:{port}");
+        let listen_err = |source| BackendError::Listen {
+            addr: addr.clone(),
+            source,
+        };
+        let listener = TcpListener::bind(&addr).await.map_err(listen_err)?;
+        let local = listener.local_addr().map_err(listen_err)?;
+        if opts.discovery.interfaces.is_empty() {
+            opts.discovery.interfaces = interfaces_for(local.ip());
+        }
+        // An unspecified host is announced as such: receivers use the source address.
+        let node_id = NodeId::new(if local.ip().is_unspecified() {
+            let ip = crate::netif::select(&opts.discovery.interfaces)
+                .ok()
+                .and_then(|i| i.first().map(|i| IpAddr::V4(i.ip)))
+                .unwrap_or(local.ip());
+            SocketAddr::new(ip, local.port())
+        } else {
+            local
+        });
+        Ok(Self {
+            table,
+            opts,
+            listener,
+            node_id,
+            announced: local,
+        })
+    }
+
+    /// This node's id (`nid://host:port`).
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    fn discovery(&self, role: &str) -> NodeOptions {
+        let mut d = self.opts.discovery.clone();
+        d.role = role.to_string();
+        d.transport = Some(self.announced);
+        if d.name.is_none() {
+            d.name = self.opts.name.clone();
+        }
+        d
+    }
+
+    /// Node ids of every node discovered within `timeout` (any role).
+    pub async fn find_peers(&self, timeout: Duration) -> Result<Vec<NodeId>, BackendError> {
+        let peers = discover(&self.opts, None, timeout, &BTreeMap::new()).await?;
+        Ok(peers.iter().map(|p| NodeId::new(p.addr)).collect())
+    }
+
+    /// Serves masters until one terminates this slave; then says goodbye and returns.
+    pub async fn start_slave(self) -> Result<(), BackendError> {
+        let mut discovery = self.discovery("slave");
+        let name = discovery
+            .name
+            .clone()
+            .unwrap_or_else(crate::node::host_name);
+        discovery.name = Some(name.clone());
+        let node = Node::start(discovery.clone()).await?;
+        tracing::info!(node = %self.node_id, name = %name, "slave ready");
+        let opts = SlaveOptions {
+            name,
+            slots: self.opts.slots.unwrap_or_else(default_slots),
+            tags: discovery.tags.clone(),
+            key: discovery.key.clone(),
+            insecure: self.opts.insecure,
+            table: self.table,
+        };
+        if opts.key.is_none() && opts.insecure {
+            tracing::warn!("--insecure: any host on the LAN can run commands on this slave");
+        }
+        let served = slave::serve(self.listener, opts).await;
+        node.shutdown().await;
+        served.map_err(BackendError::Slave)
+    }
+
+    /// A master handle using this backend's key.
+    pub fn master(&self) -> Master {
+        let name = self
+            .opts
+            .name
+            .clone()
+            .unwrap_or_else(crate::node::host_name);
+        Master::new(&name, self.opts.discovery.key.clone(), None)
+    }
+
+    /// Finds slaves (for up to 1 s, as SimpleLocalnet does), then runs `f` with them.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), localnet::BackendError> {
+    /// use localnet::{Backend, RemoteTable};
+    /// let backend = Backend::initialize("127.0.0.1", 8084, RemoteTable::new()).await?;
+    /// backend
+    ///     .start_master(|master, slaves| async move {
+    ///         println!("Slaves: {slaves:?}");
+    ///         master.terminate_all_slaves().await
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_master<F, Fut, T>(self, f: F) -> Result<T, BackendError>
+    where
+        F: FnOnce(Master, Vec<NodeId>) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let master = self.master();
+        let slaves = self
+            .find_slaves(None, Duration::from_secs(1), &BTreeMap::new())
+            .await?;
+        master.add_known(&slaves);
+        Ok(f(master, slaves).await)
+    }
+
+    /// Slaves (role `slave`, with all of `tags`), discovered for up to `timeout` or until
+    /// `wait_for` of them are known.
+    pub async fn find_slaves(
+        &self,
+        wait_for: Option<usize>,
+        timeout: Duration,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<NodeId>, BackendError> {
+        let peers = discover(&self.opts, wait_for, timeout, tags).await?;
+        Ok(peers.iter().map(|p| NodeId::new(p.addr)).collect())
+    }
+}
+
+/// The peers that are slaves with all of `tags` (every peer when `tags` is `None`).
+fn select<'a>(
+    peers: &'a [Peer],
+    want_slaves: bool,
+    tags: &BTreeMap<String, String>,
+) -> Vec<&'a Peer> {
+    peers
+        .iter()
+        .filter(|p| !want_slaves || p.role == "slave")
+        .filter(|p| tags.iter().all(|(k, v)| p.tags.get(k) == Some(v)))
+        .collect()
+}
+
+/// Finds slaves: from the local daemon if one answers, else by discovering on its own.
+/// Stops at `wait_for` slaves or at `timeout`.
+pub async fn discover(
+    opts: &BackendOptions,
+    wait_for: Option<usize>,
+    timeout: Duration,
+    tags: &BTreeMap<String, String>,
+) -> Result<Vec<Peer>, BackendError> {
+    let want = wait_for.unwrap_or(usize::MAX);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let path = opts.control.clone().unwrap_or_else(control::default_path);
+    // The local daemon already knows the slaves, when it discovers the same way: ask it
+    // if named explicitly, or when discovery is the default one (all interfaces, no key).
+    let default_discovery = opts.discovery.key.is_none() && opts.discovery.interfaces.is_empty();
+    if (opts.control.is_some() || default_discovery)
+        && let Ok(mut client) = ControlClient::connect(&path).await
+    {
+        loop {
+            let peers = client.peers(None, Duration::ZERO).await?;
+            let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
+            if found.len() >= want || tokio::time::Instant::now() >= deadline {
+                return Ok(found);
+            }
+            let step = deadline.saturating_duration_since(tokio::time::Instant::now());
+            tokio::time::sleep(step.min(Duration::from_millis(20))).await;
+        }
+    }
+    let mut node_opts = opts.discovery.clone();
+    node_opts.protocol.observer = true;
+    let node = Node::start(node_opts).await?;
+    let handle = node.handle();
+    let mut events = handle.subscribe();
+    let found = loop {
+        let peers = handle.peers().await?;
+        let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
+        if found.len() >= want {
+            break found;
+        }
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => break found,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break found,
+            Ok(_) => {}
+        }
+    };
+    node.shutdown().await;
+    Ok(found)
+}
+
+/// `lo` for a loopback host; the interface holding a specific address; else all.
+fn interfaces_for(ip: IpAddr) -> Vec<String> {
+    if ip.is_loopback() {
+        return vec!["lo".into()];
+    }
+    if ip.is_unspecified() {
+        return Vec::new();
+    }
+    if_addrs::get_if_addrs()
+        .ok()
+        .and_then(|all| all.into_iter().find(|i| i.ip() == ip).map(|i| vec![i.name]))
+        .unwrap_or_default()
+}
+
+/// Number of CPUs.
+pub fn default_slots() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_host_keeps_discovery_on_lo() {
+        assert_eq!(
+            interfaces_for("127.0.0.1".parse().unwrap()),
+            vec!["lo".to_string()]
+        );
+        assert!(interfaces_for("0.0.0.0".parse().unwrap()).is_empty());
+    }
+}

@@ -1,0 +1,449 @@
+//! The master: finds slaves, and calls, runs, watches and terminates things on them.
+//!
+//! This module owns the master's side of sessions: one connection per slave (opened on
+//! first use, kept alive with pings), requests matched with their answers, command
+//! output streamed to the caller in order, slaves' log lines handed to a log sink, and
+//! termination with a report of who acknowledged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::key::ClusterKey;
+use crate::remote::{self, Frame, JobExit, NodeId, Stream};
+use crate::transport::{self, DEAD_AFTER, TransportError};
+
+/// Errors of master operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("cannot connect to {node}: {source}")]
+    Connect {
+        node: NodeId,
+        source: TransportError,
+    },
+    #[error("{node}: {error}")]
+    Remote { node: NodeId, error: String },
+    #[error("connection to {0} lost")]
+    Lost(NodeId),
+    #[error("{node} did not answer the greeting")]
+    NoWelcome { node: NodeId },
+}
+
+/// What the master does with a slave's log line: `(slave name, line)`.
+pub type LogSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// One event of a running command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// Lines the command printed.
+    Output(Stream, Vec<String>),
+    /// The command ended.
+    Exit(JobExit),
+}
+
+enum Pending {
+    Call(oneshot::Sender<Result<Value, String>>),
+    Exec(mpsc::Sender<ExecEvent>),
+}
+
+struct Session {
+    node: NodeId,
+    name: String,
+    tags: BTreeMap<String, String>,
+    out: mpsc::Sender<Frame>,
+    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    terminating: Mutex<Option<oneshot::Sender<()>>>,
+    next_id: AtomicU64,
+}
+
+/// Connections to slaves, and what runs on them.
+///
+/// ```no_run
+/// # async fn demo(master: localnet::Master, slaves: Vec<localnet::NodeId>) -> Result<(), localnet::MasterError> {
+/// master.redirect_logs_here(&slaves).await?;
+/// for s in &slaves {
+///     let answer = master.call(*s, "square", serde_json::json!(7)).await?;
+///     println!("{s}: {answer}");
+/// }
+/// let report = master.terminate_all_slaves().await;
+/// println!("acknowledged: {:?}", report.acknowledged);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Master {
+    inner: Arc<MasterInner>,
+}
+
+struct MasterInner {
+    name: String,
+    key: Option<ClusterKey>,
+    sessions: tokio::sync::Mutex<HashMap<NodeId, Arc<Session>>>,
+    known: Mutex<Vec<NodeId>>,
+    log_sink: LogSink,
+}
+
+/// Who acknowledged a terminate, and who did not in time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TerminateReport {
+    /// Slaves that said they are terminating.
+    pub acknowledged: Vec<NodeId>,
+    /// Slaves that did not answer in time, or could not be reached (with why).
+    pub failed: Vec<(NodeId, String)>,
+}
+
+/// How long a slave has to acknowledge a terminate.
+pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Master {
+    /// A master named `name`, using `key` for connections; slaves' log lines go to
+    /// `log_sink` (default: stderr as `name: line`).
+    pub fn new(name: &str, key: Option<ClusterKey>, log_sink: Option<LogSink>) -> Self {
+        let log_sink = log_sink
+            .unwrap_or_else(|| Arc::new(|slave: &str, line: &str| eprintln!("{slave}: {line}")));
+        Self {
+            inner: Arc::new(MasterInner {
+                name: name.to_string(),
+                key,
+                sessions: tokio::sync::Mutex::new(HashMap::new()),
+                known: Mutex::new(Vec::new()),
+                log_sink,
+            }),
+        }
+    }
+
+    /// Remembers slaves found by discovery (what `terminate_all_slaves` ends).
+    pub fn add_known(&self, slaves: &[NodeId]) {
+        if let Ok(mut known) = self.inner.known.lock() {
+            for s in slaves {
+                if !known.contains(s) {
+                    known.push(*s);
+                }
+            }
+        }
+    }
+
+    /// The slaves known to this master.
+    pub fn known_slaves(&self) -> Vec<NodeId> {
+        self.inner
+            .known
+            .lock()
+            .map(|k| k.clone())
+            .unwrap_or_default()
+    }
+
+    /// The name a connected slave gave, or its node id.
+    pub async fn slave_name(&self, node: NodeId) -> String {
+        match self.inner.sessions.lock().await.get(&node) {
+            Some(s) => s.name.clone(),
+            None => node.to_string(),
+        }
+    }
+
+    /// The tags a connected slave announced in its greeting.
+    pub async fn slave_tags(&self, node: NodeId) -> Option<BTreeMap<String, String>> {
+        self.inner
+            .sessions
+            .lock()
+            .await
+            .get(&node)
+            .map(|s| s.tags.clone())
+    }
+
+    /// Connects to `node` (once; later calls reuse the connection).
+    pub async fn connect(&self, node: NodeId) -> Result<(), MasterError> {
+        self.session(node).await.map(|_| ())
+    }
+
+    async fn session(&self, node: NodeId) -> Result<Arc<Session>, MasterError> {
+        let mut sessions = self.inner.sessions.lock().await;
+        if let Some(s) = sessions.get(&node)
+            && !s.out.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let (mut reader, writer) = transport::connect(node.addr(), self.inner.key.as_ref())
+            .await
+            .map_err(|source| MasterError::Connect { node, source })?;
+        let (out, outbox) = mpsc::channel(64);
+        tokio::spawn(remote::write_frames(writer, outbox));
+        let _ = out
+            .send(Frame::Hello {
+                name: self.inner.name.clone(),
+            })
+            .await;
+        let (name, tags) = loop {
+            match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
+                Ok(Ok(Some(bytes))) => match remote::decode(&bytes) {
+                    Some(Frame::Welcome { name, tags, .. }) => break (name, tags),
+                    Some(Frame::Ping) => continue,
+                    _ => return Err(MasterError::NoWelcome { node }),
+                },
+                _ => return Err(MasterError::NoWelcome { node }),
+            }
+        };
+        let session = Arc::new(Session {
+            node,
+            name,
+            tags,
+            out,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            terminating: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        });
+        tokio::spawn(read_loop(
+            reader,
+            session.clone(),
+            self.inner.log_sink.clone(),
+        ));
+        sessions.insert(node, session.clone());
+        Ok(session)
+    }
+
+    /// Asks slaves to send their log lines here (to the log sink), tagged with their names.
+    pub async fn redirect_logs_here(&self, slaves: &[NodeId]) -> Result<(), MasterError> {
+        for node in slaves {
+            let s = self.session(*node).await?;
+            s.out
+                .send(Frame::RedirectLogs { on: true })
+                .await
+                .map_err(|_| MasterError::Lost(*node))?;
+        }
+        Ok(())
+    }
+
+    /// Calls the registered function `name` on `node` and waits for its result.
+    pub async fn call(&self, node: NodeId, name: &str, arg: Value) -> Result<Value, MasterError> {
+        self.spawn(node, name, arg).await?.join().await
+    }
+
+    /// Starts the registered function `name` on `node`; await or kill it with the handle.
+    pub async fn spawn(
+        &self,
+        node: NodeId,
+        name: &str,
+        arg: Value,
+    ) -> Result<RemoteTask, MasterError> {
+        let s = self.session(node).await?;
+        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = s.pending.lock() {
+            p.insert(id, Pending::Call(tx));
+        }
+        s.out
+            .send(Frame::Call {
+                id,
+                name: name.to_string(),
+                arg,
+            })
+            .await
+            .map_err(|_| MasterError::Lost(node))?;
+        Ok(RemoteTask { session: s, id, rx })
+    }
+
+    /// Runs a command on `node`; read its output and exit from the returned handle.
+    pub async fn exec(
+        &self,
+        node: NodeId,
+        argv: Vec<String>,
+        timeout: Option<Duration>,
+    ) -> Result<CommandJob, MasterError> {
+        let s = self.session(node).await?;
+        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(16);
+        if let Ok(mut p) = s.pending.lock() {
+            p.insert(id, Pending::Exec(tx));
+        }
+        s.out
+            .send(Frame::Exec {
+                id,
+                argv,
+                timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            })
+            .await
+            .map_err(|_| MasterError::Lost(node))?;
+        Ok(CommandJob {
+            node,
+            name: s.name.clone(),
+            id,
+            session: s,
+            events: rx,
+        })
+    }
+
+    /// Tells `node` to kill its jobs and exit; true when it acknowledged in time.
+    pub async fn terminate_slave(&self, node: NodeId) -> Result<bool, MasterError> {
+        let s = self.session(node).await?;
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut t) = s.terminating.lock() {
+            *t = Some(tx);
+        }
+        s.out
+            .send(Frame::Terminate)
+            .await
+            .map_err(|_| MasterError::Lost(node))?;
+        Ok(matches!(
+            tokio::time::timeout(TERMINATE_TIMEOUT, rx).await,
+            Ok(Ok(()))
+        ))
+    }
+
+    /// Terminates every known slave, all at once.
+    pub async fn terminate_all_slaves(&self) -> TerminateReport {
+        self.terminate_slaves(&self.known_slaves()).await
+    }
+
+    /// Terminates `slaves`, all at once.
+    pub async fn terminate_slaves(&self, slaves: &[NodeId]) -> TerminateReport {
+        let mut tasks = Vec::new();
+        for node in slaves {
+            let master = self.clone();
+            let node = *node;
+            tasks.push(tokio::spawn(async move {
+                (node, master.terminate_slave(node).await)
+            }));
+        }
+        let mut report = TerminateReport::default();
+        for task in tasks {
+            match task.await {
+                Ok((node, Ok(true))) => report.acknowledged.push(node),
+                Ok((node, Ok(false))) => report.failed.push((
+                    node,
+                    format!("no acknowledgement within {TERMINATE_TIMEOUT:?}"),
+                )),
+                Ok((node, Err(e))) => report.failed.push((node, e.to_string())),
+                Err(_) => {}
+            }
+        }
+        report.acknowledged.sort();
+        report.failed.sort_by_key(|(n, _)| *n);
+        report
+    }
+}
+
+/// A registered function running on a slave.
+pub struct RemoteTask {
+    session: Arc<Session>,
+    id: u64,
+    rx: oneshot::Receiver<Result<Value, String>>,
+}
+
+impl RemoteTask {
+    /// Waits for the result.
+    pub async fn join(self) -> Result<Value, MasterError> {
+        let node = self.session.node;
+        match self.rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(error)) => Err(MasterError::Remote { node, error }),
+            Err(_) => Err(MasterError::Lost(node)),
+        }
+    }
+
+    /// Kills it on the slave (the result then reports it was killed).
+    pub async fn kill(&self) {
+        let _ = self.session.out.send(Frame::Kill { id: self.id }).await;
+    }
+}
+
+/// A command running on a slave.
+pub struct CommandJob {
+    /// The slave.
+    pub node: NodeId,
+    /// The slave's name.
+    pub name: String,
+    id: u64,
+    session: Arc<Session>,
+    events: mpsc::Receiver<ExecEvent>,
+}
+
+impl CommandJob {
+    /// The next output batch or the exit; `None` after the exit (or if the connection
+    /// was lost, which is reported as an exit with an error first).
+    pub async fn next(&mut self) -> Option<ExecEvent> {
+        self.events.recv().await
+    }
+
+    /// Kills the command's process group on the slave.
+    pub async fn kill(&self) {
+        let _ = self.session.out.send(Frame::Kill { id: self.id }).await;
+    }
+}
+
+async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, log_sink: LogSink) {
+    loop {
+        let frame = match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
+            Ok(Ok(Some(bytes))) => match remote::decode(&bytes) {
+                Some(f) => f,
+                None => break,
+            },
+            _ => break,
+        };
+        match frame {
+            Frame::Result { id, ok, err } => {
+                let pending = session.pending.lock().ok().and_then(|mut p| p.remove(&id));
+                if let Some(Pending::Call(tx)) = pending {
+                    let _ = tx.send(match (ok, err) {
+                        (_, Some(e)) => Err(e),
+                        (Some(v), None) => Ok(v),
+                        (None, None) => Ok(Value::Null),
+                    });
+                }
+            }
+            Frame::Output { id, stream, lines } => {
+                let tx = match session.pending.lock().ok().and_then(|p| match p.get(&id) {
+                    Some(Pending::Exec(tx)) => Some(tx.clone()),
+                    _ => None,
+                }) {
+                    Some(tx) => tx,
+                    None => continue,
+                };
+                // Waits when the consumer is slow: backpressure reaches the slave's pipe.
+                let _ = tx.send(ExecEvent::Output(stream, lines)).await;
+            }
+            Frame::Exit { id, exit } => {
+                let pending = session.pending.lock().ok().and_then(|mut p| p.remove(&id));
+                if let Some(Pending::Exec(tx)) = pending {
+                    let _ = tx.send(ExecEvent::Exit(exit)).await;
+                }
+            }
+            Frame::Log { lines } => {
+                for line in lines {
+                    log_sink(&session.name, &line);
+                }
+            }
+            Frame::Terminating => {
+                if let Some(tx) = session.terminating.lock().ok().and_then(|mut t| t.take()) {
+                    let _ = tx.send(());
+                }
+            }
+            _ => {}
+        }
+    }
+    // The connection is gone: fail whatever still waits on it.
+    let pending: Vec<Pending> = session
+        .pending
+        .lock()
+        .map(|mut p| p.drain().map(|(_, v)| v).collect())
+        .unwrap_or_default();
+    for p in pending {
+        match p {
+            Pending::Call(tx) => {
+                let _ = tx.send(Err("connection to the slave lost".into()));
+            }
+            Pending::Exec(tx) => {
+                let exit = JobExit {
+                    code: None,
+                    signal: None,
+                    timed_out: false,
+                    error: Some("connection to the slave lost".into()),
+                };
+                let _ = tx.send(ExecEvent::Exit(exit)).await;
+            }
+        }
+    }
+    // A slave that closed right after saying it terminates did acknowledge.
+    drop(session.terminating.lock().ok().and_then(|mut t| t.take()));
+}

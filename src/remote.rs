@@ -1,0 +1,403 @@
+//! What masters and slaves say to each other, and the table of callable functions.
+//!
+//! This module owns the session protocol carried in transport frames (one JSON
+//! [`Frame`] per transport frame), node ids (`nid://host:port`), and [`RemoteTable`]:
+//! the named async functions a slave runs for a master.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A node's transport address, shown as `nid://host:port`.
+///
+/// ```
+/// let nid: localnet::NodeId = "nid://127.0.0.1:8080".parse().unwrap();
+/// assert_eq!(nid.to_string(), "nid://127.0.0.1:8080");
+/// assert_eq!(nid.addr().port(), 8080);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct NodeId(SocketAddr);
+
+impl NodeId {
+    /// The node id of a transport address.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self(addr)
+    }
+    /// The transport address.
+    pub fn addr(&self) -> SocketAddr {
+        self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "nid://{}", self.0)
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s.strip_prefix("nid://").unwrap_or(s);
+        rest.parse()
+            .map(NodeId)
+            .map_err(|_| format!("{s:?} is not a node id (nid://IP:PORT)"))
+    }
+}
+
+impl From<NodeId> for String {
+    fn from(n: NodeId) -> String {
+        n.to_string()
+    }
+}
+
+impl TryFrom<String> for NodeId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// Which output stream of a job a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// How a command job ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobExit {
+    /// Exit code, when the process exited.
+    pub code: Option<i32>,
+    /// Signal, when the process was killed by one.
+    pub signal: Option<i32>,
+    /// Killed because its timeout passed.
+    pub timed_out: bool,
+    /// Could not be run at all (refused, not found, ...).
+    pub error: Option<String>,
+}
+
+impl JobExit {
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0) && self.error.is_none() && !self.timed_out
+    }
+
+    /// A short description of a failure (`exit code 2`, `timed out`, ...).
+    pub fn describe(&self) -> String {
+        if let Some(e) = &self.error {
+            e.clone()
+        } else if self.timed_out {
+            "timed out".into()
+        } else if let Some(s) = self.signal {
+            format!("killed by signal {s}")
+        } else {
+            format!("exit code {}", self.code.unwrap_or(-1))
+        }
+    }
+}
+
+/// One message of a master–slave session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Frame {
+    /// Master → slave, first frame: who is asking.
+    Hello { name: String },
+    /// Slave → master, answer to `Hello`.
+    Welcome {
+        name: String,
+        slots: usize,
+        tags: BTreeMap<String, String>,
+    },
+    /// Master → slave: call a registered function and answer with `Result`.
+    Call { id: u64, name: String, arg: Value },
+    /// Master → slave: run a command; answered with `Output` frames, then `Exit`.
+    Exec {
+        id: u64,
+        argv: Vec<String>,
+        timeout_ms: Option<u64>,
+    },
+    /// Master → slave: kill a running call or command.
+    Kill { id: u64 },
+    /// Slave → master: the outcome of a `Call`.
+    Result {
+        id: u64,
+        ok: Option<Value>,
+        err: Option<String>,
+    },
+    /// Slave → master: lines a command printed.
+    Output {
+        id: u64,
+        stream: Stream,
+        lines: Vec<String>,
+    },
+    /// Slave → master: a command ended.
+    Exit { id: u64, exit: JobExit },
+    /// Master → slave: send your own log lines here (or stop).
+    RedirectLogs { on: bool },
+    /// Slave → master: the slave's own log lines.
+    Log { lines: Vec<String> },
+    /// Master → slave: kill your jobs, say goodbye and exit.
+    Terminate,
+    /// Slave → master: terminating.
+    Terminating,
+    /// Either way: I am alive.
+    Ping,
+}
+
+/// The result type of remote functions.
+pub type RemoteResult = anyhow::Result<Value>;
+type BoxedFn =
+    Arc<dyn Fn(Value) -> Pin<Box<dyn Future<Output = RemoteResult> + Send>> + Send + Sync>;
+
+/// Named async functions a slave can run for a master.
+///
+/// ```
+/// use localnet::RemoteTable;
+/// use serde_json::{json, Value};
+/// let table = RemoteTable::new().register("square", |x: Value| async move {
+///     let n = x.as_i64().ok_or_else(|| anyhow::anyhow!("square wants an integer"))?;
+///     Ok(json!(n * n))
+/// });
+/// assert!(table.contains("square"));
+/// ```
+#[derive(Clone, Default)]
+pub struct RemoteTable {
+    functions: HashMap<String, BoxedFn>,
+}
+
+impl RemoteTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `f` under `name` (replacing any earlier one).
+    pub fn register<F, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        F: Fn(Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = RemoteResult> + Send + 'static,
+    {
+        self.functions
+            .insert(name.to_string(), Arc::new(move |v| Box::pin(f(v))));
+        self
+    }
+
+    /// Whether `name` is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.functions.contains_key(name)
+    }
+
+    /// The registered names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.functions.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Starts `name(arg)`; `None` if no such function.
+    pub(crate) fn start(
+        &self,
+        name: &str,
+        arg: Value,
+    ) -> Option<Pin<Box<dyn Future<Output = RemoteResult> + Send>>> {
+        self.functions.get(name).map(|f| f(arg))
+    }
+}
+
+impl fmt::Debug for RemoteTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteTable")
+            .field("functions", &self.names())
+            .finish()
+    }
+}
+
+/// Encodes a frame as JSON.
+pub(crate) fn encode(frame: &Frame) -> Vec<u8> {
+    serde_json::to_vec(frame).unwrap_or_default()
+}
+
+/// Encodes a frame as one or more payloads of at most `max` bytes: output and log
+/// batches that would be too long once escaped are split, lines and all, keeping order.
+pub(crate) fn encode_split(frame: Frame, max: usize) -> Vec<Vec<u8>> {
+    let bytes = encode(&frame);
+    if bytes.len() <= max {
+        return vec![bytes];
+    }
+    let halves = |mut lines: Vec<String>| -> (Vec<String>, Vec<String>) {
+        if lines.len() > 1 {
+            let rest = lines.split_off(lines.len() / 2);
+            (lines, rest)
+        } else {
+            let line = lines.pop().unwrap_or_default();
+            let mut cut = line.len() / 2;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            (vec![line[..cut].to_string()], vec![line[cut..].to_string()])
+        }
+    };
+    match frame {
+        Frame::Output { id, stream, lines } if !lines.is_empty() => {
+            let (a, b) = halves(lines);
+            let mut out = encode_split(
+                Frame::Output {
+                    id,
+                    stream,
+                    lines: a,
+                },
+                max,
+            );
+            out.extend(encode_split(
+                Frame::Output {
+                    id,
+                    stream,
+                    lines: b,
+                },
+                max,
+            ));
+            out
+        }
+        Frame::Log { lines } if !lines.is_empty() => {
+            let (a, b) = halves(lines);
+            let mut out = encode_split(Frame::Log { lines: a }, max);
+            out.extend(encode_split(Frame::Log { lines: b }, max));
+            out
+        }
+        // Other frames are small, or (call results) refused by the transport as too long.
+        _ => vec![bytes],
+    }
+}
+
+/// Decodes a frame.
+pub(crate) fn decode(bytes: &[u8]) -> Option<Frame> {
+    serde_json::from_slice(bytes).ok()
+}
+
+/// Writes queued frames, flushing when the queue is empty; pings when idle.
+pub(crate) async fn write_frames(
+    mut writer: crate::transport::FrameWriter,
+    mut outbox: tokio::sync::mpsc::Receiver<Frame>,
+) {
+    loop {
+        let frame =
+            match tokio::time::timeout(crate::transport::KEEPALIVE_EVERY, outbox.recv()).await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => Frame::Ping,
+            };
+        for payload in encode_split(frame, crate::transport::MAX_PAYLOAD) {
+            if let Err(err) = writer.write(&payload).await {
+                tracing::debug!(%err, "writing a frame failed");
+                return;
+            }
+        }
+        if outbox.is_empty() && writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn node_ids_parse_and_print() {
+        let n: NodeId = "nid://10.0.0.1:80".parse().unwrap();
+        assert_eq!(n.addr(), "10.0.0.1:80".parse().unwrap());
+        assert_eq!("10.0.0.1:80".parse::<NodeId>().unwrap(), n);
+        assert!("nid://nonsense".parse::<NodeId>().is_err());
+        assert_eq!(serde_json::to_value(n).unwrap(), json!("nid://10.0.0.1:80"));
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let frames = [
+            Frame::Call {
+                id: 1,
+                name: "f".into(),
+                arg: json!([1, 2]),
+            },
+            Frame::Output {
+                id: 2,
+                stream: Stream::Stderr,
+                lines: vec!["a".into(), "b\u{0}".into()],
+            },
+            Frame::Exit {
+                id: 3,
+                exit: JobExit {
+                    code: Some(1),
+                    signal: None,
+                    timed_out: false,
+                    error: None,
+                },
+            },
+            Frame::Terminate,
+        ];
+        for f in frames {
+            assert_eq!(decode(&encode(&f)).unwrap(), f);
+        }
+        assert!(decode(b"{\"t\":\"nope\"}").is_none());
+    }
+
+    #[test]
+    fn long_output_is_split_in_order() {
+        let lines: Vec<String> = (0..50)
+            .map(|i| format!("{i}:{}", "\u{1}".repeat(3000)))
+            .collect();
+        let frame = Frame::Output {
+            id: 1,
+            stream: Stream::Stdout,
+            lines: lines.clone(),
+        };
+        let parts = encode_split(frame, 65_000);
+        assert!(parts.len() > 1);
+        let mut back = Vec::new();
+        for p in &parts {
+            assert!(p.len() <= 65_000);
+            match decode(p).unwrap() {
+                Frame::Output { lines, .. } => back.extend(lines),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(back, lines);
+        let huge = Frame::Log {
+            lines: vec!["é".repeat(40_000)],
+        };
+        let parts = encode_split(huge, 65_000);
+        let joined: String = parts
+            .iter()
+            .map(|p| match decode(p).unwrap() {
+                Frame::Log { lines } => lines.concat(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(joined, "é".repeat(40_000));
+    }
+
+    #[tokio::test]
+    async fn table_runs_functions() {
+        let table = RemoteTable::new().register("double", |v: Value| async move {
+            Ok(json!(v.as_i64().unwrap_or(0) * 2))
+        });
+        assert_eq!(
+            table.start("double", json!(21)).unwrap().await.unwrap(),
+            json!(42)
+        );
+        assert!(table.start("missing", json!(0)).is_none());
+    }
+}

@@ -1,0 +1,408 @@
+//! Node transport: framed TCP connections between nodes, encrypted with a cluster key.
+//!
+//! This module owns the bytes of a node-to-node connection:
+//! - a preamble (`LNET1\n` and `P` for plain or `N` for Noise) that the listener answers
+//!   with one status byte, so a client without the key (or with one where none is
+//!   used) gets a clear error before anything else happens;
+//! - with a key, a Noise `NNpsk0_25519_ChaChaPoly_BLAKE2s` handshake whose pre-shared key
+//!   is derived from the cluster key: both sides prove they hold it, and every frame
+//!   after it is encrypted and authenticated;
+//! - frames: a 4-byte big-endian length, then at most [`MAX_FRAME`] bytes. A frame that
+//!   is too long, or fails to decrypt, ends that connection only.
+//!
+//! Keepalive timing ([`KEEPALIVE_EVERY`], [`DEAD_AFTER`]) is defined here and applied by
+//! the sessions that use connections.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use snow::{StatelessTransportState, params::NoiseParams};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::key::ClusterKey;
+
+/// Longest frame on the wire (the Noise message limit).
+pub const MAX_FRAME: usize = 65_535;
+/// Noise's authentication tag.
+const TAG: usize = 16;
+/// Longest payload a frame carries.
+pub const MAX_PAYLOAD: usize = MAX_FRAME - TAG;
+/// How often a session sends a keepalive when it has nothing else to say.
+pub const KEEPALIVE_EVERY: Duration = Duration::from_millis(500);
+/// A connection that has been silent this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(2);
+/// The longest a handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const PREAMBLE: &[u8; 6] = b"LNET1\n";
+const PLAIN: u8 = b'P';
+const NOISE: u8 = b'N';
+const OK: u8 = 0;
+const KEY_REQUIRED: u8 = 1;
+const NO_KEY_HERE: u8 = 2;
+const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+const PROLOGUE: &[u8] = b"localnet/1 transport";
+
+/// Why a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the node requires the cluster key; pass --key-file with the cluster's key")]
+    KeyRequired,
+    #[error(
+        "the node runs an open cluster without a key; connect without --key-file, or give the node the key"
+    )]
+    NoKeyExpected,
+    #[error("the peer is not a localnet node (bad preamble)")]
+    BadPreamble,
+    #[error("handshake failed: the cluster key does not match the node's")]
+    Handshake,
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("frame of {0} bytes is over the {MAX_FRAME} byte limit")]
+    FrameTooLarge(usize),
+    #[error("a frame failed authentication")]
+    Decrypt,
+}
+
+/// The reading half of a connection.
+pub struct FrameReader {
+    inner: BufReader<OwnedReadHalf>,
+    cipher: Option<Arc<StatelessTransportState>>,
+    nonce: u64,
+    buf: Vec<u8>,
+}
+
+/// The writing half of a connection.
+pub struct FrameWriter {
+    inner: BufWriter<OwnedWriteHalf>,
+    cipher: Option<Arc<StatelessTransportState>>,
+    nonce: u64,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Reads the next frame's payload; `None` when the peer closed the connection cleanly.
+    pub async fn read(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
+        let mut len = [0u8; 4];
+        match self.inner.read_exact(&mut len).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(TransportError::FrameTooLarge(len));
+        }
+        self.buf.resize(len, 0);
+        self.inner.read_exact(&mut self.buf).await?;
+        match &self.cipher {
+            None => Ok(Some(std::mem::take(&mut self.buf))),
+            Some(cipher) => {
+                let mut plain = vec![0u8; len];
+                let n = cipher
+                    .read_message(self.nonce, &self.buf, &mut plain)
+                    .map_err(|_| TransportError::Decrypt)?;
+                self.nonce += 1;
+                plain.truncate(n);
+                Ok(Some(plain))
+            }
+        }
+    }
+}
+
+impl FrameWriter {
+    /// Queues one frame (call [`FrameWriter::flush`] to push it out).
+    pub async fn write(&mut self, payload: &[u8]) -> Result<(), TransportError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(TransportError::FrameTooLarge(payload.len()));
+        }
+        let bytes: &[u8] = match &self.cipher {
+            None => payload,
+            Some(cipher) => {
+                self.buf.resize(payload.len() + TAG, 0);
+                let n = cipher
+                    .write_message(self.nonce, payload, &mut self.buf)
+                    .map_err(|_| TransportError::FrameTooLarge(payload.len()))?;
+                self.nonce += 1;
+                &self.buf[..n]
+            }
+        };
+        self.inner
+            .write_all(&(bytes.len() as u32).to_be_bytes())
+            .await?;
+        self.inner.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Sends what was queued.
+    pub async fn flush(&mut self) -> Result<(), TransportError> {
+        self.inner.flush().await?;
+        Ok(())
+    }
+
+    /// Closes the writing side.
+    pub async fn shutdown(&mut self) -> Result<(), TransportError> {
+        self.inner.flush().await?;
+        self.inner.get_mut().shutdown().await?;
+        Ok(())
+    }
+}
+
+fn noise_params() -> NoiseParams {
+    NOISE_PATTERN.parse().expect("a valid Noise pattern name")
+}
+
+fn psk(key: &ClusterKey) -> [u8; 32] {
+    // A key of its own for the transport, derived from the cluster key.
+    key.sign(&[b"localnet/1 transport psk"])
+}
+
+async fn write_raw(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+    stream
+        .write_all(&(bytes.len() as u32).to_be_bytes())
+        .await?;
+    stream.write_all(bytes).await
+}
+
+async fn read_raw(stream: &mut TcpStream) -> Result<Vec<u8>, TransportError> {
+    let mut len = [0u8; 4];
+    stream
+        .read_exact(&mut len)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => TransportError::Handshake,
+            _ => e.into(),
+        })?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(TransportError::FrameTooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    stream
+        .read_exact(&mut buf)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => TransportError::Handshake,
+            _ => e.into(),
+        })?;
+    Ok(buf)
+}
+
+fn split(stream: TcpStream, cipher: Option<StatelessTransportState>) -> (FrameReader, FrameWriter) {
+    let _ = stream.set_nodelay(true);
+    let cipher = cipher.map(Arc::new);
+    let (read, write) = stream.into_split();
+    (
+        FrameReader {
+            inner: BufReader::with_capacity(128 * 1024, read),
+            cipher: cipher.clone(),
+            nonce: 0,
+            buf: Vec::new(),
+        },
+        FrameWriter {
+            inner: BufWriter::with_capacity(128 * 1024, write),
+            cipher,
+            nonce: 0,
+            buf: Vec::new(),
+        },
+    )
+}
+
+/// Connects to a node and runs the handshake.
+pub async fn connect(
+    addr: std::net::SocketAddr,
+    key: Option<&ClusterKey>,
+) -> Result<(FrameReader, FrameWriter), TransportError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let mut hello = PREAMBLE.to_vec();
+        hello.push(if key.is_some() { NOISE } else { PLAIN });
+        stream.write_all(&hello).await?;
+        let mut status = [0u8; 1];
+        stream
+            .read_exact(&mut status)
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => TransportError::BadPreamble,
+                _ => e.into(),
+            })?;
+        match status[0] {
+            OK => {}
+            KEY_REQUIRED => return Err(TransportError::KeyRequired),
+            NO_KEY_HERE => return Err(TransportError::NoKeyExpected),
+            _ => return Err(TransportError::BadPreamble),
+        }
+        let Some(key) = key else {
+            return Ok(split(stream, None));
+        };
+        let psk = psk(key);
+        let mut hs = snow::Builder::new(noise_params())
+            .prologue(PROLOGUE)
+            .and_then(|b| b.psk(0, &psk))
+            .and_then(|b| b.build_initiator())
+            .map_err(|_| TransportError::Handshake)?;
+        let mut buf = vec![0u8; MAX_FRAME];
+        let n = hs
+            .write_message(&[], &mut buf)
+            .map_err(|_| TransportError::Handshake)?;
+        write_raw(&mut stream, &buf[..n]).await?;
+        let reply = read_raw(&mut stream).await?;
+        hs.read_message(&reply, &mut buf)
+            .map_err(|_| TransportError::Handshake)?;
+        let cipher = hs
+            .into_stateless_transport_mode()
+            .map_err(|_| TransportError::Handshake)?;
+        Ok(split(stream, Some(cipher)))
+    })
+    .await
+    .map_err(|_| TransportError::HandshakeTimeout)?
+}
+
+/// Runs the listener's side of the handshake on an accepted connection.
+pub async fn accept(
+    mut stream: TcpStream,
+    key: Option<&ClusterKey>,
+) -> Result<(FrameReader, FrameWriter), TransportError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut hello = [0u8; 7];
+        stream.read_exact(&mut hello).await?;
+        if &hello[..6] != PREAMBLE {
+            return Err(TransportError::BadPreamble);
+        }
+        match (hello[6], key) {
+            (PLAIN, None) | (NOISE, Some(_)) => stream.write_all(&[OK]).await?,
+            (PLAIN, Some(_)) => {
+                stream.write_all(&[KEY_REQUIRED]).await?;
+                return Err(TransportError::KeyRequired);
+            }
+            (NOISE, None) => {
+                stream.write_all(&[NO_KEY_HERE]).await?;
+                return Err(TransportError::NoKeyExpected);
+            }
+            _ => return Err(TransportError::BadPreamble),
+        }
+        let Some(key) = key else {
+            return Ok(split(stream, None));
+        };
+        let psk = psk(key);
+        let mut hs = snow::Builder::new(noise_params())
+            .prologue(PROLOGUE)
+            .and_then(|b| b.psk(0, &psk))
+            .and_then(|b| b.build_responder())
+            .map_err(|_| TransportError::Handshake)?;
+        let mut buf = vec![0u8; MAX_FRAME];
+        let first = read_raw(&mut stream).await?;
+        hs.read_message(&first, &mut buf)
+            .map_err(|_| TransportError::Handshake)?;
+        let n = hs
+            .write_message(&[], &mut buf)
+            .map_err(|_| TransportError::Handshake)?;
+        write_raw(&mut stream, &buf[..n]).await?;
+        let cipher = hs
+            .into_stateless_transport_mode()
+            .map_err(|_| TransportError::Handshake)?;
+        Ok(split(stream, Some(cipher)))
+    })
+    .await
+    .map_err(|_| TransportError::HandshakeTimeout)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn pair(
+        server_key: Option<ClusterKey>,
+        client_key: Option<ClusterKey>,
+    ) -> (
+        Result<(FrameReader, FrameWriter), TransportError>,
+        Result<(FrameReader, FrameWriter), TransportError>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(stream, server_key.as_ref()).await
+        });
+        let client = connect(addr, client_key.as_ref()).await;
+        (server.await.unwrap(), client)
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_plain_and_encrypted() {
+        for key in [None, Some(ClusterKey::from_bytes([4; 32]))] {
+            let (server, client) = pair(key.clone(), key.clone()).await;
+            let (mut sr, mut sw) = server.unwrap();
+            let (mut cr, mut cw) = client.unwrap();
+            for size in [0, 1, 1000, MAX_PAYLOAD] {
+                let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
+                cw.write(&payload).await.unwrap();
+                cw.flush().await.unwrap();
+                assert_eq!(sr.read().await.unwrap().unwrap(), payload);
+                sw.write(&payload).await.unwrap();
+                sw.flush().await.unwrap();
+                assert_eq!(cr.read().await.unwrap().unwrap(), payload);
+            }
+            assert!(matches!(
+                cw.write(&vec![0; MAX_PAYLOAD + 1]).await,
+                Err(TransportError::FrameTooLarge(_))
+            ));
+            cw.shutdown().await.unwrap();
+            assert!(sr.read().await.unwrap().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn key_mismatches_are_refused_with_clear_errors() {
+        let k1 = ClusterKey::from_bytes([1; 32]);
+        let k2 = ClusterKey::from_bytes([2; 32]);
+        let (server, client) = pair(Some(k1.clone()), None).await;
+        assert!(matches!(server, Err(TransportError::KeyRequired)));
+        assert!(matches!(client, Err(TransportError::KeyRequired)));
+        let (server, client) = pair(None, Some(k1.clone())).await;
+        assert!(matches!(server, Err(TransportError::NoKeyExpected)));
+        assert!(matches!(client, Err(TransportError::NoKeyExpected)));
+        let (server, client) = pair(Some(k1), Some(k2)).await;
+        assert!(matches!(server, Err(TransportError::Handshake)));
+        assert!(
+            matches!(client, Err(TransportError::Handshake)),
+            "{:?}",
+            client.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_ends_the_connection() {
+        let (server, client) = pair(None, None).await;
+        let (mut sr, _sw) = server.unwrap();
+        let (_cr, mut cw) = client.unwrap();
+        cw.inner
+            .write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        cw.flush().await.unwrap();
+        assert!(matches!(
+            sr.read().await,
+            Err(TransportError::FrameTooLarge(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn tampered_ciphertext_fails() {
+        let key = ClusterKey::from_bytes([4; 32]);
+        let (server, client) = pair(Some(key.clone()), Some(key)).await;
+        let (mut sr, _sw) = server.unwrap();
+        let (_cr, mut cw) = client.unwrap();
+        // A well-framed but forged frame.
+        cw.inner.write_all(&20u32.to_be_bytes()).await.unwrap();
+        cw.inner.write_all(&[7u8; 20]).await.unwrap();
+        cw.flush().await.unwrap();
+        assert!(matches!(sr.read().await, Err(TransportError::Decrypt)));
+    }
+}
