@@ -222,7 +222,7 @@ fn select<'a>(
 ) -> Vec<&'a Peer> {
     peers
         .iter()
-        .filter(|p| !want_slaves || p.role == "slave")
+        .filter(|p| !want_slaves || (p.role == "slave" && p.verified))
         .filter(|p| tags.iter().all(|(k, v)| p.tags.get(k) == Some(v)))
         .collect()
 }

@@ -57,6 +57,9 @@ pub struct Config {
     pub replay_window_ms: u64,
     /// An observer finds peers but is never listed by them and never announces.
     pub observer: bool,
+    /// Speak localnet's own multicast protocol. Off when only mDNS is used: the core
+    /// then only keeps the table of what mDNS reports.
+    pub multicast: bool,
 }
 
 impl Default for Config {
@@ -71,6 +74,7 @@ impl Default for Config {
             burst_per_source: 100,
             replay_window_ms: 30_000,
             observer: false,
+            multicast: true,
         }
     }
 }
@@ -144,6 +148,9 @@ const MAX_PENDING_REPLIES: usize = 1024;
 /// How far behind the newest counter of a sender a reordered datagram may be (µs).
 const REORDER_US: u64 = 1_000_000;
 const RECENT_COUNTERS: usize = 64;
+/// How long mDNS reports of a node that multicast saw fail or leave are ignored: about
+/// an mDNS cache lifetime (RFC 6762 §10: 120 s for address records).
+const TOMBSTONE_MS: Millis = 150_000;
 
 /// The discovery state machine of one node.
 ///
@@ -179,6 +186,8 @@ pub struct Discovery {
     rng: fastrand::Rng,
     limiter: HashMap<SocketAddr, Bucket>,
     replay: HashMap<Uuid, ReplayState>,
+    /// Nodes (id, incarnation) that failed or left, with when to forget them.
+    tombstones: HashMap<Uuid, (u64, Millis)>,
     next_gc: Millis,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
@@ -260,6 +269,7 @@ impl Discovery {
             rng: fastrand::Rng::with_seed(seed),
             limiter: HashMap::default(),
             replay: HashMap::default(),
+            tombstones: HashMap::default(),
             next_gc: now + GC_EVERY_MS,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -330,6 +340,9 @@ impl Discovery {
             return;
         }
         self.started = true;
+        if !self.cfg.multicast {
+            return;
+        }
         self.send_probe(now);
         self.second_probe_at = Some(now + self.cfg.second_probe_ms);
         if !self.cfg.observer {
@@ -348,7 +361,7 @@ impl Discovery {
         self.next_announce = None;
         self.reply_at = None;
         self.pending_replies.clear();
-        if self.started && !self.cfg.observer {
+        if self.started && !self.cfg.observer && self.cfg.multicast {
             let bye = Message::Goodbye {
                 id: self.me.id,
                 inc: self.me.inc,
@@ -369,7 +382,7 @@ impl Discovery {
             self.me.tags = old;
             return Err(e);
         }
-        if self.started && !self.leaving && !self.cfg.observer {
+        if self.started && !self.leaving && !self.cfg.observer && self.cfg.multicast {
             self.announce(now, Destination::Group);
         }
         Ok(())
@@ -497,22 +510,71 @@ impl Discovery {
                 if self.table.get(&id).is_some_and(|e| e.record.inc <= inc)
                     && let Some(entry) = self.table.remove(&id)
                 {
+                    self.bury(now, id, entry.record.inc);
                     self.events.push_back(PeerEvent::Left(entry.snapshot(now)));
                 }
             }
         }
     }
 
+    /// mDNS resolved a node (its address already resolved by the caller).
+    pub fn observe_mdns(&mut self, now: Millis, record: NodeRecord) {
+        if record.id == self.me.id || self.leaving || !self.started {
+            return;
+        }
+        if self
+            .tombstones
+            .get(&record.id)
+            .is_some_and(|(inc, until)| record.inc <= *inc && now < *until)
+        {
+            return;
+        }
+        let id = record.id;
+        let trusted = self.key.is_none();
+        let observed = self.table.observe_mdns(record, now, trusted);
+        self.report(now, id, observed);
+    }
+
+    /// mDNS says a node is gone. It leaves the table unless multicast still hears it.
+    pub fn mdns_removed(&mut self, now: Millis, id: Uuid) {
+        let Some(entry) = self.table.get_mut(&id) else {
+            return;
+        };
+        entry.via_mdns = false;
+        if !entry.via_multicast
+            && let Some(entry) = self.table.remove(&id)
+        {
+            self.events.push_back(PeerEvent::Left(entry.snapshot(now)));
+        }
+    }
+
+    fn bury(&mut self, now: Millis, id: Uuid, inc: u64) {
+        if self.tombstones.len() < 2 * self.cfg.max_peers {
+            self.tombstones.insert(id, (inc, now + TOMBSTONE_MS));
+        }
+    }
+
     fn observe(&mut self, now: Millis, record: NodeRecord, source: SocketAddr) {
         let id = record.id;
-        match self.table.observe(record, source, now) {
+        let observed = self.table.observe(record, source, now);
+        self.report(now, id, observed);
+        // A peer first seen through mDNS gets its multicast timer now.
+        if let Some(entry) = self.table.get_mut(&id)
+            && entry.via_multicast
+            && entry.armed_at == 0
+        {
+            let deadline = suspect_at(entry.last_heard, entry.record.ttl_ms);
+            entry.armed_at = deadline;
+            self.timers.push(Reverse((deadline, id)));
+        }
+    }
+
+    fn report(&mut self, now: Millis, id: Uuid, observed: Observed) {
+        match observed {
             Observed::Joined => {
-                if let Some(entry) = self.table.get_mut(&id) {
-                    let deadline = suspect_at(entry.last_heard, entry.record.ttl_ms);
-                    entry.armed_at = deadline;
-                    let snapshot = entry.snapshot(now);
-                    self.timers.push(Reverse((deadline, id)));
-                    self.events.push_back(PeerEvent::Joined(snapshot));
+                if let Some(entry) = self.table.get(&id) {
+                    self.events
+                        .push_back(PeerEvent::Joined(entry.snapshot(now)));
                 }
             }
             Observed::Updated => {
@@ -547,6 +609,7 @@ impl Discovery {
         let expires = entry.last_heard + ttl;
         if now >= expires {
             if let Some(entry) = self.table.remove(&id) {
+                self.bury(now, id, entry.record.inc);
                 self.events
                     .push_back(PeerEvent::Failed(entry.snapshot(now)));
             }
@@ -750,6 +813,7 @@ impl Discovery {
         let window = self.cfg.replay_window_ms;
         self.replay
             .retain(|_, s| now.saturating_sub(s.heard) <= window);
+        self.tombstones.retain(|_, (_, until)| now < *until);
     }
 
     fn warn(&mut self, now: Millis, source: SocketAddr, why: &str) {
@@ -1004,6 +1068,57 @@ mod tests {
         a.handle_datagram(t + 7, addr(3), &drain(&mut far)[0].payload);
         assert_eq!(a.peer_count(), 0);
         assert_eq!(a.stats().dropped_replay, 3);
+    }
+
+    #[test]
+    fn mdns_entries_merge_with_multicast_and_tombstones_hold() {
+        let t = 1_000_000;
+        let mut a = node(1, None, false);
+        a.start(t);
+        drain(&mut a);
+        let mut b = node(2, None, false);
+        b.start(t);
+        let probe = drain(&mut b).remove(0);
+        let mdns_record = |inc| NodeRecord {
+            id: Uuid::from_u128(2),
+            name: "n2".into(),
+            inc,
+            addr: "10.0.0.2:7000".parse().unwrap(),
+            role: "daemon".into(),
+            tags: BTreeMap::new(),
+            interval_ms: 60_000,
+            ttl_ms: 120_000,
+        };
+        // Seen first through mDNS: one entry; then multicast: still one, both paths.
+        a.observe_mdns(t, mdns_record(1));
+        a.handle_datagram(t + 1, addr(2), &probe.payload);
+        assert_eq!(a.peer_count(), 1);
+        assert_eq!(a.peers(t + 1)[0].paths, vec!["multicast", "mdns"]);
+        let ev = events(&mut a);
+        assert!(matches!(&ev[..], [PeerEvent::Joined(_)]), "{ev:?}");
+        // mDNS removal keeps a peer multicast still hears.
+        a.mdns_removed(t + 2, Uuid::from_u128(2));
+        assert_eq!(a.peer_count(), 1);
+        // Multicast declares it failed; the mDNS cache cannot bring it back.
+        let mut now = t;
+        while a.peer_count() > 0 {
+            now = a.poll_timeout().unwrap();
+            a.handle_timeout(now);
+        }
+        a.observe_mdns(now + 1, mdns_record(1));
+        assert_eq!(a.peer_count(), 0);
+        // A restarted incarnation is welcome at once.
+        a.observe_mdns(now + 2, mdns_record(2));
+        assert_eq!(a.peer_count(), 1);
+        assert_eq!(a.peers(now + 2)[0].paths, vec!["mdns"]);
+        // An mDNS-only entry is not expired by multicast timers; removal ends it.
+        for _ in 0..20 {
+            let next = a.poll_timeout().unwrap();
+            a.handle_timeout(next);
+        }
+        assert_eq!(a.peer_count(), 1);
+        a.mdns_removed(now + 3, Uuid::from_u128(2));
+        assert_eq!(a.peer_count(), 0);
     }
 
     #[test]

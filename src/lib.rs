@@ -26,6 +26,7 @@ pub mod control;
 pub mod core;
 pub mod key;
 pub mod master;
+pub mod mdns;
 pub mod netif;
 pub mod node;
 pub mod peers;

@@ -77,6 +77,10 @@ struct NetArgs {
     /// Cluster key file: only nodes with the same key see each other.
     #[arg(long, value_name = "F", env = "LOCALNET_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// Discovery paths: localnet's own multicast, mDNS/DNS-SD (`_localnet._tcp`), or both.
+    /// mDNS is not used on loopback.
+    #[arg(long, value_name = "MODE", default_value = "both", value_parser = ["multicast", "mdns", "both"])]
+    discovery: String,
 }
 
 #[derive(Args)]
@@ -283,6 +287,7 @@ fn node_options(net: &NetArgs) -> Result<NodeOptions> {
         group: net.group,
         port: net.port,
         key,
+        discovery: net.discovery.parse().map_err(anyhow::Error::msg)?,
         ..NodeOptions::default()
     })
 }
@@ -351,6 +356,7 @@ fn peer_table(peers: &[Peer]) -> comfy_table::Table {
         "ROLE",
         "STATE",
         "LAST SEEN",
+        "VIA",
         "TAGS",
         "ID",
     ]);
@@ -365,6 +371,11 @@ fn peer_table(peers: &[Peer]) -> comfy_table::Table {
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
             format!("{}ms", p.last_seen_ms),
+            format!(
+                "{}{}",
+                p.paths.join("+"),
+                if p.verified { "" } else { " (unverified)" }
+            ),
             tags.join(","),
             p.id.to_string(),
         ]);

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::core::{Config, ConfigError, Destination, Discovery, LocalNode, Millis, Stats};
 use crate::key::ClusterKey;
+use crate::mdns::{self, Mdns, MdnsEvent};
 use crate::netif::{self, NetError, Sockets};
 use crate::peers::{Peer, PeerEvent};
 use crate::wire::MAX_DATAGRAM;
@@ -27,6 +28,31 @@ use crate::wire::MAX_DATAGRAM;
 pub const DEFAULT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 76, 78);
 /// Default multicast port.
 pub const DEFAULT_PORT: u16 = 7766;
+
+/// Which paths discovery uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// localnet's own multicast protocol only.
+    Multicast,
+    /// mDNS/DNS-SD only (`_localnet._tcp.local.`).
+    Mdns,
+    /// Both, merged into one table (the default).
+    #[default]
+    Both,
+}
+
+impl std::str::FromStr for DiscoveryMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "multicast" => Ok(Self::Multicast),
+            "mdns" => Ok(Self::Mdns),
+            "both" => Ok(Self::Both),
+            _ => Err(format!("{s:?}: expected multicast, mdns or both")),
+        }
+    }
+}
 
 /// How to start a node.
 #[derive(Clone, Debug)]
@@ -52,6 +78,8 @@ pub struct NodeOptions {
     pub transport: Option<SocketAddr>,
     /// Protocol tunables (observer mode among them).
     pub protocol: Config,
+    /// Multicast, mDNS or both.
+    pub discovery: DiscoveryMode,
 }
 
 impl Default for NodeOptions {
@@ -67,6 +95,7 @@ impl Default for NodeOptions {
             state_dir: None,
             transport: None,
             protocol: Config::default(),
+            discovery: DiscoveryMode::Both,
         }
     }
 }
@@ -87,6 +116,8 @@ pub enum NodeError {
     BadState { path: String },
     #[error("the node has stopped")]
     Stopped,
+    #[error("{0}")]
+    Mdns(String),
 }
 
 /// A node's status, as `localnet status` shows it.
@@ -102,6 +133,8 @@ pub struct Status {
     pub group: String,
     pub interfaces: Vec<String>,
     pub keyed: bool,
+    pub discovery: DiscoveryMode,
+    pub mdns: bool,
     pub uptime_ms: u64,
     pub stats: Stats,
     /// Datagrams dropped because the node could not keep up.
@@ -194,19 +227,29 @@ pub struct Node {
 
 impl Node {
     /// Opens the sockets, probes the group and starts the I/O loop.
-    pub async fn start(opts: NodeOptions) -> Result<Node, NodeError> {
+    pub async fn start(mut opts: NodeOptions) -> Result<Node, NodeError> {
         let interfaces = netif::select(&opts.interfaces)?;
-        let sockets = netif::open(opts.group, opts.port, &interfaces)?;
+        let use_multicast = opts.discovery != DiscoveryMode::Mdns;
+        let use_mdns = opts.discovery != DiscoveryMode::Multicast && mdns::usable_on(&interfaces);
+        if opts.discovery == DiscoveryMode::Mdns && !use_mdns {
+            return Err(NodeError::Mdns(
+                "mDNS is not used on loopback alone: name a network interface, or use --discovery multicast".into(),
+            ));
+        }
+        opts.protocol.multicast = use_multicast;
+        let sockets = match use_multicast {
+            true => Some(netif::open(opts.group, opts.port, &interfaces)?),
+            false => None,
+        };
         let clock = Clock::new();
         let id = match &opts.state_dir {
             Some(dir) => load_or_create_id(dir)?,
             None => Uuid::new_v4(),
         };
         let port = sockets
-            .unicast_addrs()
-            .first()
-            .map(|a| a.port())
-            .unwrap_or(0);
+            .as_ref()
+            .and_then(|s| s.unicast_addrs().first().map(|a| a.port()))
+            .unwrap_or(opts.port);
         let me = LocalNode {
             id,
             name: opts.name.clone().unwrap_or_else(host_name),
@@ -219,6 +262,14 @@ impl Node {
         };
         let seed =
             u64::from_le_bytes(id.as_bytes()[..8].try_into().unwrap_or_default()) ^ clock.now();
+        let publish = (!opts.protocol.observer).then(|| mdns::Publish {
+            id,
+            name: me.name.clone(),
+            inc: me.incarnation,
+            role: me.role.clone(),
+            tags: me.tags.clone(),
+            port: me.addr.port(),
+        });
         let mut core = Discovery::new(
             opts.protocol.clone(),
             me,
@@ -231,6 +282,7 @@ impl Node {
         let mut first_error = None;
         let mut delivered = false;
         while let Some(tx) = core.poll_transmit() {
+            let Some(sockets) = &sockets else { break };
             match tx.dest {
                 Destination::Group => {
                     for (iface, socket) in &sockets.unicast {
@@ -253,12 +305,26 @@ impl Node {
         if let (false, Some(err)) = (delivered, first_error) {
             return Err(err.into());
         }
+        let (mdns, mdns_events) = if use_mdns {
+            match Mdns::start(&interfaces, publish) {
+                Ok((m, rx)) => (Some(m), Some(rx)),
+                Err(e) if opts.discovery == DiscoveryMode::Mdns => return Err(NodeError::Mdns(e)),
+                Err(e) => {
+                    tracing::warn!("{e}; going on with multicast only");
+                    (None, None)
+                }
+            }
+        } else {
+            (None, None)
+        };
         let (commands, command_rx) = mpsc::channel(64);
         let (events, _) = broadcast::channel(4096);
         let handle = NodeHandle { commands, events };
         let driver = Driver {
             core,
-            sockets: Arc::new(sockets),
+            sockets: sockets.map(Arc::new),
+            mdns,
+            discovery: opts.discovery,
             clock,
             events: handle.events.clone(),
             name: opts.name.clone().unwrap_or_else(host_name),
@@ -269,7 +335,7 @@ impl Node {
             send_errors: 0,
             next_send_error_log: 0,
         };
-        let task = tokio::spawn(driver.run(command_rx));
+        let task = tokio::spawn(driver.run(command_rx, mdns_events));
         Ok(Node { handle, task, id })
     }
 
@@ -324,7 +390,9 @@ impl Clock {
 
 struct Driver {
     core: Discovery,
-    sockets: Arc<Sockets>,
+    sockets: Option<Arc<Sockets>>,
+    mdns: Option<Mdns>,
+    discovery: DiscoveryMode,
     clock: Clock,
     events: broadcast::Sender<PeerEvent>,
     name: String,
@@ -339,12 +407,23 @@ struct Driver {
 const INBOX: usize = 4096;
 
 impl Driver {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut mdns_events: Option<mpsc::Receiver<MdnsEvent>>,
+    ) {
         let (inbox_tx, mut inbox) = mpsc::channel::<(SocketAddr, Vec<u8>)>(INBOX);
         let (overload_tx, mut overload) = mpsc::unbounded_channel::<()>();
         let mut readers = Vec::new();
-        for index in 0..=self.sockets.unicast.len() {
-            let sockets = self.sockets.clone();
+        let socket_count = self
+            .sockets
+            .as_ref()
+            .map(|s| s.unicast.len() + 1)
+            .unwrap_or(0);
+        for index in 0..socket_count {
+            let Some(sockets) = self.sockets.clone() else {
+                break;
+            };
             let tx = inbox_tx.clone();
             let overload_tx = overload_tx.clone();
             readers.push(tokio::spawn(async move {
@@ -364,6 +443,10 @@ impl Driver {
                     self.core.handle_datagram(self.clock.now(), source, &bytes);
                 }
                 Some(()) = overload.recv() => self.dropped_overload += 1,
+                Some(event) = next_mdns(&mut mdns_events) => match event {
+                    MdnsEvent::Resolved(record) => self.core.observe_mdns(self.clock.now(), record),
+                    MdnsEvent::Removed(id) => self.core.mdns_removed(self.clock.now(), id),
+                },
                 _ = sleep_until(wake) => self.core.handle_timeout(self.clock.now()),
                 command = commands.recv() => match command {
                     Some(Command::Peers(reply)) => {
@@ -373,14 +456,12 @@ impl Driver {
                         let _ = reply.send(self.status());
                     }
                     Some(Command::Leave(reply)) => {
-                        self.core.leave(self.clock.now());
-                        self.flush().await;
+                        self.leave().await;
                         let _ = reply.send(());
                         break;
                     }
                     None => {
-                        self.core.leave(self.clock.now());
-                        self.flush().await;
+                        self.leave().await;
                         break;
                     }
                 },
@@ -388,6 +469,14 @@ impl Driver {
         }
         for reader in readers {
             reader.abort();
+        }
+    }
+
+    async fn leave(&mut self) {
+        self.core.leave(self.clock.now());
+        self.flush().await;
+        if let Some(mdns) = self.mdns.take() {
+            mdns.shutdown().await;
         }
     }
 
@@ -401,10 +490,20 @@ impl Driver {
             incarnation: self.core.incarnation(),
             peers: peers.len(),
             interval_ms: self.core.interval_ms(),
-            unicast: self.sockets.unicast_addrs(),
-            group: self.sockets.group_addr.to_string(),
+            unicast: self
+                .sockets
+                .as_ref()
+                .map(|s| s.unicast_addrs())
+                .unwrap_or_default(),
+            group: self
+                .sockets
+                .as_ref()
+                .map(|s| s.group_addr.to_string())
+                .unwrap_or_default(),
             interfaces: self.interfaces.clone(),
             keyed: self.keyed,
+            discovery: self.discovery,
+            mdns: self.mdns.is_some(),
             uptime_ms: now.saturating_sub(self.clock.start_ms),
             stats: self.core.stats().clone(),
             dropped_overload: self.dropped_overload,
@@ -417,17 +516,20 @@ impl Driver {
             let _ = self.events.send(event);
         }
         while let Some(tx) = self.core.poll_transmit() {
+            let Some(sockets) = &self.sockets else {
+                continue;
+            };
             let result = match tx.dest {
                 Destination::Group => {
                     let mut result = Ok(0);
-                    for (_, socket) in &self.sockets.unicast {
-                        if let Err(e) = socket.send_to(&tx.payload, self.sockets.group_addr).await {
+                    for (_, socket) in &sockets.unicast {
+                        if let Err(e) = socket.send_to(&tx.payload, sockets.group_addr).await {
                             result = Err(e);
                         }
                     }
                     result
                 }
-                Destination::Unicast(dest) => match self.sockets.route(dest) {
+                Destination::Unicast(dest) => match sockets.route(dest) {
                     Some(socket) => socket.send_to(&tx.payload, dest).await,
                     None => Ok(0),
                 },
@@ -441,6 +543,13 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+async fn next_mdns(events: &mut Option<mpsc::Receiver<MdnsEvent>>) -> Option<MdnsEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -62,6 +62,17 @@ pub struct Peer {
     pub interval_ms: u64,
     /// How long it may stay silent before it is declared failed.
     pub ttl_ms: u64,
+    /// How it is known: `multicast` (localnet's own announcements), `mdns` (DNS-SD), or both.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// False for a peer known only through mDNS in a cluster with a key: nothing it said
+    /// was authenticated yet, and it is not used (as a slave, say) until it is.
+    #[serde(default = "yes")]
+    pub verified: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A change in the peer table.
@@ -112,8 +123,14 @@ pub(crate) struct Entry {
     pub state: PeerState,
     /// When the next direct probe is due while suspect.
     pub next_probe: Millis,
-    /// The deadline of this entry's one live item in the core's timer heap.
+    /// The deadline of this entry's one live item in the core's timer heap (0: none).
     pub armed_at: Millis,
+    /// Heard through localnet's own multicast protocol.
+    pub via_multicast: bool,
+    /// Seen through mDNS/DNS-SD.
+    pub via_mdns: bool,
+    /// Its record was authenticated (always, in an open cluster).
+    pub verified: bool,
 }
 
 impl Entry {
@@ -131,6 +148,12 @@ impl Entry {
             source: self.source,
             interval_ms: r.interval_ms,
             ttl_ms: r.ttl_ms,
+            paths: [("multicast", self.via_multicast), ("mdns", self.via_mdns)]
+                .into_iter()
+                .filter(|(_, on)| *on)
+                .map(|(p, _)| p.to_string())
+                .collect(),
+            verified: self.verified,
         }
     }
 }
@@ -206,7 +229,10 @@ impl PeerTable {
                 entry.source = source;
                 entry.last_heard = now;
                 entry.state = PeerState::Alive;
-                if visible_change {
+                let newly_verified = !entry.verified;
+                entry.via_multicast = true;
+                entry.verified = true;
+                if visible_change || newly_verified {
                     Observed::Updated
                 } else {
                     Observed::Refreshed
@@ -223,6 +249,60 @@ impl PeerTable {
                         state: PeerState::Alive,
                         next_probe: now,
                         armed_at: 0,
+                        via_multicast: true,
+                        via_mdns: false,
+                        verified: true,
+                    },
+                );
+                Observed::Joined
+            }
+        }
+    }
+
+    /// Records that mDNS resolved `record` (address already resolved). `trusted` says
+    /// whether mDNS data may change an entry (open clusters); with a key it can only add
+    /// an unverified entry or mark a known one as also seen through mDNS.
+    pub fn observe_mdns(&mut self, record: NodeRecord, now: Millis, trusted: bool) -> Observed {
+        let len = self.entries.len();
+        match self.entries.get_mut(&record.id) {
+            Some(entry) => {
+                entry.via_mdns = true;
+                let may_change = trusted || !entry.verified;
+                if !may_change || record.inc < entry.record.inc {
+                    return Observed::Refreshed;
+                }
+                let old = &entry.record;
+                let visible_change = record.inc != old.inc
+                    || record.name != old.name
+                    || record.addr != old.addr
+                    || record.role != old.role
+                    || record.tags != old.tags;
+                if !visible_change {
+                    return Observed::Refreshed;
+                }
+                // Keep multicast timing when the peer also speaks multicast.
+                let (interval, ttl) = (entry.record.interval_ms, entry.record.ttl_ms);
+                entry.record = record;
+                if entry.via_multicast {
+                    entry.record.interval_ms = interval;
+                    entry.record.ttl_ms = ttl;
+                }
+                Observed::Updated
+            }
+            None if len >= self.capacity => Observed::Full,
+            None => {
+                self.entries.insert(
+                    record.id,
+                    Entry {
+                        source: record.addr,
+                        record,
+                        last_heard: now,
+                        state: PeerState::Alive,
+                        next_probe: now,
+                        armed_at: 0,
+                        via_multicast: false,
+                        via_mdns: true,
+                        verified: trusted,
                     },
                 );
                 Observed::Joined
@@ -310,5 +390,37 @@ mod tests {
         assert_eq!(v["peer"]["last_seen_ms"], 3);
         let back: PeerEvent = serde_json::from_value(v).unwrap();
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn mdns_paths_and_verification() {
+        let mut t = PeerTable::new(10);
+        let mut r = rec(1, 1);
+        r.addr = "10.0.0.9:5000".parse().unwrap();
+        // Keyed cluster: an mDNS-only peer is unverified ...
+        assert_eq!(t.observe_mdns(r.clone(), 0, false), Observed::Joined);
+        let p = t.get(&Uuid::from_u128(1)).unwrap().snapshot(0);
+        assert_eq!(
+            (p.paths.clone(), p.verified),
+            (vec!["mdns".to_string()], false)
+        );
+        // ... until its own authenticated announcement arrives.
+        assert_eq!(t.observe(rec(1, 1), src(9000), 1), Observed::Updated);
+        let p = t.get(&Uuid::from_u128(1)).unwrap().snapshot(1);
+        assert_eq!(p.paths, vec!["multicast".to_string(), "mdns".to_string()]);
+        assert!(p.verified);
+        // Unauthenticated mDNS data cannot change a verified entry.
+        let mut forged = r.clone();
+        forged.inc = 9;
+        forged.name = "evil".into();
+        assert_eq!(
+            t.observe_mdns(forged.clone(), 2, false),
+            Observed::Refreshed
+        );
+        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record.name, "n1");
+        // In an open cluster it may.
+        assert_eq!(t.observe_mdns(forged, 3, true), Observed::Updated);
+        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record.inc, 9);
+        assert_eq!(t.len(), 1);
     }
 }
