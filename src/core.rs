@@ -648,10 +648,13 @@ impl Discovery {
         let interval = self.compute_interval();
         // Forward reconsideration (RFC 3550 §6.3.6): the group may have grown since the
         // timer was set; if the new interval has not yet passed, wait for it.
+        // But never stay silent long enough for peers to suspect us under the TTL we
+        // last announced: announce then, with the new interval and TTL.
         if let Some(last) = self.last_announce {
             let reconsidered = last + interval;
-            if reconsidered > now && reconsidered > due {
-                self.next_announce = Some(reconsidered);
+            let before_suspicion = last + self.me.ttl_ms * 2 / 5;
+            if reconsidered > now && reconsidered > due && now < before_suspicion {
+                self.next_announce = Some(reconsidered.min(before_suspicion));
                 return;
             }
         }
@@ -703,6 +706,18 @@ impl Discovery {
     }
 
     fn answer_probes(&mut self, now: Millis) {
+        // Several newcomers at once are answered with one multicast announcement, but
+        // no more often than every half interval: a group starting all at once then
+        // stays near its budget instead of answering every probe to everyone.
+        if self.pending_replies.len() > 1
+            && let Some(last) = self.last_announce
+        {
+            let earliest = last + self.compute_interval() / 2;
+            if now < earliest {
+                self.reply_at = Some(earliest);
+                return;
+            }
+        }
         let pending = std::mem::take(&mut self.pending_replies);
         match pending.as_slice() {
             [] => {}
