@@ -247,7 +247,9 @@ pub async fn discover(
         loop {
             let peers = client.peers(None, Duration::ZERO).await?;
             let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
-            if found.len() >= want || tokio::time::Instant::now() >= deadline {
+            // With no count to wait for, what the daemon knows is the answer.
+            if wait_for.is_none() || found.len() >= want || tokio::time::Instant::now() >= deadline
+            {
                 return Ok(found);
             }
             let step = deadline.saturating_duration_since(tokio::time::Instant::now());
