@@ -318,7 +318,7 @@ impl Node {
             (None, None)
         };
         let (commands, command_rx) = mpsc::channel(64);
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
         let handle = NodeHandle { commands, events };
         let driver = Driver {
             core,
@@ -405,6 +405,9 @@ struct Driver {
 }
 
 const INBOX: usize = 4096;
+/// Events kept for slow subscribers before they are told they lagged (the buffer is
+/// allocated up front, so it is kept modest).
+const EVENT_BUFFER: usize = 512;
 
 impl Driver {
     async fn run(
