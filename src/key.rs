@@ -134,6 +134,13 @@ impl ClusterKey {
         mac.finalize().into_bytes().into()
     }
 
+    /// A public tag naming the cluster (16 hex digits): the same for every holder of
+    /// the key, and telling nothing about the key itself. Published in mDNS TXT records
+    /// so that nodes of other clusters can be told apart before anything is verified.
+    pub fn cluster_tag(&self) -> String {
+        hex::encode(&self.sign(&[b"localnet/1 cluster tag"])[..8])
+    }
+
     /// Checks an HMAC-SHA256 tag over `parts` in constant time.
     pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
         let mut mac = self.mac();

@@ -5,6 +5,10 @@
 //! it learns by browsing the same service type, turned into [`NodeRecord`]s for the
 //! core's peer table. Instance names are the node names, made unique (`name-1a2b3c4d`)
 //! when another node already uses one. A clean shutdown unregisters (TTL-0 goodbye).
+//! Nodes with a cluster key add TXT `ck`, the key's public cluster tag; browsers keep
+//! only services of their own cluster (the same tag, or none for open clusters). TXT
+//! records are not authenticated, so what passes is still listed as unverified in a
+//! keyed cluster until the node's own authenticated announcement arrives.
 //!
 //! `mdns-sd` joins the mDNS group on every interface when its daemon starts and is
 //! narrowed to the chosen interfaces right after; so this path is never started for
@@ -25,7 +29,7 @@ use crate::wire::{NodeRecord, VERSION};
 /// The DNS-SD service type of localnet nodes.
 pub const SERVICE_TYPE: &str = "_localnet._tcp.local.";
 /// TXT keys with a meaning of their own (tags with these names are not published).
-const RESERVED: [&str; 5] = ["id", "role", "v", "inc", "name"];
+const RESERVED: [&str; 6] = ["id", "role", "v", "inc", "name", "ck"];
 /// Timing given to mDNS-only peers (informational: mDNS itself expires them).
 const MDNS_INTERVAL_MS: u64 = 60_000;
 const MDNS_TTL_MS: u64 = 120_000;
@@ -56,6 +60,9 @@ pub struct Publish {
     pub port: u16,
 }
 
+/// Which cluster a node belongs to: the key's public tag, or `None` for open clusters.
+pub type ClusterTag = Option<String>;
+
 /// Whether mDNS can run on these interfaces (it is not started on loopback alone).
 pub fn usable_on(interfaces: &[Interface]) -> bool {
     interfaces.iter().any(|i| !i.ip.is_loopback())
@@ -67,6 +74,7 @@ impl Mdns {
     pub fn start(
         interfaces: &[Interface],
         me: Option<Publish>,
+        cluster: ClusterTag,
     ) -> Result<(Self, mpsc::Receiver<MdnsEvent>), String> {
         let daemon = ServiceDaemon::new().map_err(|e| format!("cannot start mDNS: {e}"))?;
         daemon
@@ -85,7 +93,7 @@ impl Mdns {
         let mut registered = None;
         let own = me.as_ref().map(|m| m.id);
         if let Some(me) = &me {
-            let info = service_info(me, &me.name, &ips)?;
+            let info = service_info(me, &me.name, &ips, &cluster)?;
             registered = Some(info.get_fullname().to_string());
             daemon
                 .register(info)
@@ -97,11 +105,12 @@ impl Mdns {
         let (tx, rx) = mpsc::channel(1024);
         let republish = daemon.clone();
         let subnets: Vec<Interface> = interfaces.to_vec();
+        let ours = cluster.clone();
         tokio::spawn(async move {
             let mut ids: HashMap<String, Uuid> = HashMap::new();
             let mut our_fullname = me
                 .as_ref()
-                .and_then(|m| service_info(m, &m.name, &ips).ok())
+                .and_then(|m| service_info(m, &m.name, &ips, &ours).ok())
                 .map(|i| i.get_fullname().to_string());
             while let Ok(event) = browse.recv_async().await {
                 match event {
@@ -109,6 +118,10 @@ impl Mdns {
                         let Some(record) = record_of(&service, &subnets) else {
                             continue;
                         };
+                        let theirs = service.txt_properties.get_property_val_str("ck");
+                        if theirs != ours.as_deref() {
+                            continue; // another cluster
+                        }
                         if Some(record.id) == own {
                             continue;
                         }
@@ -118,7 +131,7 @@ impl Mdns {
                         {
                             let unique =
                                 format!("{}-{}", me.name, &me.id.simple().to_string()[..8]);
-                            if let Ok(info) = service_info(me, &unique, &ips) {
+                            if let Ok(info) = service_info(me, &unique, &ips, &ours) {
                                 tracing::info!(name = %unique, "mDNS instance name in use; publishing a unique one");
                                 if let Some(old) = our_fullname.take() {
                                     let _ = republish.unregister(&old);
@@ -159,7 +172,12 @@ impl Mdns {
     }
 }
 
-fn service_info(me: &Publish, instance: &str, ips: &[IpAddr]) -> Result<ServiceInfo, String> {
+fn service_info(
+    me: &Publish,
+    instance: &str,
+    ips: &[IpAddr],
+    cluster: &ClusterTag,
+) -> Result<ServiceInfo, String> {
     let host = format!(
         "{}-{}.local.",
         sanitize(&me.name),
@@ -172,6 +190,9 @@ fn service_info(me: &Publish, instance: &str, ips: &[IpAddr]) -> Result<ServiceI
         ("inc".into(), me.inc.to_string()),
         ("name".into(), me.name.clone()),
     ];
+    if let Some(tag) = cluster {
+        txt.push(("ck".into(), tag.clone()));
+    }
     for (k, v) in &me.tags {
         if !RESERVED.contains(&k.as_str()) {
             txt.push((k.clone(), v.clone()));
@@ -281,7 +302,16 @@ mod tests {
             .into(),
             port: 4000,
         };
-        let info = service_info(&me, "alpha", &[IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))]).unwrap();
+        let info = service_info(
+            &me,
+            "alpha",
+            &[IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))],
+            &None,
+        )
+        .unwrap();
+        assert_eq!(info.get_property_val_str("ck"), None);
+        let keyed = service_info(&me, "alpha", &[], &Some("0011223344556677".into())).unwrap();
+        assert_eq!(keyed.get_property_val_str("ck"), Some("0011223344556677"));
         assert_eq!(info.get_fullname(), "alpha._localnet._tcp.local.");
         assert_eq!(
             info.get_property_val_str("id"),

@@ -306,7 +306,11 @@ impl Node {
             return Err(err.into());
         }
         let (mdns, mdns_events) = if use_mdns {
-            match Mdns::start(&interfaces, publish) {
+            match Mdns::start(
+                &interfaces,
+                publish,
+                opts.key.as_ref().map(ClusterKey::cluster_tag),
+            ) {
                 Ok((m, rx)) => (Some(m), Some(rx)),
                 Err(e) if opts.discovery == DiscoveryMode::Mdns => return Err(NodeError::Mdns(e)),
                 Err(e) => {

@@ -1,0 +1,419 @@
+//! A simulated LAN of network namespaces for multi-host tests (and the benchmark).
+//!
+//! Each [`Lan`] makes a "switch" namespace holding a bridge, and one namespace per host
+//! with an `eth0` veth on that bridge, an address `10.S.0.i/16` and a default route
+//! (so multicast has a route). Nothing touches the root namespace's interfaces. The
+//! guard kills every process it started (by PID) and deletes its namespaces when
+//! dropped, panics included.
+//!
+//! Not root: tests skip with a message, unless `LOCALNET_REQUIRE_NETNS=1` (set by CI),
+//! which turns the skip into a failure.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The `localnet` binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_localnet"))
+}
+
+/// An example binary built alongside the tests (`target/<profile>/examples/NAME`).
+pub fn example(name: &str) -> PathBuf {
+    binary()
+        .parent()
+        .expect("target dir")
+        .join("examples")
+        .join(name)
+}
+
+/// Returns false (after saying why) when namespace tests cannot run here; panics
+/// instead under `LOCALNET_REQUIRE_NETNS=1`.
+pub fn netns_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ip = Command::new("ip").arg("-V").output().is_ok();
+    let why = match (root, ip) {
+        (true, true) => return true,
+        (false, _) => "not root: network namespaces need root",
+        (true, false) => "the `ip` command (iproute2) is missing",
+    };
+    if std::env::var("LOCALNET_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("LOCALNET_REQUIRE_NETNS=1 but namespace tests cannot run: {why}");
+    }
+    eprintln!("skipping: {why} (set LOCALNET_REQUIRE_NETNS=1 to make this a failure)");
+    false
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A LAN of `hosts` namespaces on one bridge.
+pub struct Lan {
+    prefix: String,
+    hosts: usize,
+    subnet: u8,
+    dir: PathBuf,
+    children: Mutex<Vec<(String, Child)>>,
+}
+
+impl Lan {
+    /// Builds the LAN; `None` when namespace tests cannot run (see [`netns_available`]).
+    /// `tag` names the test (keep it short) and `subnet` must be unique per test.
+    pub fn new(tag: &str, subnet: u8, hosts: usize) -> Option<Lan> {
+        if !netns_available() {
+            return None;
+        }
+        if hosts > 10 {
+            // The neighbour table is shared by all namespaces; many hosts overflow it.
+            for (k, v) in [("1", "4096"), ("2", "8192"), ("3", "16384")] {
+                let _ = std::fs::write(format!("/proc/sys/net/ipv4/neigh/default/gc_thresh{k}"), v);
+            }
+        }
+        let prefix = format!("ln{tag}{}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let lan = Lan {
+            prefix,
+            hosts,
+            subnet,
+            dir,
+            children: Mutex::new(Vec::new()),
+        };
+        let sw = lan.switch();
+        ip(&["netns", "add", &sw]);
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &sw, "link", "set", "br0", "up"]);
+        for i in 0..hosts {
+            let ns = lan.ns(i);
+            ip(&["netns", "add", &ns]);
+            let port = format!("v{i}");
+            ip(&[
+                "link", "add", "name", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+                "netns", &sw,
+            ]);
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+            let addr = format!("{}/16", lan.ip(i));
+            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "route", "add", "default", "dev", "eth0"]);
+        }
+        Some(lan)
+    }
+
+    fn switch(&self) -> String {
+        format!("{}sw", self.prefix)
+    }
+
+    /// Namespace name of host `i`.
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}h{i}", self.prefix)
+    }
+
+    /// Address of host `i`.
+    pub fn ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet, (i / 250) as u8, (i % 250 + 1) as u8)
+    }
+
+    /// Number of hosts.
+    pub fn hosts(&self) -> usize {
+        self.hosts
+    }
+
+    /// The LAN's scratch directory (logs, sockets, keys).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Control socket path for host `i`'s daemon.
+    pub fn sock(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("h{i}.sock"))
+    }
+
+    /// Starts `program args` in host `i`'s namespace, stderr to `<dir>/<log>.log`;
+    /// returns its PID (`ip netns exec` execs the program, so the PID is the program's).
+    pub fn spawn(&self, i: usize, log: &str, program: &Path, args: &[&str]) -> u32 {
+        let err = std::fs::File::create(self.dir.join(format!("{log}.log"))).expect("log file");
+        let out = std::fs::File::create(self.dir.join(format!("{log}.out"))).expect("out file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(i)])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn");
+        let pid = child.id();
+        self.children.lock().unwrap().push((log.to_string(), child));
+        pid
+    }
+
+    /// Starts `localnet daemon` on host `i` (name `h<i>`, control socket [`Lan::sock`])
+    /// and waits until its control socket answers.
+    pub fn daemon(&self, i: usize, extra: &[&str]) -> u32 {
+        let sock = self.sock(i);
+        let _ = std::fs::remove_file(&sock);
+        let name = format!("h{i}");
+        let mut args = vec![
+            "daemon",
+            "--name",
+            &name,
+            "--interface",
+            "eth0",
+            "--control",
+            sock.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let pid = self.spawn(i, &name, &binary(), &args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon h{i} did not start:\n{}",
+                self.log(&name)
+            );
+            assert!(alive(pid), "daemon h{i} exited:\n{}", self.log(&name));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pid
+    }
+
+    /// Runs `program args` in host `i`'s namespace to completion.
+    pub fn run(&self, i: usize, program: &Path, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(i)])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run in namespace")
+    }
+
+    /// Runs `f` on a thread whose network namespace is host `i`'s (setns affects only
+    /// the calling thread), so tests can use the library as that host.
+    pub fn within<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.ns(i));
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid namespace fd; it changes only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in namespace")
+    }
+
+    /// The stderr log of a spawned process.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// The stdout of a spawned process.
+    pub fn out(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.out"))).unwrap_or_default()
+    }
+
+    /// Waits for a spawned process to exit; its exit code, or None on timeout.
+    pub fn wait(&self, pid: u32, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut children = self.children.lock().unwrap();
+                if let Some((_, child)) = children.iter_mut().find(|(_, c)| c.id() == pid)
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    return Some(status.code().unwrap_or(-1));
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Sends `signal` to a process this LAN started.
+    pub fn signal(&self, pid: u32, signal: i32) {
+        let ours = self
+            .children
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, c)| c.id() == pid);
+        assert!(ours, "only processes this LAN started are signalled");
+        // SAFETY: kill only sends a signal, to a child we started and have not reaped.
+        unsafe {
+            libc::kill(pid as i32, signal);
+        }
+    }
+
+    /// Prints every log; call when a test is about to fail.
+    pub fn dump_logs(&self) {
+        for (name, _) in self.children.lock().unwrap().iter() {
+            eprintln!("----- {name} -----\n{}", self.log(name));
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, child) in children.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for i in 0..self.hosts {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(i)])
+                .output();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.switch()])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(s) => !s
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z')),
+        Err(_) => false,
+    }
+}
+
+/// PIDs of processes whose command line contains `needle`.
+pub fn pids_matching(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let me = std::process::id();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            if let Ok(cmd) = std::fs::read(entry.path().join("cmdline"))
+                && String::from_utf8_lossy(&cmd)
+                    .replace('\0', " ")
+                    .contains(needle)
+                && alive(pid)
+            {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Polls `check` every 5 ms until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One request on a daemon's control socket.
+pub fn control(sock: &Path, request: Value) -> Value {
+    let mut stream = UnixStream::connect(sock).expect("connect control socket");
+    writeln!(stream, "{request}").expect("write request");
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .expect("read answer");
+    serde_json::from_str(&line).expect("answer is JSON")
+}
+
+/// The peers a daemon knows.
+pub fn peers(sock: &Path) -> Vec<Value> {
+    let answer = control(sock, json!({"cmd": "peers"}));
+    answer["peers"].as_array().cloned().unwrap_or_default()
+}
+
+/// The names of the peers a daemon knows, sorted.
+pub fn peer_names(sock: &Path) -> Vec<String> {
+    let mut names: Vec<String> = peers(sock)
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A daemon's status object.
+pub fn status(sock: &Path) -> Value {
+    control(sock, json!({"cmd": "status"}))["status"].clone()
+}
+
+/// Streams a daemon's events, each with the time it arrived.
+pub fn watch(sock: &Path) -> mpsc::Receiver<(Instant, Value)> {
+    let mut stream = UnixStream::connect(sock).expect("connect control socket");
+    writeln!(stream, "{}", json!({"cmd": "watch"})).expect("write watch");
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("watch answer");
+    assert!(first.contains("\"ok\":true"), "watch refused: {first}");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            let Ok(value) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if tx.send((Instant::now(), value)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for an event of `kind` about the peer named `name`; when it arrived.
+pub fn wait_event(
+    rx: &mpsc::Receiver<(Instant, Value)>,
+    kind: &str,
+    name: &str,
+    timeout: Duration,
+) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((at, v)) if v["event"] == kind && v["peer"]["name"] == name => return Some(at),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
