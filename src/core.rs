@@ -844,9 +844,15 @@ fn ttl_for(interval: u64) -> u64 {
 }
 
 /// When a peer silent since `last_heard` becomes suspect: after half its TTL.
+///
+/// Rounded up to a [`SUSPECT_GRID_MS`] grid, so that one timer wake-up checks many
+/// peers: an idle daemon wakes for received datagrams, not for each peer's timer.
 fn suspect_at(last_heard: Millis, ttl: u64) -> Millis {
-    last_heard + ttl / 2
+    (last_heard + ttl / 2).div_ceil(SUSPECT_GRID_MS) * SUSPECT_GRID_MS
 }
+
+/// Granularity of suspicion checks (expiry itself stays exact).
+const SUSPECT_GRID_MS: Millis = 50;
 
 /// Time between direct probes of a suspect.
 fn probe_gap(interval: u64) -> u64 {
