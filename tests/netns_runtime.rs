@@ -1,0 +1,506 @@
+//! Multi-host tests of the master/slave runtime: real processes on a namespace LAN.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use support::{Lan, alive, binary, eventually, example, pids_matching};
+
+fn key(lan: &Lan, name: &str) -> String {
+    let path = lan.dir().join(format!("{name}.key"));
+    let out = std::process::Command::new(binary())
+        .args(["key", "generate", "--out", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    path.to_str().unwrap().to_string()
+}
+
+/// Starts `localnet slave` on host `i` with `extra` arguments; returns its PID.
+fn slave(lan: &Lan, i: usize, extra: &[&str]) -> u32 {
+    let name = format!("s{i}");
+    let mut args = vec!["slave", "--name", &name, "--interface", "eth0"];
+    args.extend_from_slice(extra);
+    lan.spawn(i, &name, &binary(), &args)
+}
+
+/// Runs `localnet master ARGS` on host 0.
+fn master(lan: &Lan, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["master", "--interface", "eth0"];
+    all.extend_from_slice(args);
+    lan.run(0, &binary(), &all)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn simple_example_finds_four_slaves_and_terminates_them() {
+    let Some(lan) = Lan::new("simple", 51, 5) else {
+        return;
+    };
+    let simple = example("simple");
+    assert!(simple.exists(), "build the examples: {}", simple.display());
+    let pids: Vec<u32> = (1..5)
+        .map(|i| {
+            let host = lan.ip(i).to_string();
+            lan.spawn(i, &format!("slave{i}"), &simple, &["slave", &host, "8080"])
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = lan.run(0, &simple, &["master", &lan.ip(0).to_string(), "8084"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected: Vec<String> = (1..5)
+        .map(|i| format!("nid://{}:8080", lan.ip(i)))
+        .collect();
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("Slaves: [{}]", expected.join(", "))
+    );
+    for pid in pids {
+        assert_eq!(
+            lan.wait(pid, Duration::from_secs(3)),
+            Some(0),
+            "a slave did not exit 0"
+        );
+    }
+}
+
+#[test]
+fn command_fans_out_to_five_slaves_with_every_line_and_exit_code() {
+    let Some(lan) = Lan::new("fan", 52, 6) else {
+        return;
+    };
+    let k = key(&lan, "k");
+    for i in 1..6 {
+        slave(&lan, i, &["--key-file", &k, "--tag", "pool=a"]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let script = "for i in 1 2 3; do echo out$i; done; echo err1 >&2; exit 0";
+    let out = master(
+        &lan,
+        &[
+            "--key-file",
+            &k,
+            "--slaves",
+            "5",
+            "--wait",
+            "5s",
+            "--tag",
+            "pool=a",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    for i in 1..6 {
+        let mine: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("s{i}: ")))
+            .collect();
+        assert_eq!(
+            mine,
+            [
+                format!("s{i}: out1"),
+                format!("s{i}: out2"),
+                format!("s{i}: out3")
+            ],
+            "{stdout}"
+        );
+        assert!(stderr.contains(&format!("s{i}: err1")), "{stderr}");
+    }
+    // Exit codes come back, per slave, and make the master fail.
+    let out = master(
+        &lan,
+        &[
+            "--key-file",
+            &k,
+            "--slaves",
+            "5",
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            "echo x; exit 7",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let results: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 5);
+    for r in &results {
+        assert_eq!(r["exit_code"], 7);
+        assert_eq!(r["stdout"], serde_json::json!(["x"]));
+    }
+    assert_eq!(
+        text(&out.stderr).matches("exit code 7").count(),
+        5,
+        "{}",
+        text(&out.stderr)
+    );
+    // A timeout kills the job and is reported.
+    let out = master(
+        &lan,
+        &[
+            "--key-file",
+            &k,
+            "--slaves",
+            "5",
+            "--timeout",
+            "300ms",
+            "--",
+            "sleep",
+            "30",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).matches("timed out").count(),
+        5,
+        "{}",
+        text(&out.stderr)
+    );
+    // Too few slaves is a clear error.
+    let out = master(
+        &lan,
+        &[
+            "--key-file",
+            &k,
+            "--slaves",
+            "9",
+            "--wait",
+            "300ms",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("found only 5 of 9 slaves"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn wrong_key_is_refused_and_nothing_runs() {
+    let Some(lan) = Lan::new("wkey", 53, 3) else {
+        return;
+    };
+    let good = key(&lan, "good");
+    let bad = key(&lan, "bad");
+    let marker = lan.dir().join("ran");
+    let slave_pid = slave(
+        &lan,
+        1,
+        &[
+            "--key-file",
+            &good,
+            "--listen",
+            &format!("{}:7001", lan.ip(1)),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let target = format!("{}:7001", lan.ip(1));
+    let marker_s = marker.to_str().unwrap().to_string();
+    let (wrong, none) = lan.within(0, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let nid: localnet::NodeId = target.parse().unwrap();
+            let argv = vec!["touch".to_string(), marker_s];
+            let wrong_key = localnet::ClusterKey::load(std::path::Path::new(&bad)).unwrap();
+            let m = localnet::Master::new("intruder", Some(wrong_key), None);
+            let wrong = m
+                .exec(nid, argv.clone(), None)
+                .await
+                .err()
+                .map(|e| e.to_string());
+            let m = localnet::Master::new("intruder", None, None);
+            let none = m.exec(nid, argv, None).await.err().map(|e| e.to_string());
+            (wrong, none)
+        })
+    });
+    let wrong = wrong.expect("a wrong key must be refused");
+    assert!(wrong.contains("cluster key does not match"), "{wrong}");
+    let none = none.expect("no key must be refused");
+    assert!(none.contains("requires the cluster key"), "{none}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!marker.exists(), "a command ran without the key");
+    assert!(alive(slave_pid), "the slave must keep serving");
+    // With the wrong key, discovery does not even find the slave.
+    let out = master(
+        &lan,
+        &[
+            "--key-file",
+            lan.dir().join("bad.key").to_str().unwrap(),
+            "--slaves",
+            "1",
+            "--wait",
+            "500ms",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn open_cluster_refuses_commands_without_insecure() {
+    let Some(lan) = Lan::new("open", 54, 3) else {
+        return;
+    };
+    let marker = lan.dir().join("ran");
+    slave(&lan, 1, &[]);
+    slave(&lan, 2, &["--insecure"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let m = marker.to_str().unwrap();
+    let out = master(
+        &lan,
+        &[
+            "--slaves",
+            "2",
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo $$ >> {m}"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let results: BTreeMap<String, serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["slave"].as_str().unwrap().to_string(), v)
+        })
+        .collect();
+    let refused = results["s1"]["error"].as_str().unwrap_or("");
+    assert!(
+        refused.contains("refused") && refused.contains("--insecure") && refused.contains("key"),
+        "{refused}"
+    );
+    assert_eq!(results["s2"]["exit_code"], 0);
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().lines().count(),
+        1,
+        "only the --insecure slave ran it"
+    );
+    assert!(
+        lan.log("s2").contains("--insecure"),
+        "the insecure slave warns in its log"
+    );
+    // Registered functions still work on an open cluster.
+    let nid: localnet::NodeId = peers_addr(&lan, 1);
+    let answer = lan.within(0, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let m = localnet::Master::new("m", None, None);
+            let ok = m
+                .call(nid, "echo", serde_json::json!({"x": 1}))
+                .await
+                .unwrap();
+            let missing = m
+                .call(nid, "nope", serde_json::json!(null))
+                .await
+                .unwrap_err()
+                .to_string();
+            (ok, missing)
+        })
+    });
+    assert_eq!(answer.0, serde_json::json!({"x": 1}));
+    assert!(
+        answer.1.contains("no function named \"nope\""),
+        "{}",
+        answer.1
+    );
+}
+
+/// The transport address slave `i` announces, found through a one-shot `peers`.
+fn peers_addr(lan: &Lan, i: usize) -> localnet::NodeId {
+    let out = lan.run(
+        0,
+        &binary(),
+        &[
+            "peers",
+            "--json",
+            "--interface",
+            "eth0",
+            "--timeout",
+            "1s",
+            "--control",
+            "/nonexistent.sock",
+        ],
+    );
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let p = list
+        .iter()
+        .find(|p| p["name"] == format!("s{i}"))
+        .expect("slave listed");
+    p["addr"].as_str().unwrap().parse().unwrap()
+}
+
+#[test]
+fn master_killed_mid_job_leaves_no_job_process() {
+    let Some(lan) = Lan::new("mkill", 55, 3) else {
+        return;
+    };
+    let k = key(&lan, "k");
+    let slaves: Vec<u32> = (1..3)
+        .map(|i| slave(&lan, i, &["--key-file", &k]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let tag = format!("job-{}", std::process::id());
+    // A background child too: the whole process group must go.
+    let script = format!("sleep 301 & sleep 301; : {tag}");
+    let m = lan.spawn(
+        0,
+        "master",
+        &binary(),
+        &[
+            "master",
+            "--interface",
+            "eth0",
+            "--key-file",
+            &k,
+            "--slaves",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || pids_matching(&tag).len() >= 2),
+        "jobs never started"
+    );
+    lan.signal(m, libc::SIGKILL);
+    let gone = eventually(Duration::from_secs(2), || {
+        pids_matching(&tag).is_empty() && pids_matching("sleep 301").is_empty()
+    });
+    assert!(gone, "job processes left: {:?}", pids_matching(&tag));
+    assert!(slaves.iter().all(|p| alive(*p)), "slaves keep serving");
+    let out = master(&lan, &["--key-file", &k, "--slaves", "2", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn terminate_all_leaves_no_localnet_or_job_process() {
+    let Some(lan) = Lan::new("term", 56, 4) else {
+        return;
+    };
+    let k = key(&lan, "k");
+    let slaves: Vec<u32> = (1..4)
+        .map(|i| slave(&lan, i, &["--key-file", &k]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let tag = format!("long-{}", std::process::id());
+    let script = format!("sleep 302; : {tag}");
+    let m = lan.spawn(
+        0,
+        "master",
+        &binary(),
+        &[
+            "master",
+            "--interface",
+            "eth0",
+            "--key-file",
+            &k,
+            "--slaves",
+            "3",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(eventually(Duration::from_secs(5), || pids_matching(&tag)
+        .len()
+        >= 3));
+    let out = lan.run(
+        0,
+        &binary(),
+        &[
+            "terminate",
+            "--all",
+            "--interface",
+            "eth0",
+            "--key-file",
+            &k,
+            "--wait",
+            "500ms",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).matches("terminated").count(),
+        3,
+        "{}",
+        text(&out.stdout)
+    );
+    for pid in &slaves {
+        assert_eq!(
+            lan.wait(*pid, Duration::from_secs(3)),
+            Some(0),
+            "slave exits 0"
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || pids_matching(&tag).is_empty()
+            && pids_matching("sleep 302").is_empty()),
+        "jobs left behind"
+    );
+    // The master sees its jobs fail (the slaves went away) and exits non-zero.
+    assert_eq!(lan.wait(m, Duration::from_secs(5)), Some(1));
+}
+
+#[test]
+fn four_slaves_printing_200000_lines_each_deliver_every_line_in_order() {
+    let Some(lan) = Lan::new("lines", 57, 5) else {
+        return;
+    };
+    let k = key(&lan, "k");
+    for i in 1..5 {
+        slave(&lan, i, &["--key-file", &k]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = master(
+        &lan,
+        &[
+            "--key-file",
+            &k,
+            "--slaves",
+            "4",
+            "--",
+            "seq",
+            "1",
+            "200000",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let mut next: BTreeMap<String, u64> = BTreeMap::new();
+    for line in stdout.lines() {
+        let (name, n) = line.split_once(": ").expect("name: line");
+        let n: u64 = n.parse().expect("a number");
+        let want = next.entry(name.to_string()).or_insert(1);
+        assert_eq!(n, *want, "{name}: out of order or missing");
+        *want += 1;
+    }
+    assert_eq!(next.len(), 4);
+    assert!(next.values().all(|&n| n == 200_001), "{next:?}");
+}
