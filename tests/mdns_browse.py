@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """An independent mDNS client for the tests: python-zeroconf browsing _localnet._tcp.
 
-Usage: mdns_browse.py INTERFACE_IP SECONDS
+Usage: mdns_browse.py INTERFACE_IP SECONDS [SERVICE_TYPE]
 Prints one JSON line per change, with the time it was seen (unix seconds):
   {"t": ..., "event": "resolved", "name": ..., "addresses": [...], "port": N, "txt": {...}}
   {"t": ..., "event": "removed", "name": ...}
@@ -9,7 +9,7 @@ Prints one JSON line per change, with the time it was seen (unix seconds):
 import json, sys, time
 from zeroconf import ServiceBrowser, ServiceListener, Zeroconf
 
-SERVICE = "_localnet._tcp.local."
+SERVICE = sys.argv[3] if len(sys.argv) > 3 else "_localnet._tcp.local."
 
 def say(**kw):
     kw["t"] = time.time()
