@@ -31,7 +31,8 @@ const MAX_REQUEST: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Where the control socket is when none is named: `$LOCALNET_CONTROL`, else
-/// `/run/localnet/control.sock` for root, else `$XDG_RUNTIME_DIR/localnet.sock`
+/// `/run/localnet/control.sock` for root or when it exists (the system daemon's, which
+/// members of the `localnet` group may use), else `$XDG_RUNTIME_DIR/localnet.sock`
 /// (else `/tmp/localnet-<uid>.sock`).
 pub fn default_path() -> PathBuf {
     if let Some(path) = std::env::var_os("LOCALNET_CONTROL").filter(|p| !p.is_empty()) {
@@ -39,8 +40,9 @@ pub fn default_path() -> PathBuf {
     }
     // SAFETY: geteuid cannot fail and has no preconditions.
     let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
-        return PathBuf::from("/run/localnet/control.sock");
+    let system = PathBuf::from("/run/localnet/control.sock");
+    if uid == 0 || system.exists() {
+        return system;
     }
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
         Some(dir) => PathBuf::from(dir).join("localnet.sock"),

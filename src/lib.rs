@@ -31,6 +31,7 @@ pub mod netif;
 pub mod node;
 pub mod peers;
 pub mod remote;
+pub mod service;
 pub mod sim;
 pub mod slave;
 pub mod transport;

@@ -247,14 +247,22 @@ fn init_logging(quiet: bool, slave: bool) {
     let default = if quiet { "warn" } else { "info" };
     let filter =
         EnvFilter::try_from_env("LOCALNET_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    // A slave's log lines go to the master that redirected them, else to stderr.
-    let local = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_filter(filter_fn(|_| !localnet::slave::logs_redirected()));
+    // Under systemd with stderr on the journal: native journal entries (syslog
+    // priorities, journald's timestamps); else text on stderr.
+    let journald = localnet::service::stderr_is_journal()
+        .then(tracing_journald::layer)
+        .and_then(Result::ok);
+    let local = journald.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+    });
+    // A slave's log lines go to the master that redirected them, else to the local log.
+    let not_redirected = || filter_fn(|_| !localnet::slave::logs_redirected());
     tracing_subscriber::registry()
         .with(filter)
-        .with(local)
+        .with(journald.with_filter(not_redirected()))
+        .with(local.with_filter(not_redirected()))
         .with(slave.then_some(localnet::slave::RedirectLayer))
         .init();
 }
@@ -282,6 +290,32 @@ fn node_options(net: &NetArgs) -> Result<NodeOptions> {
         Some(path) => Some(ClusterKey::load(path)?),
         None => None,
     };
+    node_options_with_key(net, key)
+}
+
+/// Node options for the service roles (daemon, slave) and the commands that act on
+/// slaves: without --key-file, the key in systemd's configuration directory or in
+/// /etc/localnet/cluster.key is used when present.
+fn node_options_with_default_key(net: &NetArgs) -> Result<NodeOptions> {
+    if net.key_file.is_some() {
+        return node_options(net);
+    }
+    match localnet::service::default_key_file() {
+        Some(path) => {
+            let key = ClusterKey::load(&path).with_context(|| {
+                format!(
+                    "{} is present but cannot be used; pass --key-file to choose another",
+                    path.display()
+                )
+            })?;
+            tracing::info!(key = %path.display(), "using the cluster key found there");
+            node_options_with_key(net, Some(key))
+        }
+        None => node_options(net),
+    }
+}
+
+fn node_options_with_key(net: &NetArgs, key: Option<ClusterKey>) -> Result<NodeOptions> {
     Ok(NodeOptions {
         interfaces: net.interfaces.clone(),
         group: net.group,
@@ -299,7 +333,7 @@ async fn daemon(args: DaemonArgs) -> Result<()> {
             args.net.group
         );
     }
-    let mut opts = node_options(&args.net)?;
+    let mut opts = node_options_with_default_key(&args.net)?;
     opts.name = args.name;
     opts.tags = args.tags.into_iter().collect::<BTreeMap<_, _>>();
     opts.state_dir = args.state_dir;
@@ -308,7 +342,8 @@ async fn daemon(args: DaemonArgs) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     let node = Node::start(opts).await?;
-    let status = node.handle().status().await?;
+    let handle = node.handle();
+    let status = handle.status().await?;
     tracing::info!(
         id = %status.id,
         name = %status.name,
@@ -318,13 +353,46 @@ async fn daemon(args: DaemonArgs) -> Result<()> {
         keyed = status.keyed,
         "localnet daemon running"
     );
-    tokio::select! {
-        _ = control.serve(node.handle()) => {}
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: leaving"),
-        _ = sigterm.recv() => tracing::info!("SIGTERM: leaving"),
+    let server = tokio::spawn({
+        let handle = handle.clone();
+        async move { control.serve(handle).await }
+    });
+    // Sockets are bound and the control socket listens: ready.
+    localnet::service::ready(&format!("{} peers known", status.peers));
+    let mut events = handle.subscribe();
+    let watchdog = localnet::service::watchdog_interval();
+    let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT: leaving");
+                break;
+            }
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: leaving");
+                break;
+            }
+            event = events.recv() => match event {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if let Ok(s) = handle.status().await {
+                        localnet::service::status(&format!("{} peers known", s.peers));
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            _ = tick.tick(), if watchdog.is_some() => {
+                // Ping only when the discovery loop answers: a hung loop gets restarted.
+                let alive = tokio::time::timeout(Duration::from_secs(1), handle.status()).await;
+                if matches!(alive, Ok(Ok(_))) {
+                    localnet::service::watchdog_ping();
+                }
+            }
+        }
     }
+    localnet::service::stopping();
     node.shutdown().await;
-    drop(control);
+    server.abort();
+    let _ = server.await; // drops the control socket, which removes its file
     tracing::info!("goodbye sent; exiting");
     Ok(())
 }
@@ -428,7 +496,7 @@ async fn status(args: WatchArgs) -> Result<()> {
 
 fn backend_options(net: &NetArgs, control: Option<PathBuf>) -> Result<BackendOptions> {
     Ok(BackendOptions {
-        discovery: node_options(net)?,
+        discovery: node_options_with_default_key(net)?,
         control,
         ..BackendOptions::default()
     })
@@ -533,7 +601,7 @@ async fn master(args: MasterArgs) -> Result<()> {
             humantime::format_duration(args.wait)
         );
     }
-    let key = node_options(&args.net)?.key;
+    let key = node_options_with_default_key(&args.net)?.key;
     let master = Master::new(&localnet::node::host_name(), key, None);
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
@@ -629,7 +697,7 @@ async fn run_on_slave(
 }
 
 async fn terminate(args: TerminateArgs) -> Result<()> {
-    let key = node_options(&args.net)?.key;
+    let key = node_options_with_default_key(&args.net)?.key;
     let master = Master::new(&localnet::node::host_name(), key, None);
     let mut targets: Vec<(String, NodeId)> = Vec::new();
     let mut names = Vec::new();

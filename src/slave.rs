@@ -419,6 +419,9 @@ async fn run_command(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    for var in crate::service::SERVICE_ENV {
+        command.env_remove(var);
+    }
     // SAFETY: prctl is async-signal-safe; it makes the job die if the slave dies.
     unsafe {
         command.pre_exec(|| {
