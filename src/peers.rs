@@ -158,6 +158,15 @@ impl Entry {
     }
 }
 
+/// Whether `new` differs from `old` in what a listing shows (timing changes do not count).
+fn changes_what_users_see(old: &NodeRecord, new: &NodeRecord) -> bool {
+    new.inc != old.inc
+        || new.name != old.name
+        || new.addr != old.addr
+        || new.role != old.role
+        || new.tags != old.tags
+}
+
 /// What observing a record did to the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Observed {
@@ -219,12 +228,7 @@ impl PeerTable {
                 if record.inc < entry.record.inc {
                     return Observed::Stale;
                 }
-                let old = &entry.record;
-                let visible_change = record.inc != old.inc
-                    || record.name != old.name
-                    || record.addr != old.addr
-                    || record.role != old.role
-                    || record.tags != old.tags;
+                let visible_change = changes_what_users_see(&entry.record, &record);
                 entry.record = record;
                 entry.source = source;
                 entry.last_heard = now;
@@ -271,12 +275,7 @@ impl PeerTable {
                 if !may_change || record.inc < entry.record.inc {
                     return Observed::Refreshed;
                 }
-                let old = &entry.record;
-                let visible_change = record.inc != old.inc
-                    || record.name != old.name
-                    || record.addr != old.addr
-                    || record.role != old.role
-                    || record.tags != old.tags;
+                let visible_change = changes_what_users_see(&entry.record, &record);
                 if !visible_change {
                     return Observed::Refreshed;
                 }

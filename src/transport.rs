@@ -193,6 +193,38 @@ async fn read_raw(stream: &mut TcpStream) -> Result<Vec<u8>, TransportError> {
     Ok(buf)
 }
 
+/// NNpsk0: the initiator sends its ephemeral key, the responder answers with its own;
+/// each message is bound to the pre-shared key, so a wrong key fails the handshake.
+async fn noise_handshake(
+    stream: &mut TcpStream,
+    key: &ClusterKey,
+    initiator: bool,
+) -> Result<StatelessTransportState, TransportError> {
+    let fail = |_| TransportError::Handshake;
+    let psk = psk(key);
+    let builder = snow::Builder::new(noise_params())
+        .prologue(PROLOGUE)
+        .and_then(|b| b.psk(0, &psk));
+    let mut hs = match initiator {
+        true => builder.and_then(|b| b.build_initiator()),
+        false => builder.and_then(|b| b.build_responder()),
+    }
+    .map_err(fail)?;
+    let mut buf = vec![0u8; MAX_FRAME];
+    if initiator {
+        let n = hs.write_message(&[], &mut buf).map_err(fail)?;
+        write_raw(stream, &buf[..n]).await?;
+        let reply = read_raw(stream).await?;
+        hs.read_message(&reply, &mut buf).map_err(fail)?;
+    } else {
+        let first = read_raw(stream).await?;
+        hs.read_message(&first, &mut buf).map_err(fail)?;
+        let n = hs.write_message(&[], &mut buf).map_err(fail)?;
+        write_raw(stream, &buf[..n]).await?;
+    }
+    hs.into_stateless_transport_mode().map_err(fail)
+}
+
 fn split(stream: TcpStream, cipher: Option<StatelessTransportState>) -> (FrameReader, FrameWriter) {
     let _ = stream.set_nodelay(true);
     let cipher = cipher.map(Arc::new);
@@ -240,23 +272,7 @@ pub async fn connect(
         let Some(key) = key else {
             return Ok(split(stream, None));
         };
-        let psk = psk(key);
-        let mut hs = snow::Builder::new(noise_params())
-            .prologue(PROLOGUE)
-            .and_then(|b| b.psk(0, &psk))
-            .and_then(|b| b.build_initiator())
-            .map_err(|_| TransportError::Handshake)?;
-        let mut buf = vec![0u8; MAX_FRAME];
-        let n = hs
-            .write_message(&[], &mut buf)
-            .map_err(|_| TransportError::Handshake)?;
-        write_raw(&mut stream, &buf[..n]).await?;
-        let reply = read_raw(&mut stream).await?;
-        hs.read_message(&reply, &mut buf)
-            .map_err(|_| TransportError::Handshake)?;
-        let cipher = hs
-            .into_stateless_transport_mode()
-            .map_err(|_| TransportError::Handshake)?;
+        let cipher = noise_handshake(&mut stream, key, true).await?;
         Ok(split(stream, Some(cipher)))
     })
     .await
@@ -289,23 +305,7 @@ pub async fn accept(
         let Some(key) = key else {
             return Ok(split(stream, None));
         };
-        let psk = psk(key);
-        let mut hs = snow::Builder::new(noise_params())
-            .prologue(PROLOGUE)
-            .and_then(|b| b.psk(0, &psk))
-            .and_then(|b| b.build_responder())
-            .map_err(|_| TransportError::Handshake)?;
-        let mut buf = vec![0u8; MAX_FRAME];
-        let first = read_raw(&mut stream).await?;
-        hs.read_message(&first, &mut buf)
-            .map_err(|_| TransportError::Handshake)?;
-        let n = hs
-            .write_message(&[], &mut buf)
-            .map_err(|_| TransportError::Handshake)?;
-        write_raw(&mut stream, &buf[..n]).await?;
-        let cipher = hs
-            .into_stateless_transport_mode()
-            .map_err(|_| TransportError::Handshake)?;
+        let cipher = noise_handshake(&mut stream, key, false).await?;
         Ok(split(stream, Some(cipher)))
     })
     .await

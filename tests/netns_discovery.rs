@@ -97,22 +97,7 @@ fn two_keys_make_two_clusters_that_never_see_each_other() {
     let Some(lan) = Lan::new("keys", 43, 6) else {
         return;
     };
-    let keys: Vec<String> = ["a", "b"]
-        .iter()
-        .map(|k| {
-            let path = lan.dir().join(format!("{k}.key"));
-            let out = std::process::Command::new(binary())
-                .args(["key", "generate", "--out", path.to_str().unwrap()])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            path.to_str().unwrap().to_string()
-        })
-        .collect();
+    let keys = [lan.key("a"), lan.key("b")];
     for i in 0..6 {
         let key = &keys[i / 3];
         lan.daemon(i, &["--key-file", key]);

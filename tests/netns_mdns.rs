@@ -174,13 +174,8 @@ fn with_a_key_an_mdns_only_peer_is_unverified_and_never_used_as_a_slave() {
     let Some(lan) = Lan::new("mdnskey", 63, 3) else {
         return;
     };
-    let key = lan.dir().join("k");
-    let out = std::process::Command::new(binary())
-        .args(["key", "generate", "--out", key.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let k = key.to_str().unwrap();
+    let key = lan.key("k");
+    let k = key.as_str();
     lan.daemon(0, &["--key-file", k]);
     // A slave that speaks only mDNS: its TXT record is not authenticated.
     lan.spawn(

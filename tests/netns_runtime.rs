@@ -7,22 +7,32 @@ use std::time::Duration;
 
 use support::{Lan, alive, binary, eventually, example, pids_matching};
 
-fn key(lan: &Lan, name: &str) -> String {
-    let path = lan.dir().join(format!("{name}.key"));
-    let out = std::process::Command::new(binary())
-        .args(["key", "generate", "--out", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    path.to_str().unwrap().to_string()
-}
-
 /// Starts `localnet slave` on host `i` with `extra` arguments; returns its PID.
 fn slave(lan: &Lan, i: usize, extra: &[&str]) -> u32 {
     let name = format!("s{i}");
     let mut args = vec!["slave", "--name", &name, "--interface", "eth0"];
     args.extend_from_slice(extra);
     lan.spawn(i, &name, &binary(), &args)
+}
+
+/// Starts `localnet master` on host 0 running `sh -c script` on `slaves` keyed slaves,
+/// in the background; its PID.
+fn spawn_master(lan: &Lan, key: &str, slaves: usize, script: &str) -> u32 {
+    let n = slaves.to_string();
+    let args = [
+        "master",
+        "--interface",
+        "eth0",
+        "--key-file",
+        key,
+        "--slaves",
+        &n,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ];
+    lan.spawn(0, "master", &binary(), &args)
 }
 
 /// Runs `localnet master ARGS` on host 0.
@@ -73,7 +83,7 @@ fn command_fans_out_to_five_slaves_with_every_line_and_exit_code() {
     let Some(lan) = Lan::new("fan", 52, 6) else {
         return;
     };
-    let k = key(&lan, "k");
+    let k = lan.key("k");
     for i in 1..6 {
         slave(&lan, i, &["--key-file", &k, "--tag", "pool=a"]);
     }
@@ -195,8 +205,8 @@ fn wrong_key_is_refused_and_nothing_runs() {
     let Some(lan) = Lan::new("wkey", 53, 3) else {
         return;
     };
-    let good = key(&lan, "good");
-    let bad = key(&lan, "bad");
+    let good = lan.key("good");
+    let bad = lan.key("bad");
     let marker = lan.dir().join("ran");
     let slave_pid = slave(
         &lan,
@@ -358,7 +368,7 @@ fn master_killed_mid_job_leaves_no_job_process() {
     let Some(lan) = Lan::new("mkill", 55, 3) else {
         return;
     };
-    let k = key(&lan, "k");
+    let k = lan.key("k");
     let slaves: Vec<u32> = (1..3)
         .map(|i| slave(&lan, i, &["--key-file", &k]))
         .collect();
@@ -366,24 +376,7 @@ fn master_killed_mid_job_leaves_no_job_process() {
     let tag = format!("job-{}", std::process::id());
     // A background child too: the whole process group must go.
     let script = format!("sleep 301 & sleep 301; : {tag}");
-    let m = lan.spawn(
-        0,
-        "master",
-        &binary(),
-        &[
-            "master",
-            "--interface",
-            "eth0",
-            "--key-file",
-            &k,
-            "--slaves",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
+    let m = spawn_master(&lan, &k, 2, &script);
     assert!(
         eventually(Duration::from_secs(5), || pids_matching(&tag).len() >= 2),
         "jobs never started"
@@ -403,31 +396,14 @@ fn terminate_all_leaves_no_localnet_or_job_process() {
     let Some(lan) = Lan::new("term", 56, 4) else {
         return;
     };
-    let k = key(&lan, "k");
+    let k = lan.key("k");
     let slaves: Vec<u32> = (1..4)
         .map(|i| slave(&lan, i, &["--key-file", &k]))
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let tag = format!("long-{}", std::process::id());
     let script = format!("sleep 302; : {tag}");
-    let m = lan.spawn(
-        0,
-        "master",
-        &binary(),
-        &[
-            "master",
-            "--interface",
-            "eth0",
-            "--key-file",
-            &k,
-            "--slaves",
-            "3",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
+    let m = spawn_master(&lan, &k, 3, &script);
     assert!(eventually(Duration::from_secs(5), || pids_matching(&tag)
         .len()
         >= 3));
@@ -473,7 +449,7 @@ fn four_slaves_printing_200000_lines_each_deliver_every_line_in_order() {
     let Some(lan) = Lan::new("lines", 57, 5) else {
         return;
     };
-    let k = key(&lan, "k");
+    let k = lan.key("k");
     for i in 1..5 {
         slave(&lan, i, &["--key-file", &k]);
     }

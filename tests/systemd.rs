@@ -232,12 +232,7 @@ fn units_under_a_real_systemd() {
     let Some(lan) = Lan::new("sysd", 71, 2) else {
         return;
     };
-    let key = lan.dir().join("cluster.key");
-    let out = Command::new(binary())
-        .args(["key", "generate", "--out", key.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let key = std::path::PathBuf::from(lan.key("cluster"));
     // Host 1: a plain daemon outside the machine, with the same key.
     lan.daemon(1, &["--key-file", key.to_str().unwrap()]);
     let events = watch(&lan.sock(1));

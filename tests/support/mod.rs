@@ -141,6 +141,21 @@ impl Lan {
         &self.dir
     }
 
+    /// Writes a new cluster key `<dir>/<name>.key` with `localnet key generate`; its path.
+    pub fn key(&self, name: &str) -> String {
+        let path = self.dir.join(format!("{name}.key"));
+        let out = Command::new(binary())
+            .args(["key", "generate", "--out", path.to_str().unwrap()])
+            .output()
+            .expect("run localnet key generate");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path.to_str().unwrap().to_string()
+    }
+
     /// Control socket path for host `i`'s daemon.
     pub fn sock(&self, i: usize) -> PathBuf {
         self.dir.join(format!("h{i}.sock"))
