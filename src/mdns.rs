@@ -32,6 +32,8 @@ pub const SERVICE_TYPE: &str = "_localnet._tcp.local.";
 const RESERVED: [&str; 6] = ["id", "role", "v", "inc", "name", "ck"];
 /// Timing given to mDNS-only peers (informational: mDNS itself expires them).
 const MDNS_INTERVAL_MS: u64 = 60_000;
+/// Most mDNS instances tracked (as many as the peer table holds).
+const MAX_INSTANCES: usize = 4096;
 const MDNS_TTL_MS: u64 = 120_000;
 
 /// What browsing found.
@@ -140,7 +142,15 @@ impl Mdns {
                                 let _ = republish.register(info);
                             }
                         }
-                        ids.insert(service.fullname.clone(), record.id);
+                        // Bounded: anyone on the LAN can publish names.
+                        if ids.len() < MAX_INSTANCES || ids.contains_key(&service.fullname) {
+                            ids.insert(service.fullname.clone(), record.id);
+                        } else {
+                            tracing::warn!(
+                                "more than {MAX_INSTANCES} mDNS instances; ignoring new ones"
+                            );
+                            continue;
+                        }
                         if tx.send(MdnsEvent::Resolved(record)).await.is_err() {
                             return;
                         }
