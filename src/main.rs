@@ -248,11 +248,16 @@ fn init_logging(quiet: bool, slave: bool) {
     let filter =
         EnvFilter::try_from_env("LOCALNET_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     // Under systemd with stderr on the journal: native journal entries (syslog
-    // priorities, journald's timestamps); else text on stderr.
-    let journald = localnet::service::stderr_is_journal()
-        .then(tracing_journald::layer)
-        .and_then(Result::ok);
-    let local = journald.is_none().then(|| {
+    // priorities, journald's timestamps), or if journald's socket is out of reach,
+    // `<N>`-prefixed lines without timestamps on the stream; else text on stderr.
+    let journal = localnet::service::stderr_is_journal();
+    let journald = journal.then(localnet::service::journald_layer).flatten();
+    let stream = (journal && journald.is_none()).then(|| {
+        tracing_subscriber::fmt::layer()
+            .event_format(localnet::service::JournalStreamFormat::default())
+            .with_writer(std::io::stderr)
+    });
+    let local = (!journal).then(|| {
         tracing_subscriber::fmt::layer()
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
@@ -262,6 +267,7 @@ fn init_logging(quiet: bool, slave: bool) {
     tracing_subscriber::registry()
         .with(filter)
         .with(journald.with_filter(not_redirected()))
+        .with(stream.with_filter(not_redirected()))
         .with(local.with_filter(not_redirected()))
         .with(slave.then_some(localnet::slave::RedirectLayer))
         .init();

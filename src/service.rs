@@ -12,6 +12,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
+use tracing_subscriber::fmt::format::{Format, Full, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 
 /// Tells systemd the service is ready, with a status line.
 pub fn ready(status: &str) {
@@ -65,6 +68,64 @@ pub fn stderr_is_journal() -> bool {
     use std::os::unix::fs::MetadataExt;
     // /proc/self/fd/2 follows to the socket or file that is our stderr.
     std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+/// The journald layer for logs when standard error is the journal (see
+/// [`stderr_is_journal`]); `None` when journald's socket cannot be reached. Levels map
+/// to the usual syslog priorities: ERROR 3, WARN 4, INFO 6, DEBUG and TRACE 7.
+pub fn journald_layer() -> Option<tracing_journald::Layer> {
+    use tracing_journald::{Priority, PriorityMappings};
+    let layer = tracing_journald::layer().ok()?;
+    Some(layer.with_priority_mappings(PriorityMappings {
+        error: Priority::Error,
+        warn: Priority::Warning,
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        trace: Priority::Debug,
+    }))
+}
+
+/// The syslog priority of a level, as [`journald_layer`] maps it.
+pub fn syslog_priority(level: &tracing::Level) -> u8 {
+    match *level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+/// Log lines for standard error when it is a journal stream but journald's native
+/// socket cannot be used: no timestamp and no level word (journald records both), and a
+/// `<N>` syslog priority prefix, which journald reads from each stream line
+/// (`SyslogLevelPrefix=yes`, its default).
+pub struct JournalStreamFormat(Format<Full, ()>);
+
+impl Default for JournalStreamFormat {
+    fn default() -> Self {
+        Self(
+            tracing_subscriber::fmt::format()
+                .without_time()
+                .with_level(false)
+                .with_ansi(false),
+        )
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for JournalStreamFormat
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", syslog_priority(event.metadata().level()))?;
+        self.0.format_event(ctx, writer.by_ref(), event)
+    }
 }
 
 /// Where a daemon or slave finds a cluster key when none is named: `cluster.key` in the
@@ -121,5 +182,45 @@ mod tests {
         // SAFETY: as above.
         unsafe { std::env::remove_var("JOURNAL_STREAM") };
         assert!(!stderr_is_journal());
+    }
+
+    #[test]
+    fn journal_stream_lines_carry_a_priority_and_no_timestamp() {
+        use std::sync::{Arc, Mutex};
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .event_format(JournalStreamFormat::default())
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(code = 7, "broken");
+            tracing::warn!("odd");
+            tracing::info!("fine");
+            tracing::debug!("detail");
+        });
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        for (line, prefix) in lines.iter().zip(["<3>", "<4>", "<6>", "<7>"]) {
+            assert!(line.starts_with(prefix), "{line}");
+            assert!(!line.contains("ERROR") && !line.contains("INFO"), "{line}");
+            // No timestamp: the target follows the prefix directly.
+            assert!(line[3..].starts_with("localnet::service"), "{line}");
+        }
+        assert!(lines[0].ends_with("broken code=7"), "{}", lines[0]);
+
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
     }
 }

@@ -1,14 +1,17 @@
 //! The systemd units, under a real systemd booted as PID 1 of its own PID and mount
 //! namespaces, on an overlay copy of `/` (never on the host root: its boot would clean
-//! the host's /tmp), attached as one host of a namespace LAN.
+//! the host's /tmp), attached as one host of a namespace LAN, in a cgroup (and cgroup
+//! namespace) of its own.
 
 mod support;
+mod systemd_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{Lan, binary, eventually, peer_names, wait_event, watch};
+use systemd_support::{Cgroup, host_mounts_under};
 
 /// Units of the image that have no business in this test machine.
 const MASKED: &[&str] = &[
@@ -26,11 +29,16 @@ const MASKED: &[&str] = &[
 ];
 
 /// A booted systemd. Dropping it kills systemd (PID 1 of its namespace, so everything
-/// in it dies) and the mount namespace, overlay included, goes with it.
+/// in it dies); the mount namespace, overlay included, goes with it, then its cgroup.
+/// If the test process itself is killed, the launcher dies with it (parent-death
+/// signal) and takes systemd along (`unshare --kill-child`).
 struct Machine {
     launcher: Child,
+    /// systemd's PID as seen from here; 0 until it is found.
     pid: u32,
     dir: PathBuf,
+    /// Dropped after the processes are killed (fields drop after `Drop::drop`).
+    cgroup: Cgroup,
 }
 
 impl Machine {
@@ -48,6 +56,7 @@ impl Machine {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
         };
+        let root_dir = root.clone();
         let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
         put(
             "/usr/local/bin/localnet",
@@ -76,6 +85,12 @@ impl Machine {
             let etc = upper.join("etc/localnet");
             std::fs::set_permissions(etc, std::fs::Permissions::from_mode(0o750)).unwrap();
         }
+        // The machine's journal in memory (/run), not in the image's /var/log/journal.
+        put(
+            "/etc/systemd/journald.conf.d/test.conf",
+            b"[Journal]\nStorage=volatile\n",
+            0o644,
+        );
         // A short watchdog, so the test sees it act.
         put(
             "/etc/systemd/system/localnet.service.d/test.conf",
@@ -91,23 +106,40 @@ impl Machine {
             let link = upper.join("etc/systemd/system").join(unit);
             let _ = std::os::unix::fs::symlink("/dev/null", link);
         }
+        // All mounts happen in the machine's own mount namespace (private propagation),
+        // so none reaches the host and all go when it dies. /sys/fs/cgroup is a cgroup2
+        // mount of the machine's cgroup namespace: only its own subtree. /dev holds only
+        // the harmless devices (no disks, no kernel log). alice may use
+        // the control socket (group localnet), bob may not.
         let script = format!(
             "set -e
 mount -t overlay overlay -o lowerdir=/,upperdir={up},workdir={wk} {root}
 mount -t proc proc {root}/proc
 mount --rbind /sys {root}/sys
-mount --rbind /dev {root}/dev
+mount -t cgroup2 cgroup2 {root}/sys/fs/cgroup
+mount -t tmpfs -o mode=755,nosuid tmpfs {root}/dev
+for d in null zero full random urandom tty; do touch {root}/dev/$d; mount --bind /dev/$d {root}/dev/$d; done
+mkdir {root}/dev/pts {root}/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts {root}/dev/pts
+ln -s pts/ptmx {root}/dev/ptmx
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {root}/dev/shm
+ln -s /proc/self/fd {root}/dev/fd
 mount -t tmpfs tmpfs {root}/run
 mount -t tmpfs tmpfs {root}/tmp
 chroot {root} systemd-sysusers
 chroot {root} chgrp localnet /etc/localnet /etc/localnet/cluster.key
+chroot {root} useradd --no-create-home --shell /usr/sbin/nologin --groups localnet alice
+chroot {root} useradd --no-create-home --shell /usr/sbin/nologin bob
 exec chroot {root} env container=localnet-test /lib/systemd/systemd --system --unit=localnet-test.target",
             up = upper.display(),
             wk = work.display(),
             root = root.display()
         );
         let log = std::fs::File::create(dir.join("boot.log")).unwrap();
-        let launcher = Command::new("ip")
+        let cgroup = Cgroup::new(&format!("localnet-test-{}", std::process::id()));
+        let procs = cgroup.procs_file();
+        let mut launcher = Command::new("ip");
+        launcher
             .args([
                 "netns",
                 "exec",
@@ -115,36 +147,67 @@ exec chroot {root} env container=localnet-test /lib/systemd/systemd --system --u
                 "unshare",
                 "--pid",
                 "--fork",
+                "--kill-child",
                 "--mount",
                 "--uts",
                 "--ipc",
+                "--cgroup",
             ])
             .args(["--propagation", "private", "sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start unshare");
+            .stderr(log);
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe calls (prctl, open, write, close) on memory
+        // prepared before the fork.
+        unsafe {
+            launcher.pre_exec(move || {
+                // Die with the test (the parent-death signal survives exec), and enter
+                // the machine's cgroup before `unshare --cgroup` roots a namespace there.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(error);
+                }
+                Ok(())
+            });
+        }
+        let launcher = launcher.spawn().expect("start unshare");
         // systemd is the child of unshare (it forked into the new PID namespace).
-        let mut pid = 0;
+        let mut machine = Machine {
+            launcher,
+            pid: 0,
+            dir,
+            cgroup,
+        };
+        let launcher_pid = machine.launcher.id();
         let found = eventually(Duration::from_secs(10), || {
-            let children =
-                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", launcher.id()))
-                    .unwrap_or_default();
-            match children
+            let children = std::fs::read_to_string(format!(
+                "/proc/{launcher_pid}/task/{launcher_pid}/children"
+            ))
+            .unwrap_or_default();
+            let Some(p) = children
                 .split_whitespace()
                 .next()
-                .and_then(|p| p.parse().ok())
-            {
-                Some(p) => {
-                    pid = p;
-                    std::fs::read_to_string(format!("/proc/{p}/comm"))
-                        .is_ok_and(|c| c.trim() == "systemd")
-                }
-                None => false,
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                return false;
+            };
+            let is_systemd = std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "systemd");
+            if is_systemd {
+                machine.pid = p;
             }
+            is_systemd
         });
-        let mut machine = Machine { launcher, pid, dir };
         assert!(found, "systemd did not start:\n{}", machine.boot_log());
         let booted = eventually(Duration::from_secs(60), || {
             let state = machine.run(&["systemctl", "is-system-running"]);
@@ -157,7 +220,11 @@ exec chroot {root} env container=localnet-test /lib/systemd/systemd --system --u
             machine.boot_log(),
             machine.text(&["systemctl", "--failed", "--no-pager"])
         );
-        machine.pid = pid;
+        let leaked = host_mounts_under(&root_dir);
+        assert!(
+            leaked.is_empty(),
+            "the machine's mounts reached the host: {leaked:?}"
+        );
         machine
     }
 
@@ -216,13 +283,31 @@ impl Drop for Machine {
                 self.text(&["journalctl", "--no-pager", "-n", "100"])
             );
         }
-        // SAFETY: kill only sends a signal; self.pid is the systemd this test started.
-        unsafe {
-            libc::kill(self.pid as i32, libc::SIGKILL);
+        if self.pid > 0 {
+            // SAFETY: kill only sends a signal; self.pid is the systemd this test started
+            // (never 0, which would signal our whole process group).
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+            }
         }
+        // unshare kills its child (systemd) when it dies (--kill-child), and exits only
+        // once that child is gone, which as PID 1 ends every process of the namespace.
         let _ = self.launcher.kill();
         let _ = self.launcher.wait();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.cgroup.empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // The mount namespace died with its last process; the overlay went with it.
+        // Should a mount have leaked to this namespace, detach it, deepest first.
+        let mut leaked: Vec<String> = host_mounts_under(&self.dir)
+            .iter()
+            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+            .collect();
+        leaked.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mount in leaked {
+            let _ = Command::new("umount").args(["-l", &mount]).output();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -273,6 +358,42 @@ fn units_under_a_real_systemd() {
     let inside = peer_names(&lan.sock(1))[0].clone();
     let status = machine.text(&["systemctl", "status", "localnet", "--no-pager"]);
     assert!(status.contains("1 peers known"), "{status}");
+
+    // Members of the group `localnet` may use the control socket without root; others
+    // may not.
+    let member = machine.run(&[
+        "runuser", "-u", "alice", "--", "localnet", "status", "--json",
+    ]);
+    assert!(
+        member.status.success(),
+        "a member of the group localnet cannot use the control socket: {}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    assert!(
+        machine
+            .text(&[
+                "runuser", "-u", "alice", "--", "localnet", "peers", "--json"
+            ])
+            .contains("\"h1\""),
+        "`localnet peers` as a member of the group"
+    );
+    let other = machine.run(&[
+        "runuser",
+        "-u",
+        "bob",
+        "--",
+        "localnet",
+        "status",
+        "--control",
+        "/run/localnet/control.sock",
+    ]);
+    assert!(
+        !other.status.success()
+            && String::from_utf8_lossy(&other.stderr).contains("ermission denied"),
+        "someone outside the group reached the control socket: {}{}",
+        String::from_utf8_lossy(&other.stdout),
+        String::from_utf8_lossy(&other.stderr)
+    );
 
     // kill -9 of the main PID: systemd restarts it and it rejoins (same id: the state
     // directory keeps it; a new incarnation).
@@ -341,7 +462,26 @@ fn units_under_a_real_systemd() {
         "verbose",
     ]);
     assert!(journal.contains("goodbye sent"), "{journal}");
-    assert!(journal.contains("PRIORITY=6"), "{journal}");
+    // Native journal entries from the daemon itself: INFO is priority 6, the message
+    // carries no timestamp or level of its own.
+    let entries: Vec<serde_json::Value> = machine
+        .text(&["journalctl", "-u", "localnet", "--no-pager", "-o", "json"])
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let running = entries
+        .iter()
+        .find(|e| e["MESSAGE"] == "localnet daemon running")
+        .unwrap_or_else(|| panic!("no daemon entry in {entries:?}"));
+    assert_eq!(running["PRIORITY"], "6", "{running}");
+    assert_eq!(running["_TRANSPORT"], "journal", "{running}");
+    assert_eq!(running["SYSLOG_IDENTIFIER"], "localnet", "{running}");
+    let watchdog = entries.iter().find(|e| {
+        e["MESSAGE"]
+            .as_str()
+            .is_some_and(|m| m.contains("Watchdog timeout"))
+    });
+    assert!(watchdog.is_some(), "systemd logged no watchdog timeout");
 
     // The slave unit takes a job from a master outside the machine.
     machine.ok(&["systemctl", "start", "localnet-slave"]);
