@@ -50,6 +50,9 @@ enum Pending {
     Exec(mpsc::Sender<ExecEvent>),
 }
 
+/// A slave's session, or none yet; locked while it is being opened.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Session>>>>;
+
 struct Session {
     node: NodeId,
     name: String,
@@ -81,7 +84,9 @@ pub struct Master {
 struct MasterInner {
     name: String,
     key: Option<ClusterKey>,
-    sessions: tokio::sync::Mutex<HashMap<NodeId, Arc<Session>>>,
+    /// One slot per slave; a slot's lock is held while its connection is opened, so
+    /// connections to different slaves open in parallel and one slave gets one.
+    sessions: Mutex<HashMap<NodeId, Slot>>,
     known: Mutex<Vec<NodeId>>,
     log_sink: LogSink,
 }
@@ -108,7 +113,7 @@ impl Master {
             inner: Arc::new(MasterInner {
                 name: name.to_string(),
                 key,
-                sessions: tokio::sync::Mutex::new(HashMap::new()),
+                sessions: Mutex::new(HashMap::new()),
                 known: Mutex::new(Vec::new()),
                 log_sink,
             }),
@@ -137,7 +142,7 @@ impl Master {
 
     /// The name a connected slave gave, or its node id.
     pub async fn slave_name(&self, node: NodeId) -> String {
-        match self.inner.sessions.lock().await.get(&node) {
+        match self.open_session(node).await {
             Some(s) => s.name.clone(),
             None => node.to_string(),
         }
@@ -145,12 +150,7 @@ impl Master {
 
     /// The tags a connected slave announced in its greeting.
     pub async fn slave_tags(&self, node: NodeId) -> Option<BTreeMap<String, String>> {
-        self.inner
-            .sessions
-            .lock()
-            .await
-            .get(&node)
-            .map(|s| s.tags.clone())
+        self.open_session(node).await.map(|s| s.tags.clone())
     }
 
     /// Connects to `node` (once; later calls reuse the connection).
@@ -158,9 +158,32 @@ impl Master {
         self.session(node).await.map(|_| ())
     }
 
+    /// The slot of `node`, made on first use.
+    fn slot(&self, node: NodeId) -> Slot {
+        let mut sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        sessions.entry(node).or_default().clone()
+    }
+
+    /// The session with `node` if one is open (waiting for a connection in progress).
+    async fn open_session(&self, node: NodeId) -> Option<Arc<Session>> {
+        let slot = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&node)
+            .cloned()?;
+        slot.lock().await.clone()
+    }
+
     async fn session(&self, node: NodeId) -> Result<Arc<Session>, MasterError> {
-        let mut sessions = self.inner.sessions.lock().await;
-        if let Some(s) = sessions.get(&node)
+        let slot = self.slot(node);
+        let mut slot = slot.lock().await;
+        if let Some(s) = slot.as_ref()
             && !s.out.is_closed()
         {
             return Ok(s.clone());
@@ -199,7 +222,7 @@ impl Master {
             session.clone(),
             self.inner.log_sink.clone(),
         ));
-        sessions.insert(node, session.clone());
+        *slot = Some(session.clone());
         Ok(session)
     }
 

@@ -162,11 +162,13 @@ fn psk(key: &ClusterKey) -> [u8; 32] {
     key.sign(&[b"localnet/1 transport psk"])
 }
 
+/// Writes one length-prefixed handshake message in a single write (two small writes
+/// would meet Nagle's algorithm and the peer's delayed ACK: 40 ms per message).
 async fn write_raw(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-    stream
-        .write_all(&(bytes.len() as u32).to_be_bytes())
-        .await?;
-    stream.write_all(bytes).await
+    let mut message = Vec::with_capacity(4 + bytes.len());
+    message.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    message.extend_from_slice(bytes);
+    stream.write_all(&message).await
 }
 
 async fn read_raw(stream: &mut TcpStream) -> Result<Vec<u8>, TransportError> {
@@ -252,6 +254,8 @@ pub async fn connect(
 ) -> Result<(FrameReader, FrameWriter), TransportError> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let mut stream = TcpStream::connect(addr).await?;
+        // Small request/answer messages: send each at once.
+        let _ = stream.set_nodelay(true);
         let mut hello = PREAMBLE.to_vec();
         hello.push(if key.is_some() { NOISE } else { PLAIN });
         stream.write_all(&hello).await?;
@@ -284,6 +288,7 @@ pub async fn accept(
     mut stream: TcpStream,
     key: Option<&ClusterKey>,
 ) -> Result<(FrameReader, FrameWriter), TransportError> {
+    let _ = stream.set_nodelay(true);
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let mut hello = [0u8; 7];
         stream.read_exact(&mut hello).await?;

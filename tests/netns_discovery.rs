@@ -200,7 +200,15 @@ for n in range(10000):
     .map(|k| stats[k].as_u64().unwrap())
     .sum();
     println!("dropped: {stats}");
-    assert!(dropped >= 9_000, "only {dropped} counted as dropped");
+    // Every garbage datagram that reached the daemon is counted as dropped; a few may
+    // not reach it at all on a loaded machine (a full socket buffer), and the rest of
+    // what it received are h1's few announcements.
+    let received = stats["received"].as_u64().unwrap();
+    assert!(received >= 5_000, "only {received} datagrams arrived");
+    assert!(
+        received - dropped <= 100,
+        "{received} received but only {dropped} counted as dropped"
+    );
     // Still fully working: a new daemon is seen.
     lan.daemon(2, &[]);
     assert!(eventually(Duration::from_secs(5), || peers(&lan.sock(0))
