@@ -100,6 +100,21 @@ struct DaemonArgs {
     /// Directory where the node id persists across restarts.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// How often to announce in small groups; peers declare a node failed about 4
+    /// heartbeats after it went silent. Longer means less traffic and slower failure
+    /// detection. Large groups announce less often by themselves, to keep the group
+    /// within its traffic budget.
+    #[arg(long, value_name = "DUR", default_value = "200ms", value_parser = parse_heartbeat)]
+    heartbeat: Duration,
+}
+
+/// A heartbeat between 50 ms and 60 s.
+fn parse_heartbeat(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !(Duration::from_millis(50)..=Duration::from_secs(60)).contains(&d) {
+        return Err(format!("{s} is out of range: use 50ms to 60s"));
+    }
+    Ok(d)
 }
 
 #[derive(Args)]
@@ -343,6 +358,7 @@ async fn daemon(args: DaemonArgs) -> Result<()> {
     opts.name = args.name;
     opts.tags = args.tags.into_iter().collect::<BTreeMap<_, _>>();
     opts.state_dir = args.state_dir;
+    opts.protocol.min_interval_ms = args.heartbeat.as_millis() as u64;
     let path = args.control.unwrap_or_else(control::default_path);
     let control = ControlSocket::bind(&path).await?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
