@@ -284,3 +284,33 @@ fn state_dir_keeps_the_id_and_a_restart_replaces_the_entry() {
     assert_eq!(after["id"], before["id"]);
     assert!(after["incarnation"].as_u64() > before["incarnation"].as_u64());
 }
+
+#[test]
+fn a_longer_heartbeat_is_announced_and_sets_the_failure_time() {
+    let Some(lan) = Lan::new("beat", 47, 2) else {
+        return;
+    };
+    lan.daemon(0, &[]);
+    let slow = lan.daemon(1, &["--heartbeat", "1s"]);
+    assert!(eventually(Duration::from_secs(5), || peers(&lan.sock(0))
+        .len()
+        == 1));
+    let p = &peers(&lan.sock(0))[0];
+    assert_eq!(p["interval_ms"], 1000, "{p}");
+    assert_eq!(p["ttl_ms"], 4500, "{p}");
+    // kill -9: h0 calls it failed after about 4 heartbeats, not after the default 0.8 s.
+    let events = watch(&lan.sock(0));
+    let killed = Instant::now();
+    lan.signal(slow, libc::SIGKILL);
+    let failed =
+        wait_event(&events, "failed", "h1", Duration::from_secs(10)).expect("h1 declared failed");
+    let after = failed - killed;
+    assert!(
+        after > Duration::from_secs(2) && after < Duration::from_secs(6),
+        "failed after {after:?}"
+    );
+    // Out-of-range heartbeats are refused with a clear message.
+    let out = lan.run(0, &binary(), &["daemon", "--heartbeat", "5ms"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use 50ms to 60s"));
+}
