@@ -4,7 +4,9 @@
 //! and timer ticks, and hands back datagrams to send ([`Transmit`]) and peer events
 //! ([`PeerEvent`]). It has no sockets, no clock and no async runtime: the caller supplies
 //! time as [`Millis`], which is what lets the simulator run thousands of nodes in virtual
-//! time and the tokio driver run one node for real.
+//! time and the tokio driver run one node for real. A datagram may also come decoded
+//! already ([`Decoded`]), so that a simulator decodes each multicast once for all its
+//! recipients; the core does the same with it as with the bytes.
 //!
 //! The protocol in short:
 //! - A starting node multicasts a `probe` that carries its own record, and once more
@@ -24,15 +26,18 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
-use std::net::SocketAddr;
+use std::hash::BuildHasher;
+use std::net::{SocketAddr, SocketAddrV6};
+use std::sync::Arc;
 
 use foldhash::HashMap;
+use hashbrown::HashTable;
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::key::ClusterKey;
+use crate::peers::{Heard, Observed, PeerState, PeerTable};
 pub use crate::peers::{Millis, Peer, PeerEvent};
-use crate::peers::{Observed, PeerState, PeerTable};
 use crate::wire::{self, Auth, DecodeError, HEADER_OVERHEAD, Message, NodeRecord};
 
 /// Tunables of the protocol. [`Config::default`] is what the daemon uses.
@@ -114,6 +119,108 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
+/// A received datagram, decoded and authenticated once.
+///
+/// [`Discovery::handle_datagram`] decodes each datagram itself. A caller that hands one
+/// datagram to many cores (the simulator's multicast) decodes it once with
+/// [`Decoded::new`] and gives every core the same `Decoded` through
+/// [`Discovery::handle_decoded`], which does what `handle_datagram` does with the same
+/// bytes (counters, rate limit, key check, replay check) minus the decoding. The record
+/// it carries is shared, not copied, by every peer table that keeps it.
+///
+/// ```
+/// use localnet::core::{Decoded, Destination};
+/// # use localnet::core::{Config, Discovery, LocalNode};
+/// # let me = |id: u128| LocalNode {
+/// #     id: uuid::Uuid::from_u128(id), name: format!("n{id}"), incarnation: 1,
+/// #     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
+/// # };
+/// let mut a = Discovery::new(Config::default(), me(1), None, 1, 0).unwrap();
+/// let mut b = Discovery::new(Config::default(), me(2), None, 2, 0).unwrap();
+/// let mut c = Discovery::new(Config::default(), me(3), None, 3, 0).unwrap();
+/// a.start(0);
+/// let probe = a.poll_transmit().unwrap();
+/// assert_eq!(probe.dest, Destination::Group);
+/// let from = "10.0.0.1:7000".parse().unwrap();
+/// let decoded = Decoded::new(from, &probe.payload, None).unwrap();
+/// for node in [&mut b, &mut c] {
+///     node.start(0);
+///     node.handle_decoded(1, &decoded);
+///     assert_eq!(node.peer_count(), 1);
+/// }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    source: SocketAddr,
+    size: usize,
+    /// The key it was authenticated with (none: an open datagram).
+    key: Option<ClusterKey>,
+    auth: Option<Auth>,
+    body: Body,
+}
+
+#[derive(Clone, Debug)]
+enum Body {
+    Announce(Arc<Heard>),
+    Probe {
+        from: Uuid,
+        node: Option<Arc<Heard>>,
+        direct: bool,
+    },
+    Goodbye {
+        id: Uuid,
+        inc: u64,
+    },
+}
+
+impl Decoded {
+    /// Decodes `bytes` received from `source`, as a core with `key` would: only
+    /// datagrams authenticated with that key (or, without one, open datagrams) pass.
+    pub fn new(
+        source: SocketAddr,
+        bytes: &[u8],
+        key: Option<&ClusterKey>,
+    ) -> Result<Self, DecodeError> {
+        let (msg, auth) = wire::decode(bytes, key)?;
+        let heard = |node| Arc::new(Heard::new(node, source));
+        let body = match msg {
+            Message::Announce { node } => Body::Announce(heard(node)),
+            Message::Probe { from, node, direct } => Body::Probe {
+                from,
+                node: node.map(heard),
+                direct,
+            },
+            Message::Goodbye { id, inc } => Body::Goodbye { id, inc },
+        };
+        Ok(Self {
+            source,
+            size: bytes.len(),
+            key: key.cloned(),
+            auth,
+            body,
+        })
+    }
+
+    /// Where the datagram came from.
+    pub fn source(&self) -> SocketAddr {
+        self.source
+    }
+
+    /// Its size in bytes (payload only, as received).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The node id of the sender.
+    pub fn sender(&self) -> Uuid {
+        match &self.body {
+            Body::Announce(heard) => heard.record.id,
+            Body::Probe { from, .. } => *from,
+            Body::Goodbye { id, .. } => *id,
+        }
+    }
+}
+
 /// Counters, as `localnet` status shows them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
@@ -144,7 +251,6 @@ pub enum ConfigError {
 
 const GC_EVERY_MS: Millis = 10_000;
 const LOG_EVERY_MS: Millis = 10_000;
-const MAX_PENDING_REPLIES: usize = 1024;
 /// How far behind the newest counter of a sender a reordered datagram may be (µs).
 const REORDER_US: u64 = 1_000_000;
 const RECENT_COUNTERS: usize = 64;
@@ -179,12 +285,13 @@ pub struct Discovery {
     second_probe_at: Option<Millis>,
     next_announce: Option<Millis>,
     last_announce: Option<Millis>,
-    pending_replies: Vec<SocketAddr>,
+    /// Probes waiting for our answer.
+    pending_replies: Pending,
     reply_at: Option<Millis>,
     /// Mean size of an announcement on the wire, headers included (RTCP's avg_rtcp_size).
     avg_size: f64,
     rng: fastrand::Rng,
-    limiter: HashMap<SocketAddr, Bucket>,
+    limiter: Limiter,
     replay: HashMap<Uuid, ReplayState>,
     /// Nodes (id, incarnation) that failed or left, with when to forget them.
     tombstones: HashMap<Uuid, (u64, Millis)>,
@@ -195,10 +302,85 @@ pub struct Discovery {
     log_gate: LogGate,
 }
 
+/// Who waits for an answer to a probe. Only this matters: one newcomer gets a unicast
+/// answer, several get one multicast announcement (so nothing else is stored, and a
+/// thousand probes cost no more than two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    Nobody,
+    One(SocketAddr),
+    Several,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
     tokens: f64,
     at: Millis,
+}
+
+/// The token buckets of the per-source rate limit. Every datagram looks its source up
+/// here, so an IPv4 source is one `u64` and a lookup is one probe.
+struct Limiter {
+    v4: HashTable<(u64, Bucket)>,
+    v6: HashMap<SocketAddrV6, Bucket>,
+    hasher: foldhash::fast::RandomState,
+    /// How many sources it holds before its full buckets are forgotten.
+    sweep_at: usize,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Self {
+            v4: HashTable::new(),
+            v6: HashMap::default(),
+            hasher: foldhash::fast::RandomState::default(),
+            sweep_at: 64,
+        }
+    }
+}
+
+impl Limiter {
+    fn key(addr: &std::net::SocketAddrV4) -> u64 {
+        (u64::from(addr.ip().to_bits()) << 16) | u64::from(addr.port())
+    }
+
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    fn contains(&self, source: &SocketAddr) -> bool {
+        match source {
+            SocketAddr::V4(a) => {
+                let key = Self::key(a);
+                self.v4
+                    .find(self.hasher.hash_one(key), |(k, _)| *k == key)
+                    .is_some()
+            }
+            SocketAddr::V6(a) => self.v6.contains_key(a),
+        }
+    }
+
+    /// The bucket of `source`, made as `new` if it has none.
+    fn bucket(&mut self, source: SocketAddr, new: Bucket) -> &mut Bucket {
+        match source {
+            SocketAddr::V4(a) => {
+                let key = Self::key(&a);
+                let hasher = &self.hasher;
+                let entry = self.v4.entry(
+                    hasher.hash_one(key),
+                    |(k, _)| *k == key,
+                    |(k, _)| hasher.hash_one(*k),
+                );
+                &mut entry.or_insert((key, new)).into_mut().1
+            }
+            SocketAddr::V6(a) => self.v6.entry(a).or_insert(new),
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Bucket) -> bool) {
+        self.v4.retain(|(_, b)| keep(b));
+        self.v6.retain(|_, b| keep(b));
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -263,11 +445,11 @@ impl Discovery {
             second_probe_at: None,
             next_announce: None,
             last_announce: None,
-            pending_replies: Vec::new(),
+            pending_replies: Pending::Nobody,
             reply_at: None,
             avg_size: 0.0,
             rng: fastrand::Rng::with_seed(seed),
-            limiter: HashMap::default(),
+            limiter: Limiter::default(),
             replay: HashMap::default(),
             tombstones: HashMap::default(),
             next_gc: now + GC_EVERY_MS,
@@ -360,7 +542,7 @@ impl Discovery {
         self.second_probe_at = None;
         self.next_announce = None;
         self.reply_at = None;
-        self.pending_replies.clear();
+        self.pending_replies = Pending::Nobody;
         if self.started && !self.cfg.observer && self.cfg.multicast {
             let bye = Message::Goodbye {
                 id: self.me.id,
@@ -446,71 +628,101 @@ impl Discovery {
 
     /// Handles one received datagram.
     pub fn handle_datagram(&mut self, now: Millis, source: SocketAddr, bytes: &[u8]) {
-        if self.leaving {
+        if !self.admit(now, source, bytes.len()) {
             return;
         }
+        match Decoded::new(source, bytes, self.key.as_ref()) {
+            Ok(decoded) => self.handle_admitted(now, &decoded),
+            Err(err) => self.dropped(now, source, err),
+        }
+    }
+
+    /// Handles one datagram decoded already (see [`Decoded`]): the same as
+    /// [`Discovery::handle_datagram`] with the bytes it was decoded from.
+    pub fn handle_decoded(&mut self, now: Millis, decoded: &Decoded) {
+        if !self.admit(now, decoded.source, decoded.size) {
+            return;
+        }
+        // `handle_datagram` would have decoded with our key: a datagram that passed
+        // another key's check (or none) fails ours.
+        if decoded.key != self.key {
+            self.dropped(now, decoded.source, DecodeError::Auth);
+            return;
+        }
+        self.handle_admitted(now, decoded);
+    }
+
+    /// Counts a received datagram and applies the per-source rate limit.
+    fn admit(&mut self, now: Millis, source: SocketAddr, size: usize) -> bool {
+        if self.leaving {
+            return false;
+        }
         self.stats.received += 1;
-        self.stats.received_bytes += bytes.len() as u64;
+        self.stats.received_bytes += size as u64;
         if !self.rate_allows(now, source) {
             self.stats.dropped_rate += 1;
             self.warn(now, source, "rate limit exceeded");
-            return;
+            return false;
         }
-        let (msg, auth) = match wire::decode(bytes, self.key.as_ref()) {
-            Ok(decoded) => decoded,
-            Err(err) => {
-                match err {
-                    DecodeError::Oversize => self.stats.dropped_oversize += 1,
-                    DecodeError::Malformed => self.stats.dropped_malformed += 1,
-                    DecodeError::Version => self.stats.dropped_version += 1,
-                    DecodeError::Auth => self.stats.dropped_auth += 1,
-                }
-                if err != DecodeError::Version {
-                    self.warn(now, source, &err.to_string());
-                }
-                return;
-            }
-        };
-        let sender = msg.sender();
+        true
+    }
+
+    /// Counts (and perhaps logs) a datagram that did not decode.
+    fn dropped(&mut self, now: Millis, source: SocketAddr, err: DecodeError) {
+        match err {
+            DecodeError::Oversize => self.stats.dropped_oversize += 1,
+            DecodeError::Malformed => self.stats.dropped_malformed += 1,
+            DecodeError::Version => self.stats.dropped_version += 1,
+            DecodeError::Auth => self.stats.dropped_auth += 1,
+        }
+        if err != DecodeError::Version {
+            self.warn(now, source, &err.to_string());
+        }
+    }
+
+    /// Acts on an admitted datagram that decoded and authenticated with our key.
+    fn handle_admitted(&mut self, now: Millis, decoded: &Decoded) {
+        let source = decoded.source;
+        let sender = decoded.sender();
         if sender == self.me.id {
             return; // our own multicast, looped back
         }
-        if let Some(auth) = auth
+        if let Some(auth) = decoded.auth
             && !self.replay_allows(now, sender, auth)
         {
             self.stats.dropped_replay += 1;
             self.warn(now, source, "replayed or stale datagram");
             return;
         }
-        match msg {
-            Message::Announce { node } => {
-                if node.id == self.me.id {
+        match &decoded.body {
+            Body::Announce(heard) => {
+                if heard.record.id == self.me.id {
                     return;
                 }
-                let size = (bytes.len() + HEADER_OVERHEAD) as f64;
+                let size = (decoded.size + HEADER_OVERHEAD) as f64;
                 self.avg_size += (size - self.avg_size) / 16.0;
-                self.observe(now, node, source);
+                self.observe(now, Arc::clone(heard));
             }
-            Message::Probe { from, node, direct } => {
-                if let Some(node) = node
-                    && node.id == from
+            Body::Probe { from, node, direct } => {
+                if let Some(heard) = node
+                    && heard.record.id == *from
                 {
-                    self.observe(now, node, source);
+                    self.observe(now, Arc::clone(heard));
                 }
                 if self.cfg.observer || !self.started {
                     return;
                 }
-                if direct {
+                if *direct {
                     self.announce(now, Destination::Unicast(source));
                 } else {
                     self.queue_reply(now, source);
                 }
             }
-            Message::Goodbye { id, inc } => {
-                if self.table.get(&id).is_some_and(|e| e.record.inc <= inc)
+            &Body::Goodbye { id, inc } => {
+                if self.table.get(&id).is_some_and(|e| e.record().inc <= inc)
                     && let Some(entry) = self.table.remove(&id)
                 {
-                    self.bury(now, id, entry.record.inc);
+                    self.bury(now, id, entry.record().inc);
                     self.events.push_back(PeerEvent::Left(entry.snapshot(now)));
                 }
             }
@@ -554,18 +766,15 @@ impl Discovery {
         }
     }
 
-    fn observe(&mut self, now: Millis, record: NodeRecord, source: SocketAddr) {
-        let id = record.id;
-        let observed = self.table.observe(record, source, now);
+    fn observe(&mut self, now: Millis, heard: Arc<Heard>) {
+        let id = heard.record.id;
+        let (observed, unarmed) = self.table.observe(heard, now);
         self.report(now, id, observed);
-        // A peer first seen through mDNS gets its multicast timer now.
-        if let Some(entry) = self.table.get_mut(&id)
-            && entry.via_multicast
-            && entry.armed_at == 0
-        {
-            let deadline = suspect_at(entry.last_heard, entry.record.ttl_ms);
+        // A new peer, or one first seen through mDNS, gets its multicast timer now.
+        if unarmed && let Some(entry) = self.table.get_mut(&id) {
+            let deadline = suspect_at(entry.last_heard, entry.record().ttl_ms);
             entry.armed_at = deadline;
-            self.timers.push(Reverse((deadline, id)));
+            arm(&mut self.timers, deadline, id);
         }
     }
 
@@ -605,11 +814,11 @@ impl Discovery {
         if entry.armed_at != fired {
             return; // a stale item of an entry that was removed and added again
         }
-        let ttl = entry.record.ttl_ms;
+        let ttl = entry.record().ttl_ms;
         let expires = entry.last_heard + ttl;
         if now >= expires {
             if let Some(entry) = self.table.remove(&id) {
-                self.bury(now, id, entry.record.inc);
+                self.bury(now, id, entry.record().inc);
                 self.events
                     .push_back(PeerEvent::Failed(entry.snapshot(now)));
             }
@@ -619,7 +828,7 @@ impl Discovery {
         if now < suspect {
             entry.state = PeerState::Alive;
             entry.armed_at = suspect;
-            self.timers.push(Reverse((suspect, id)));
+            arm(&mut self.timers, suspect, id);
             return;
         }
         if entry.state == PeerState::Alive {
@@ -628,12 +837,12 @@ impl Discovery {
         }
         let mut probe_to = None;
         if now >= entry.next_probe {
-            entry.next_probe = now + probe_gap(entry.record.interval_ms);
-            probe_to = Some(entry.source);
+            entry.next_probe = now + probe_gap(entry.record().interval_ms);
+            probe_to = Some(entry.source());
         }
         let next = entry.next_probe.min(expires);
         entry.armed_at = next;
-        self.timers.push(Reverse((next, id)));
+        arm(&mut self.timers, next, id);
         if let Some(dest) = probe_to {
             let probe = Message::Probe {
                 from: self.me.id,
@@ -690,10 +899,11 @@ impl Discovery {
     }
 
     fn queue_reply(&mut self, now: Millis, to: SocketAddr) {
-        if self.pending_replies.contains(&to) || self.pending_replies.len() >= MAX_PENDING_REPLIES {
-            return;
-        }
-        self.pending_replies.push(to);
+        self.pending_replies = match self.pending_replies {
+            Pending::Nobody => Pending::One(to),
+            Pending::One(one) if one == to => return,
+            Pending::One(_) | Pending::Several => Pending::Several,
+        };
         if self.reply_at.is_none() {
             // Spread the group's answers so that, all together, they would fit in a
             // quarter second of budget... at four times the budget: fast for small
@@ -709,7 +919,7 @@ impl Discovery {
         // Several newcomers at once are answered with one multicast announcement, but
         // no more often than every half interval: a group starting all at once then
         // stays near its budget instead of answering every probe to everyone.
-        if self.pending_replies.len() > 1
+        if self.pending_replies == Pending::Several
             && let Some(last) = self.last_announce
         {
             let earliest = last + self.compute_interval() / 2;
@@ -718,11 +928,10 @@ impl Discovery {
                 return;
             }
         }
-        let pending = std::mem::take(&mut self.pending_replies);
-        match pending.as_slice() {
-            [] => {}
-            [one] => self.announce(now, Destination::Unicast(*one)),
-            _ => self.announce(now, Destination::Group),
+        match std::mem::replace(&mut self.pending_replies, Pending::Nobody) {
+            Pending::Nobody => {}
+            Pending::One(one) => self.announce(now, Destination::Unicast(one)),
+            Pending::Several => self.announce(now, Destination::Group),
         }
     }
 
@@ -768,25 +977,42 @@ impl Discovery {
             self.cfg.rate_per_source as f64,
             self.cfg.burst_per_source as f64,
         );
-        if !self.limiter.contains_key(&source) && self.limiter.len() >= 2 * self.cfg.max_peers {
+        let take = |bucket: &mut Bucket| {
+            let elapsed = now.saturating_sub(bucket.at) as f64 / 1000.0;
+            bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
+            bucket.at = now;
+            if bucket.tokens >= 1.0 {
+                bucket.tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        };
+        let full = Bucket {
+            tokens: burst,
+            at: now,
+        };
+        let len = self.limiter.len();
+        let crowded = len >= 2 * self.cfg.max_peers || len >= self.limiter.sweep_at;
+        if !crowded || self.limiter.contains(&source) {
+            // A source without a bucket has a full one.
+            return take(self.limiter.bucket(source, full));
+        }
+        if self.limiter.len() >= 2 * self.cfg.max_peers {
             self.collect_garbage(now);
             if self.limiter.len() >= 2 * self.cfg.max_peers {
                 return false;
             }
         }
-        let bucket = self.limiter.entry(source).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        let elapsed = now.saturating_sub(bucket.at) as f64 / 1000.0;
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
+        if self.limiter.len() >= self.limiter.sweep_at {
+            // Forget full buckets rather than grow. Still more than half the threshold:
+            // raise it, so that these sweeps stay amortised O(1) per datagram.
+            self.sweep_limiter(now);
+            if self.limiter.len() > self.limiter.sweep_at / 2 {
+                self.limiter.sweep_at *= 2;
+            }
         }
+        take(self.limiter.bucket(source, full))
     }
 
     fn replay_allows(&mut self, now: Millis, sender: Uuid, auth: Auth) -> bool {
@@ -816,14 +1042,23 @@ impl Discovery {
         true
     }
 
-    fn collect_garbage(&mut self, now: Millis) {
+    /// Forgets the buckets that would be full again: a missing bucket is a full one, so
+    /// this changes no decision. Run whenever the limiter reaches its threshold, it keeps
+    /// the limiter at the sources heard in the last couple of seconds instead of every
+    /// source heard since the last garbage collection (every node, for each node, after
+    /// a simultaneous start).
+    fn sweep_limiter(&mut self, now: Millis) {
         let (rate, burst) = (
             self.cfg.rate_per_source as f64,
             self.cfg.burst_per_source as f64,
         );
-        // A bucket that would be full again carries no information.
         self.limiter
-            .retain(|_, b| b.tokens + now.saturating_sub(b.at) as f64 / 1000.0 * rate < burst);
+            .retain(|b| b.tokens + now.saturating_sub(b.at) as f64 / 1000.0 * rate < burst);
+    }
+
+    fn collect_garbage(&mut self, now: Millis) {
+        // A bucket that would be full again carries no information.
+        self.sweep_limiter(now);
         // Counters older than the replay window are refused by the clock check anyway.
         let window = self.cfg.replay_window_ms;
         self.replay
@@ -836,6 +1071,16 @@ impl Discovery {
             tracing::warn!(%source, suppressed, "dropped datagram: {why}");
         }
     }
+}
+
+/// Queues a peer's timer. The heap holds one item per peer, so it grows by a quarter
+/// rather than doubling: with thousands of peers (and a simulator running thousands of
+/// nodes) the slack of doubling is most of its memory.
+fn arm(timers: &mut BinaryHeap<Reverse<(Millis, Uuid)>>, at: Millis, id: Uuid) {
+    if timers.len() == timers.capacity() {
+        timers.reserve_exact((timers.capacity() / 4).max(16));
+    }
+    timers.push(Reverse((at, id)));
 }
 
 /// A sender's TTL for its interval: 4.5 intervals.
@@ -1157,6 +1402,94 @@ mod tests {
         a.handle_datagram(t, addr(8), b"junk");
         a.handle_datagram(t + 1000, addr(9), b"junk");
         assert_eq!(a.stats().dropped_malformed, 102);
+    }
+
+    /// Runs two identical groups in lockstep, one fed raw bytes (each core decodes its
+    /// copy), the other one shared [`Decoded`] per datagram; every output must agree.
+    #[test]
+    fn decoding_once_for_many_cores_changes_nothing() {
+        let t0 = 1_000_000_000;
+        for key in [None, Some(ClusterKey::from_bytes([4; 32]))] {
+            let make = || -> Vec<Discovery> {
+                (1..=6)
+                    .map(|i| {
+                        let me = LocalNode {
+                            id: Uuid::from_u128(i),
+                            name: format!("n{i}"),
+                            incarnation: 1,
+                            addr: "0.0.0.0:7000".parse().unwrap(),
+                            role: "daemon".into(),
+                            tags: BTreeMap::new(),
+                        };
+                        Discovery::new(Config::default(), me, key.clone(), i as u64, t0).unwrap()
+                    })
+                    .collect()
+            };
+            let (mut raw, mut shared) = (make(), make());
+            let src = |i: usize| SocketAddr::from(([10, 0, 0, i as u8 + 1], 7000));
+            for t in (t0..t0 + 4_000).step_by(5) {
+                if t == t0 + 2_000 {
+                    raw[5].leave(t);
+                    shared[5].leave(t);
+                }
+                for i in 0..6 {
+                    if i == 4 && t > t0 + 1_000 {
+                        continue; // node 4 goes silent: suspected, probed, failed
+                    }
+                    if t == t0 + 10 * i as u64 {
+                        raw[i].start(t);
+                        shared[i].start(t);
+                    }
+                    if raw[i].poll_timeout().is_some_and(|d| d <= t) {
+                        raw[i].handle_timeout(t);
+                        shared[i].handle_timeout(t);
+                    }
+                    let (a, b) = (drain(&mut raw[i]), drain(&mut shared[i]));
+                    assert_eq!(a, b, "transmits of node {i} at {t}");
+                    for x in a {
+                        let decoded = Decoded::new(src(i), &x.payload, key.as_ref()).unwrap();
+                        for j in (0..6).filter(|&j| j != i && !(j == 4 && t > t0 + 1_000)) {
+                            if x.dest == Destination::Group
+                                || x.dest == Destination::Unicast(src(j))
+                            {
+                                raw[j].handle_datagram(t, src(i), &x.payload);
+                                shared[j].handle_decoded(t, &decoded);
+                            }
+                        }
+                    }
+                }
+                for i in 0..6 {
+                    assert_eq!(events(&mut raw[i]), events(&mut shared[i]), "events at {t}");
+                }
+            }
+            for i in 0..6 {
+                assert_eq!(raw[i].stats(), shared[i].stats());
+                assert_eq!(raw[i].peers(t0 + 4_000), shared[i].peers(t0 + 4_000));
+            }
+            assert_eq!(raw[0].peer_count(), 3, "5 left, 4 failed");
+            assert!(raw[0].stats().received > 50, "{:?}", raw[0].stats());
+        }
+        // A datagram decoded with another key (or none) is refused as `handle_datagram`
+        // refuses its bytes.
+        let key = ClusterKey::from_bytes([5; 32]);
+        let me = LocalNode {
+            id: Uuid::from_u128(9),
+            name: "n9".into(),
+            incarnation: 1,
+            addr: "0.0.0.0:7000".parse().unwrap(),
+            role: "daemon".into(),
+            tags: BTreeMap::new(),
+        };
+        let mut sender = Discovery::new(Config::default(), me, None, 9, t0).unwrap();
+        sender.start(t0);
+        let probe = drain(&mut sender).remove(0);
+        let mut a = node(1, Some(key.clone()), false);
+        let mut b = node(1, Some(key), false);
+        a.handle_datagram(t0, addr(9), &probe.payload);
+        b.handle_decoded(t0, &Decoded::new(addr(9), &probe.payload, None).unwrap());
+        assert_eq!(a.stats(), b.stats());
+        assert_eq!(a.stats().dropped_auth, 1);
+        assert_eq!(b.peer_count(), 0);
     }
 
     #[test]

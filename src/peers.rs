@@ -4,11 +4,19 @@
 //! bounded table the protocol core keeps. It applies the rules of identity: one entry
 //! per node id, a higher incarnation replaces the entry (a restart), a lower one is
 //! stale and ignored. Timing (suspicion, expiry) is the core's business.
+//!
+//! Entries are small, since a simulation keeps N² of them: what a peer announced is an
+//! [`Arc`] of the decoded record (with its source), shared with every other table that
+//! keeps the same datagram, and the table is keyed through that record's id rather than
+//! a copy of it. An entry is 40 bytes plus the hash table's slack.
 
 use std::collections::BTreeMap;
-
-use foldhash::HashMap;
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -113,12 +121,30 @@ impl PeerEvent {
     }
 }
 
+/// A record as heard: what a peer announced, with its address resolved against the
+/// datagram's source, and that source. Immutable once made, so tables share it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Heard {
+    pub record: NodeRecord,
+    pub source: SocketAddr,
+}
+
+impl Heard {
+    /// A record received from `source`; an unspecified IP in its address means the
+    /// source's IP.
+    pub fn new(mut record: NodeRecord, source: SocketAddr) -> Self {
+        if record.addr.ip().is_unspecified() {
+            record.addr = SocketAddr::new(source.ip(), record.addr.port());
+        }
+        Self { record, source }
+    }
+}
+
 /// One entry of the table.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
-    /// What the peer announced, with its address resolved against the source.
-    pub record: NodeRecord,
-    pub source: SocketAddr,
+    /// What the peer announced and where from (shared with other tables).
+    heard: Arc<Heard>,
     pub last_heard: Millis,
     pub state: PeerState,
     /// When the next direct probe is due while suspect.
@@ -134,8 +160,18 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
+    /// What the peer announced, with its address resolved against the source.
+    pub fn record(&self) -> &NodeRecord {
+        &self.heard.record
+    }
+
+    /// Where its datagrams come from.
+    pub fn source(&self) -> SocketAddr {
+        self.heard.source
+    }
+
     pub fn snapshot(&self, now: Millis) -> Peer {
-        let r = &self.record;
+        let r = self.record();
         Peer {
             id: r.id,
             name: r.name.clone(),
@@ -145,7 +181,7 @@ impl Entry {
             tags: r.tags.clone(),
             last_seen_ms: now.saturating_sub(self.last_heard),
             incarnation: r.inc,
-            source: self.source,
+            source: self.heard.source,
             interval_ms: r.interval_ms,
             ttl_ms: r.ttl_ms,
             paths: [("multicast", self.via_multicast), ("mdns", self.via_mdns)]
@@ -160,6 +196,9 @@ impl Entry {
 
 /// Whether `new` differs from `old` in what a listing shows (timing changes do not count).
 fn changes_what_users_see(old: &NodeRecord, new: &NodeRecord) -> bool {
+    if std::ptr::eq(old, new) {
+        return false; // one shared record: nothing to compare
+    }
     new.inc != old.inc
         || new.name != old.name
         || new.addr != old.addr
@@ -182,19 +221,35 @@ pub(crate) enum Observed {
     Full,
 }
 
-/// The bounded peer table.
+/// The bounded peer table: one [`Entry`] per node id.
 #[derive(Debug)]
 pub(crate) struct PeerTable {
-    entries: HashMap<Uuid, Entry>,
+    entries: HashTable<Entry>,
+    hasher: foldhash::fast::RandomState,
     capacity: usize,
 }
 
 impl PeerTable {
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: HashMap::default(),
+            entries: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
             capacity,
         }
+    }
+
+    fn hash(&self, id: &Uuid) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    /// The entry of `id`, or where it would go.
+    fn slot(&mut self, id: &Uuid) -> Slot<'_, Entry> {
+        let hasher = &self.hasher;
+        self.entries.entry(
+            hasher.hash_one(id),
+            |e| e.record().id == *id,
+            |e| hasher.hash_one(e.record().id),
+        )
     }
 
     pub fn len(&self) -> usize {
@@ -202,63 +257,65 @@ impl PeerTable {
     }
 
     pub fn get(&self, id: &Uuid) -> Option<&Entry> {
-        self.entries.get(id)
+        self.entries.find(self.hash(id), |e| e.record().id == *id)
     }
 
     pub fn get_mut(&mut self, id: &Uuid) -> Option<&mut Entry> {
-        self.entries.get_mut(id)
+        self.entries
+            .find_mut(self.hasher.hash_one(id), |e| e.record().id == *id)
     }
 
     pub fn remove(&mut self, id: &Uuid) -> Option<Entry> {
-        self.entries.remove(id)
+        match self.slot(id) {
+            Slot::Occupied(slot) => Some(slot.remove().0),
+            Slot::Vacant(_) => None,
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.values()
+        self.entries.iter()
     }
 
-    /// Records that `record` was heard from `source` at `now`.
-    pub fn observe(&mut self, mut record: NodeRecord, source: SocketAddr, now: Millis) -> Observed {
-        if record.addr.ip().is_unspecified() {
-            record.addr = SocketAddr::new(source.ip(), record.addr.port());
-        }
+    /// Records that `heard` (a record and its source) was heard at `now`. Also says
+    /// whether the entry is now a multicast one without a timer (new, or known only
+    /// through mDNS until now), so that the caller need not look it up again.
+    pub fn observe(&mut self, heard: Arc<Heard>, now: Millis) -> (Observed, bool) {
         let len = self.entries.len();
-        match self.entries.get_mut(&record.id) {
-            Some(entry) => {
-                if record.inc < entry.record.inc {
-                    return Observed::Stale;
+        let capacity = self.capacity;
+        match self.slot(&heard.record.id) {
+            Slot::Occupied(mut slot) => {
+                let entry = slot.get_mut();
+                let unarmed = |e: &Entry| e.via_multicast && e.armed_at == 0;
+                if heard.record.inc < entry.record().inc {
+                    return (Observed::Stale, unarmed(entry));
                 }
-                let visible_change = changes_what_users_see(&entry.record, &record);
-                entry.record = record;
-                entry.source = source;
+                let visible_change = changes_what_users_see(entry.record(), &heard.record);
+                entry.heard = heard;
                 entry.last_heard = now;
                 entry.state = PeerState::Alive;
                 let newly_verified = !entry.verified;
                 entry.via_multicast = true;
                 entry.verified = true;
-                if visible_change || newly_verified {
+                let observed = if visible_change || newly_verified {
                     Observed::Updated
                 } else {
                     Observed::Refreshed
-                }
+                };
+                (observed, unarmed(entry))
             }
-            None if len >= self.capacity => Observed::Full,
-            None => {
-                self.entries.insert(
-                    record.id,
-                    Entry {
-                        record,
-                        source,
-                        last_heard: now,
-                        state: PeerState::Alive,
-                        next_probe: now,
-                        armed_at: 0,
-                        via_multicast: true,
-                        via_mdns: false,
-                        verified: true,
-                    },
-                );
-                Observed::Joined
+            Slot::Vacant(_) if len >= capacity => (Observed::Full, false),
+            Slot::Vacant(slot) => {
+                slot.insert(Entry {
+                    heard,
+                    last_heard: now,
+                    state: PeerState::Alive,
+                    next_probe: now,
+                    armed_at: 0,
+                    via_multicast: true,
+                    via_mdns: false,
+                    verified: true,
+                });
+                (Observed::Joined, true)
             }
         }
     }
@@ -266,44 +323,45 @@ impl PeerTable {
     /// Records that mDNS resolved `record` (address already resolved). `trusted` says
     /// whether mDNS data may change an entry (open clusters); with a key it can only add
     /// an unverified entry or mark a known one as also seen through mDNS.
-    pub fn observe_mdns(&mut self, record: NodeRecord, now: Millis, trusted: bool) -> Observed {
+    pub fn observe_mdns(&mut self, mut record: NodeRecord, now: Millis, trusted: bool) -> Observed {
         let len = self.entries.len();
-        match self.entries.get_mut(&record.id) {
-            Some(entry) => {
+        let capacity = self.capacity;
+        match self.slot(&record.id) {
+            Slot::Occupied(mut slot) => {
+                let entry = slot.get_mut();
                 entry.via_mdns = true;
                 let may_change = trusted || !entry.verified;
-                if !may_change || record.inc < entry.record.inc {
+                if !may_change || record.inc < entry.record().inc {
                     return Observed::Refreshed;
                 }
-                let visible_change = changes_what_users_see(&entry.record, &record);
+                let visible_change = changes_what_users_see(entry.record(), &record);
                 if !visible_change {
                     return Observed::Refreshed;
                 }
                 // Keep multicast timing when the peer also speaks multicast.
-                let (interval, ttl) = (entry.record.interval_ms, entry.record.ttl_ms);
-                entry.record = record;
                 if entry.via_multicast {
-                    entry.record.interval_ms = interval;
-                    entry.record.ttl_ms = ttl;
+                    record.interval_ms = entry.record().interval_ms;
+                    record.ttl_ms = entry.record().ttl_ms;
                 }
+                let source = entry.source();
+                entry.heard = Arc::new(Heard { record, source });
                 Observed::Updated
             }
-            None if len >= self.capacity => Observed::Full,
-            None => {
-                self.entries.insert(
-                    record.id,
-                    Entry {
+            Slot::Vacant(_) if len >= capacity => Observed::Full,
+            Slot::Vacant(slot) => {
+                slot.insert(Entry {
+                    heard: Arc::new(Heard {
                         source: record.addr,
                         record,
-                        last_heard: now,
-                        state: PeerState::Alive,
-                        next_probe: now,
-                        armed_at: 0,
-                        via_multicast: false,
-                        via_mdns: true,
-                        verified: trusted,
-                    },
-                );
+                    }),
+                    last_heard: now,
+                    state: PeerState::Alive,
+                    next_probe: now,
+                    armed_at: 0,
+                    via_multicast: false,
+                    via_mdns: true,
+                    verified: trusted,
+                });
                 Observed::Joined
             }
         }
@@ -327,6 +385,10 @@ mod tests {
         }
     }
 
+    fn heard(record: NodeRecord, source: SocketAddr) -> Arc<Heard> {
+        Arc::new(Heard::new(record, source))
+    }
+
     fn src(port: u16) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, 1], port))
     }
@@ -334,32 +396,44 @@ mod tests {
     #[test]
     fn join_refresh_update_and_unspecified_address() {
         let mut t = PeerTable::new(10);
-        assert_eq!(t.observe(rec(1, 1), src(9000), 5), Observed::Joined);
+        assert_eq!(
+            t.observe(heard(rec(1, 1), src(9000)), 5).0,
+            Observed::Joined
+        );
         let e = t.get(&Uuid::from_u128(1)).unwrap();
-        assert_eq!(e.record.addr, "10.0.0.1:5000".parse().unwrap());
+        assert_eq!(e.record().addr, "10.0.0.1:5000".parse().unwrap());
         assert_eq!(e.snapshot(25).last_seen_ms, 20);
-        assert_eq!(t.observe(rec(1, 1), src(9000), 10), Observed::Refreshed);
+        assert_eq!(
+            t.observe(heard(rec(1, 1), src(9000)), 10).0,
+            Observed::Refreshed
+        );
         let mut tagged = rec(1, 1);
         tagged.tags.insert("k".into(), "v".into());
-        assert_eq!(t.observe(tagged, src(9000), 11), Observed::Updated);
+        assert_eq!(t.observe(heard(tagged, src(9000)), 11).0, Observed::Updated);
         let mut slower = rec(1, 1);
         slower.tags.insert("k".into(), "v".into());
         slower.interval_ms = 400;
         slower.ttl_ms = 1800;
-        assert_eq!(t.observe(slower, src(9000), 12), Observed::Refreshed);
-        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record.ttl_ms, 1800);
+        assert_eq!(
+            t.observe(heard(slower, src(9000)), 12).0,
+            Observed::Refreshed
+        );
+        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record().ttl_ms, 1800);
         assert_eq!(t.len(), 1);
     }
 
     #[test]
     fn restart_replaces_and_stale_incarnation_is_ignored() {
         let mut t = PeerTable::new(10);
-        t.observe(rec(1, 5), src(9000), 0);
-        assert_eq!(t.observe(rec(1, 4), src(9000), 1), Observed::Stale);
-        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record.inc, 5);
-        assert_eq!(t.observe(rec(1, 6), src(9100), 2), Observed::Updated);
+        t.observe(heard(rec(1, 5), src(9000)), 0);
+        assert_eq!(t.observe(heard(rec(1, 4), src(9000)), 1).0, Observed::Stale);
+        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record().inc, 5);
+        assert_eq!(
+            t.observe(heard(rec(1, 6), src(9100)), 2).0,
+            Observed::Updated
+        );
         let e = t.get(&Uuid::from_u128(1)).unwrap();
-        assert_eq!((e.record.inc, e.source), (6, src(9100)));
+        assert_eq!((e.record().inc, e.source()), (6, src(9100)));
         assert_eq!(t.len(), 1);
     }
 
@@ -367,20 +441,29 @@ mod tests {
     fn capacity_is_a_hard_bound() {
         let mut t = PeerTable::new(3);
         for i in 0..3 {
-            assert_eq!(t.observe(rec(i, 1), src(9000), 0), Observed::Joined);
+            assert_eq!(
+                t.observe(heard(rec(i, 1), src(9000)), 0).0,
+                Observed::Joined
+            );
         }
-        assert_eq!(t.observe(rec(99, 1), src(9000), 0), Observed::Full);
+        assert_eq!(t.observe(heard(rec(99, 1), src(9000)), 0).0, Observed::Full);
         assert_eq!(t.len(), 3);
         // Known peers are still refreshed when full.
-        assert_eq!(t.observe(rec(1, 1), src(9000), 1), Observed::Refreshed);
+        assert_eq!(
+            t.observe(heard(rec(1, 1), src(9000)), 1).0,
+            Observed::Refreshed
+        );
         t.remove(&Uuid::from_u128(0));
-        assert_eq!(t.observe(rec(99, 1), src(9000), 2), Observed::Joined);
+        assert_eq!(
+            t.observe(heard(rec(99, 1), src(9000)), 2).0,
+            Observed::Joined
+        );
     }
 
     #[test]
     fn event_json_shape() {
         let mut t = PeerTable::new(3);
-        t.observe(rec(1, 1), src(9000), 0);
+        t.observe(heard(rec(1, 1), src(9000)), 0);
         let ev = PeerEvent::Joined(t.get(&Uuid::from_u128(1)).unwrap().snapshot(3));
         let v: serde_json::Value = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["event"], "joined");
@@ -404,7 +487,10 @@ mod tests {
             (vec!["mdns".to_string()], false)
         );
         // ... until its own authenticated announcement arrives.
-        assert_eq!(t.observe(rec(1, 1), src(9000), 1), Observed::Updated);
+        assert_eq!(
+            t.observe(heard(rec(1, 1), src(9000)), 1).0,
+            Observed::Updated
+        );
         let p = t.get(&Uuid::from_u128(1)).unwrap().snapshot(1);
         assert_eq!(p.paths, vec!["multicast".to_string(), "mdns".to_string()]);
         assert!(p.verified);
@@ -416,10 +502,10 @@ mod tests {
             t.observe_mdns(forged.clone(), 2, false),
             Observed::Refreshed
         );
-        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record.name, "n1");
+        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record().name, "n1");
         // In an open cluster it may.
         assert_eq!(t.observe_mdns(forged, 3, true), Observed::Updated);
-        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record.inc, 9);
+        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record().inc, 9);
         assert_eq!(t.len(), 1);
     }
 }

@@ -1,10 +1,18 @@
 //! A simulated LAN for the sans-IO core: many nodes, one process, virtual time.
 //!
-//! This module owns the simulator used by the simulation tests and the benchmark's
-//! simulation mode. Each node is a real [`Discovery`]; the "network" is a priority queue
-//! of deliveries with settable loss and delay; multicast reaches every other running
-//! node, each copy lost independently. Everything is driven by one seeded RNG, so a run
-//! is reproducible.
+//! This module owns the simulator used by the simulation tests and the simulation
+//! benchmark (`benches/sim.rs`). Each node is a real [`Discovery`]; the "network" is a
+//! priority queue of deliveries with settable loss and delay; multicast reaches every
+//! other running node, each copy lost and delayed independently. Everything is driven by
+//! one seeded RNG, so a run is reproducible.
+//!
+//! Built to run 10 000 nodes: each datagram is decoded once when sent (and a sender's
+//! repeated identical datagram reuses the decoding), and every core gets the shared
+//! [`Decoded`] through [`Discovery::handle_decoded`]; one queue item carries a datagram to
+//! all recipients that get it after the same delay. Those recipients are independent
+//! (each core only changes itself, and what they send arrives later), so a large batch
+//! is handed out on [`SimConfig::threads`] threads; what each node then sends and
+//! reports is applied in recipient order, so a run is the same whatever the threads.
 //!
 //! ```
 //! use localnet::sim::{Sim, SimConfig};
@@ -21,13 +29,18 @@ use std::rc::Rc;
 
 use uuid::Uuid;
 
-use crate::core::{Config, Destination, Discovery, LocalNode, Millis, PeerEvent};
+use crate::core::{
+    Config, Decoded, Destination, Discovery, LocalNode, Millis, PeerEvent, Transmit,
+};
 use crate::key::ClusterKey;
 use crate::wire::HEADER_OVERHEAD;
 
 /// Virtual time starts here: close to a real unix time in ms, so that keyed nodes'
 /// counters look like real clocks.
 pub const EPOCH: Millis = 1_800_000_000_000;
+
+/// Fewest recipients of one delivery worth a second thread.
+const PARALLEL_MIN: usize = 512;
 
 /// The simulated LAN's settings.
 #[derive(Clone, Debug)]
@@ -46,6 +59,12 @@ pub struct SimConfig {
     pub key: Option<ClusterKey>,
     /// Protocol settings of every node.
     pub protocol: Config,
+    /// Which events go into [`Sim::seen`] (default: all). With thousands of nodes the
+    /// N² `joined` events alone would take gigabytes.
+    pub keep: fn(&PeerEvent) -> bool,
+    /// Threads that hand out one datagram to many nodes (1 or 2; the results do not
+    /// depend on it).
+    pub threads: usize,
 }
 
 impl Default for SimConfig {
@@ -58,6 +77,8 @@ impl Default for SimConfig {
             seed: 1,
             key: None,
             protocol: Config::default(),
+            keep: |_| true,
+            threads: 1,
         }
     }
 }
@@ -73,12 +94,47 @@ pub struct Seen {
     pub event: PeerEvent,
 }
 
+/// A datagram as the simulated network carries it.
+enum Packet {
+    /// Decoded once for every recipient; with a second thread, decoded once more for
+    /// the recipients it serves, so that the threads share no reference counts.
+    Decoded(Decoded, Option<Decoded>),
+    /// Bytes that did not decode: each recipient gets them raw (and drops them).
+    Raw(SocketAddr, Vec<u8>),
+}
+
+impl Packet {
+    /// Hands the datagram to one node's core.
+    fn deliver(&self, core: &mut Discovery, now: Millis, second_thread: bool) {
+        match self {
+            Packet::Decoded(first, second) => {
+                let decoded = second.as_ref().filter(|_| second_thread).unwrap_or(first);
+                core.handle_decoded(now, decoded);
+            }
+            Packet::Raw(from, bytes) => core.handle_datagram(now, *from, bytes),
+        }
+    }
+}
+
+/// What nodes did in one step, applied to the network afterwards in node order.
+#[derive(Default)]
+struct Effects {
+    delivered: u64,
+    seen: Vec<Seen>,
+    transmits: Vec<(usize, Transmit)>,
+    /// Timer items to queue.
+    timers: Vec<(Millis, usize)>,
+    /// Peer counts (before, after) of running nodes whose count changed.
+    counts: Vec<(usize, usize)>,
+}
+
+/// One datagram arriving at one or more nodes at the same time.
 struct Delivery {
     at: Millis,
     seq: u64,
-    to: usize,
-    from: SocketAddr,
-    payload: Rc<Vec<u8>>,
+    /// Recipients, in the order the copies were sent.
+    to: Vec<u32>,
+    packet: Rc<Packet>,
 }
 
 impl PartialEq for Delivery {
@@ -124,7 +180,14 @@ pub struct Sim {
     deliveries: BinaryHeap<Reverse<Delivery>>,
     timers: BinaryHeap<Reverse<(Millis, usize)>>,
     rng: fastrand::Rng,
-    /// Every event any node reported.
+    /// Each node's last datagram, to reuse its decoding when the next is the same.
+    last_sent: Vec<Option<(Vec<u8>, Rc<Packet>)>>,
+    /// Recipients of the multicast being sent, by delay.
+    by_delay: Vec<Vec<u32>>,
+    started_at: Vec<Option<Millis>>,
+    /// How many running nodes know each number of peers.
+    with_peers: Vec<usize>,
+    /// Every event any node reported (that [`SimConfig::keep`] keeps).
     pub seen: Vec<Seen>,
     /// Bytes sent by all nodes (multicast counted once, as on a shared medium), with
     /// IP/UDP headers, per second of virtual time.
@@ -133,7 +196,6 @@ pub struct Sim {
     pub delivered: u64,
     running: usize,
     unstarted: usize,
-    converged_nodes: usize,
 }
 
 impl Sim {
@@ -173,6 +235,10 @@ impl Sim {
         }
         Self {
             unstarted: cfg.nodes,
+            last_sent: (0..cfg.nodes).map(|_| None).collect(),
+            by_delay: Vec::new(),
+            started_at: vec![None; cfg.nodes],
+            with_peers: vec![0; cfg.nodes + 1],
             cfg,
             now: 0,
             nodes,
@@ -186,7 +252,6 @@ impl Sim {
             bytes_per_second: Vec::new(),
             delivered: 0,
             running: 0,
-            converged_nodes: 0,
         }
     }
 
@@ -210,6 +275,19 @@ impl Sim {
         self.running
     }
 
+    /// When node `i` started (virtual ms), if it did.
+    ///
+    /// ```
+    /// # use localnet::sim::{Sim, SimConfig};
+    /// let mut sim = Sim::new(SimConfig { nodes: 3, ..SimConfig::default() });
+    /// sim.start_all(0, 500);
+    /// sim.run_until(1_000);
+    /// assert!((0..3).all(|i| sim.started_at(i).is_some_and(|t| t <= 500)));
+    /// ```
+    pub fn started_at(&self, i: usize) -> Option<Millis> {
+        self.started_at[i]
+    }
+
     /// Starts every node at a random time in `[at, at + spread_ms]`.
     pub fn start_all(&mut self, at: Millis, spread_ms: u64) {
         for i in 0..self.nodes.len() {
@@ -226,10 +304,12 @@ impl Sim {
         self.nodes[i].run = Run::Running;
         self.running += 1;
         self.unstarted -= 1;
+        self.started_at[i] = Some(self.now);
+        self.with_peers[self.nodes[i].core.peer_count()] += 1;
         let now = EPOCH + self.now;
+        let before = self.nodes[i].core.peer_count();
         self.nodes[i].core.start(now);
-        self.after_step(i, 0);
-        self.recount();
+        self.after_step(i, before);
     }
 
     /// Kills node `i` (like kill -9: no goodbye).
@@ -237,7 +317,7 @@ impl Sim {
         if self.nodes[i].run == Run::Running {
             self.nodes[i].run = Run::Stopped;
             self.running -= 1;
-            self.recount();
+            self.with_peers[self.nodes[i].core.peer_count()] -= 1;
         }
     }
 
@@ -250,18 +330,19 @@ impl Sim {
             self.after_step(i, before);
             self.nodes[i].run = Run::Stopped;
             self.running -= 1;
-            self.recount();
+            self.with_peers[self.nodes[i].core.peer_count()] -= 1;
         }
     }
 
     /// Whether every node has been started and every running node knows as many peers
     /// as there are other running nodes.
     pub fn converged(&self) -> bool {
-        self.running > 0 && self.converged_nodes == self.running && self.unstarted == 0
+        self.running > 0 && self.with_peers[self.running - 1] == self.running && self.unstarted == 0
     }
 
     /// Runs until every running node knows every other; returns the virtual time then,
-    /// or `None` if that did not happen by `deadline`.
+    /// or `None` if that did not happen by `deadline`. It checks after each timer and
+    /// each delivery (all the copies of one datagram due at the same millisecond).
     pub fn run_until_converged(&mut self, deadline: Millis) -> Option<Millis> {
         loop {
             if self.converged() {
@@ -289,7 +370,8 @@ impl Sim {
         total as f64 / (to_s - from_s) as f64
     }
 
-    /// Processes the next delivery or timer at or before `limit`; false when none is left.
+    /// Processes the next delivery (to all its recipients) or timer at or before
+    /// `limit`; false when none is left.
     fn step(&mut self, limit: Millis) -> bool {
         let next_delivery = self.deliveries.peek().map(|Reverse(d)| d.at);
         let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
@@ -306,14 +388,7 @@ impl Sim {
             let Some(Reverse(d)) = self.deliveries.pop() else {
                 return false;
             };
-            if self.nodes[d.to].run == Run::Running {
-                self.delivered += 1;
-                let before = self.nodes[d.to].core.peer_count();
-                self.nodes[d.to]
-                    .core
-                    .handle_datagram(EPOCH + next, d.from, &d.payload);
-                self.after_step(d.to, before);
-            }
+            self.deliver(&d);
         } else {
             let Some(Reverse((_, i))) = self.timers.pop() else {
                 return false;
@@ -334,62 +409,133 @@ impl Sim {
         true
     }
 
+    /// Hands a delivery to its recipients that still run, on one or two threads, then
+    /// applies what they did in recipient order.
+    fn deliver(&mut self, d: &Delivery) {
+        let (now, keep) = (self.now, self.cfg.keep);
+        let packet: &Packet = &d.packet; // Rc is not Send; its contents are Sync
+        let two = matches!(packet, Packet::Decoded(_, Some(_)));
+        if self.cfg.threads > 1 && two && d.to.len() >= PARALLEL_MIN {
+            let half = d.to.len() / 2;
+            let split = d.to[half] as usize;
+            let (left, right) = self.nodes.split_at_mut(split);
+            let (a, b) = std::thread::scope(|s| {
+                let to = &d.to[half..];
+                let helper = s.spawn(move || serve(right, split, to, packet, true, now, keep));
+                let a = serve(left, 0, &d.to[..half], packet, false, now, keep);
+                let b = helper
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (a, b)
+            });
+            self.apply(a);
+            self.apply(b);
+        } else {
+            let out = serve(&mut self.nodes, 0, &d.to, packet, false, now, keep);
+            self.apply(out);
+        }
+    }
+
     /// Collects what node `i` wants to send and report, and re-arms its timer.
     fn after_step(&mut self, i: usize, peers_before: usize) {
-        while let Some(event) = self.nodes[i].core.poll_event() {
-            self.seen.push(Seen {
-                at: self.now,
-                by: i,
-                event,
-            });
-        }
-        while let Some(tx) = self.nodes[i].core.poll_transmit() {
+        let mut out = Effects::default();
+        collect(
+            &mut self.nodes[i],
+            i,
+            self.now,
+            peers_before,
+            self.cfg.keep,
+            &mut out,
+        );
+        self.apply(out);
+    }
+
+    /// Applies what nodes did: records events, sends datagrams, queues timers.
+    fn apply(&mut self, out: Effects) {
+        self.delivered += out.delivered;
+        self.seen.extend(out.seen);
+        for (i, tx) in out.transmits {
             let second = (self.now / 1000) as usize;
             if self.bytes_per_second.len() <= second {
                 self.bytes_per_second.resize(second + 1, 0);
             }
             self.bytes_per_second[second] += (tx.payload.len() + HEADER_OVERHEAD) as u64;
-            let payload = Rc::new(tx.payload);
-            let from = self.nodes[i].addr;
+            let packet = self.packet(i, tx.payload);
             match tx.dest {
-                Destination::Group => {
-                    for to in 0..self.nodes.len() {
-                        if to != i && self.nodes[to].run == Run::Running {
-                            self.schedule(to, from, payload.clone());
-                        }
-                    }
-                }
+                Destination::Group => self.multicast(i, packet),
                 Destination::Unicast(addr) => {
                     if let Some(&to) = self.by_addr.get(&addr) {
-                        self.schedule(to, from, payload);
+                        self.schedule(to, packet);
                     }
                 }
             }
         }
-        let node = &mut self.nodes[i];
-        if node.run == Run::Running
-            && let Some(t) = node.core.poll_timeout()
-        {
-            let t = t.saturating_sub(EPOCH).max(self.now);
-            if node.armed.is_none_or(|armed| t < armed) {
-                node.armed = Some(t);
-                self.timers.push(Reverse((t, i)));
-            }
+        for item in out.timers {
+            self.timers.push(Reverse(item));
         }
-        let after = self.nodes[i].core.peer_count();
-        if after != peers_before {
-            let target = self.running.saturating_sub(1);
-            let was = self.nodes[i].run == Run::Running && peers_before == target;
-            let is = self.nodes[i].run == Run::Running && after == target;
-            match (was, is) {
-                (false, true) => self.converged_nodes += 1,
-                (true, false) => self.converged_nodes -= 1,
-                _ => {}
-            }
+        for (before, after) in out.counts {
+            self.with_peers[before] -= 1;
+            self.with_peers[after] += 1;
         }
     }
 
-    fn schedule(&mut self, to: usize, from: SocketAddr, payload: Rc<Vec<u8>>) {
+    /// The datagram node `i` sends, decoded once for all its recipients; the same bytes
+    /// as its previous datagram reuse that decoding.
+    fn packet(&mut self, i: usize, payload: Vec<u8>) -> Rc<Packet> {
+        if let Some((bytes, packet)) = &self.last_sent[i]
+            && *bytes == payload
+        {
+            return Rc::clone(packet);
+        }
+        let from = self.nodes[i].addr;
+        let key = self.cfg.key.as_ref();
+        let packet = Rc::new(match Decoded::new(from, &payload, key) {
+            Ok(decoded) => {
+                let second = (self.cfg.threads > 1)
+                    .then(|| Decoded::new(from, &payload, key).ok())
+                    .flatten();
+                Packet::Decoded(decoded, second)
+            }
+            Err(_) => Packet::Raw(from, payload.clone()),
+        });
+        self.last_sent[i] = Some((payload, Rc::clone(&packet)));
+        packet
+    }
+
+    /// Sends a copy to every other running node; copies that share a delay share a
+    /// queue item. Loss and delay are drawn per copy, in recipient order.
+    fn multicast(&mut self, i: usize, packet: Rc<Packet>) {
+        let (min, max) = (self.cfg.min_delay_ms, self.cfg.max_delay_ms);
+        let span = (max.saturating_sub(min) + 1) as usize;
+        if self.by_delay.len() < span {
+            self.by_delay.resize_with(span, Vec::new);
+        }
+        for to in 0..self.nodes.len() {
+            if to == i || self.nodes[to].run != Run::Running {
+                continue;
+            }
+            if self.cfg.loss > 0.0 && self.rng.f64() < self.cfg.loss {
+                continue;
+            }
+            let delay = self.rng.u64(min..=max);
+            self.by_delay[(delay - min) as usize].push(to as u32);
+        }
+        for k in 0..span {
+            if self.by_delay[k].is_empty() {
+                continue;
+            }
+            let to = std::mem::take(&mut self.by_delay[k]);
+            self.seq += 1;
+            self.deliveries.push(Reverse(Delivery {
+                at: self.now + min + k as u64,
+                seq: self.seq,
+                to,
+                packet: Rc::clone(&packet),
+            }));
+        }
+    }
+
+    fn schedule(&mut self, to: usize, packet: Rc<Packet>) {
         if self.cfg.loss > 0.0 && self.rng.f64() < self.cfg.loss {
             return;
         }
@@ -398,19 +544,71 @@ impl Sim {
         self.deliveries.push(Reverse(Delivery {
             at: self.now + delay,
             seq: self.seq,
-            to,
-            from,
-            payload,
+            to: vec![to as u32],
+            packet,
         }));
     }
+}
 
-    /// Recomputes how many nodes are converged (after the target changed).
-    fn recount(&mut self) {
-        let target = self.running.saturating_sub(1);
-        self.converged_nodes = self
-            .nodes
-            .iter()
-            .filter(|n| n.run == Run::Running && n.core.peer_count() == target)
-            .count();
+/// Hands `packet` at `now` to the nodes `to` (indices into the whole LAN; `nodes`
+/// starts at index `first`) that still run, and gathers what they did.
+fn serve(
+    nodes: &mut [SimNode],
+    first: usize,
+    to: &[u32],
+    packet: &Packet,
+    second_thread: bool,
+    now: Millis,
+    keep: fn(&PeerEvent) -> bool,
+) -> Effects {
+    let mut out = Effects::default();
+    for &i in to {
+        let i = i as usize;
+        let node = &mut nodes[i - first];
+        if node.run != Run::Running {
+            continue;
+        }
+        out.delivered += 1;
+        let before = node.core.peer_count();
+        packet.deliver(&mut node.core, EPOCH + now, second_thread);
+        collect(node, i, now, before, keep, &mut out);
+    }
+    out
+}
+
+/// Gathers what node `i` did in a step at `now`: its events (those `keep` keeps), its
+/// datagrams, its next timer if earlier than the armed one, and its peer count change.
+fn collect(
+    node: &mut SimNode,
+    i: usize,
+    now: Millis,
+    peers_before: usize,
+    keep: fn(&PeerEvent) -> bool,
+    out: &mut Effects,
+) {
+    while let Some(event) = node.core.poll_event() {
+        if keep(&event) {
+            out.seen.push(Seen {
+                at: now,
+                by: i,
+                event,
+            });
+        }
+    }
+    while let Some(tx) = node.core.poll_transmit() {
+        out.transmits.push((i, tx));
+    }
+    if node.run == Run::Running
+        && let Some(t) = node.core.poll_timeout()
+    {
+        let t = t.saturating_sub(EPOCH).max(now);
+        if node.armed.is_none_or(|armed| t < armed) {
+            node.armed = Some(t);
+            out.timers.push((t, i));
+        }
+    }
+    let after = node.core.peer_count();
+    if after != peers_before && node.run == Run::Running {
+        out.counts.push((peers_before, after));
     }
 }
