@@ -30,6 +30,7 @@
 //! stays empty. Needs root (network namespaces); everything runs inside namespaces this
 //! bench makes.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -936,24 +937,9 @@ fn print_table(n: usize, by: &BTreeMap<&str, Rows>) {
     }
 }
 
+/// The machine, with the versions of the peer systems.
 fn machine() -> Value {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().next().map(str::to_string))
-        .unwrap_or_default();
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut machine = common::machine();
     let version = |program: &str, arg: &str| {
         Command::new(program)
             .arg(arg)
@@ -967,13 +953,7 @@ fn machine() -> Value {
             })
             .unwrap_or_default()
     };
-    json!({
-        "cpus": cpus,
-        "cpu": model,
-        "memory": mem,
-        "kernel": kernel.trim(),
-        "localnet": env!("CARGO_PKG_VERSION"),
-        "serf": version("serf", "version"),
-        "avahi": version("avahi-daemon", "--version"),
-    })
+    machine["serf"] = json!(version("serf", "version"));
+    machine["avahi"] = json!(version("avahi-daemon", "--version"));
+    machine
 }

@@ -43,6 +43,8 @@
 //! The default peer table bound (`max_peers`, 4096) is raised to N for larger N, and
 //! said so in the output: with the default, nodes of a larger LAN never list everyone.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -150,7 +152,7 @@ fn main() {
             args.seed,
             args.loss
         ),
-        "machine": machine(),
+        "machine": common::machine(),
         "seed": args.seed,
         "loss": args.loss,
         "delay_ms": [1, 2],
@@ -553,16 +555,4 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn machine() -> Value {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| s.lines().next().map(str::to_string))
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    json!({"cpus": cpus, "memory": mem, "kernel": kernel.trim()})
 }
