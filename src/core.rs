@@ -1109,6 +1109,11 @@ mod tests {
     use super::*;
 
     fn node(id: u128, key: Option<ClusterKey>, observer: bool) -> Discovery {
+        node_at(id, key, observer, 1_000_000)
+    }
+
+    /// A node made at `now` (its seed is its id).
+    fn node_at(id: u128, key: Option<ClusterKey>, observer: bool, now: Millis) -> Discovery {
         let me = LocalNode {
             id: Uuid::from_u128(id),
             name: format!("n{id}"),
@@ -1121,7 +1126,7 @@ mod tests {
             observer,
             ..Config::default()
         };
-        Discovery::new(cfg, me, key, id as u64, 1_000_000).unwrap()
+        Discovery::new(cfg, me, key, id as u64, now).unwrap()
     }
 
     fn addr(i: u8) -> SocketAddr {
@@ -1412,17 +1417,7 @@ mod tests {
         for key in [None, Some(ClusterKey::from_bytes([4; 32]))] {
             let make = || -> Vec<Discovery> {
                 (1..=6)
-                    .map(|i| {
-                        let me = LocalNode {
-                            id: Uuid::from_u128(i),
-                            name: format!("n{i}"),
-                            incarnation: 1,
-                            addr: "0.0.0.0:7000".parse().unwrap(),
-                            role: "daemon".into(),
-                            tags: BTreeMap::new(),
-                        };
-                        Discovery::new(Config::default(), me, key.clone(), i as u64, t0).unwrap()
-                    })
+                    .map(|i| node_at(i, key.clone(), false, t0))
                     .collect()
             };
             let (mut raw, mut shared) = (make(), make());
