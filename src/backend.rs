@@ -140,6 +140,25 @@ impl Backend {
 
     /// Serves masters until one terminates this slave; then says goodbye and returns.
     pub async fn start_slave(self) -> Result<(), BackendError> {
+        self.start_slave_until(std::future::pending::<()>()).await
+    }
+
+    /// Like [`Backend::start_slave`], but also stops when `shutdown` completes (a
+    /// signal, say): jobs are killed and the goodbye is sent before it returns.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), localnet::BackendError> {
+    /// use localnet::{Backend, RemoteTable};
+    /// let backend = Backend::initialize("127.0.0.1", 8080, RemoteTable::new()).await?;
+    /// backend
+    ///     .start_slave_until(async { tokio::signal::ctrl_c().await.ok(); })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_slave_until(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), BackendError> {
         let mut discovery = self.discovery("slave");
         let name = discovery
             .name
@@ -159,7 +178,7 @@ impl Backend {
         if opts.key.is_none() && opts.insecure {
             tracing::warn!("--insecure: any host on the LAN can run commands on this slave");
         }
-        let served = slave::serve(self.listener, opts).await;
+        let served = slave::serve_until(self.listener, opts, shutdown).await;
         node.shutdown().await;
         served.map_err(BackendError::Slave)
     }
@@ -237,13 +256,16 @@ pub async fn discover(
 ) -> Result<Vec<Peer>, BackendError> {
     let want = wait_for.unwrap_or(usize::MAX);
     let deadline = tokio::time::Instant::now() + timeout;
-    let path = opts.control.clone().unwrap_or_else(control::default_path);
     // The local daemon already knows the slaves, when it discovers the same way: ask it
-    // if named explicitly, or when discovery is the default one (all interfaces, no key).
+    // if named explicitly (then it must answer), or when discovery is the default one
+    // (all interfaces, no key) and a daemon answers on the default socket.
     let default_discovery = opts.discovery.key.is_none() && opts.discovery.interfaces.is_empty();
-    if (opts.control.is_some() || default_discovery)
-        && let Ok(mut client) = ControlClient::connect(&path).await
-    {
+    let client = match control::explicit_path(opts.control.as_deref()) {
+        Some(path) => Some(control::connect_named(&path).await?),
+        None if default_discovery => ControlClient::connect(&control::default_path()).await.ok(),
+        None => None,
+    };
+    if let Some(mut client) = client {
         loop {
             let peers = client.peers(None, Duration::ZERO).await?;
             let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();

@@ -29,14 +29,20 @@ use crate::peers::{Peer, PeerEvent};
 const MAX_REQUEST: usize = 64 * 1024;
 /// Longest a client waits to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Most clients served at once; one more is told so and closed.
+pub const MAX_CLIENTS: usize = 64;
+/// A client that sends no request for this long is closed (a `watch` stream is not idle).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that takes no answer or event for this long is closed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the control socket is when none is named: `$LOCALNET_CONTROL`, else
 /// `/run/localnet/control.sock` for root or when it exists (the system daemon's, which
 /// members of the `localnet` group may use), else `$XDG_RUNTIME_DIR/localnet.sock`
 /// (else `/tmp/localnet-<uid>.sock`).
 pub fn default_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("LOCALNET_CONTROL").filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
+    if let Some(path) = explicit_path(None) {
+        return path;
     }
     // SAFETY: geteuid cannot fail and has no preconditions.
     let uid = unsafe { libc::geteuid() };
@@ -50,36 +56,103 @@ pub fn default_path() -> PathBuf {
     }
 }
 
+/// The control socket a user named: `named` (a `--control` option), else
+/// `$LOCALNET_CONTROL`; `None` when neither names one. A named socket that does not
+/// answer is an error, never a reason to discover without a daemon.
+pub fn explicit_path(named: Option<&Path>) -> Option<PathBuf> {
+    named.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os("LOCALNET_CONTROL")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+/// Connects to the daemon on an explicitly named socket: one that does not answer is
+/// [`ControlError::NamedNotAnswering`].
+pub async fn connect_named(path: &Path) -> Result<ControlClient, ControlError> {
+    ControlClient::connect(path).await.map_err(|e| match e {
+        ControlError::NoDaemon(p) => ControlError::NamedNotAnswering(p),
+        other => other,
+    })
+}
+
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("no daemon answers on {0}")]
     NoDaemon(String),
+    #[error(
+        "no daemon answers on {0}, the control socket that was named (--control or \
+         $LOCALNET_CONTROL); start one with `localnet daemon --control {0}`, or name no socket \
+         to discover without a daemon"
+    )]
+    NamedNotAnswering(String),
     #[error("another localnet daemon is already serving {0}")]
     InUse(String),
     #[error("control socket {path}: {source}")]
     Io { path: String, source: io::Error },
+    #[error(
+        "{path} is {what}, not a control socket; it was left as it is. \
+         Choose another path with --control (or $LOCALNET_CONTROL), or move that file away"
+    )]
+    NotASocket { path: String, what: &'static str },
     #[error("the daemon answered something unexpected: {0}")]
     Protocol(String),
+    #[error("the daemon on {0} closed the connection (it stopped)")]
+    Closed(String),
     #[error("the daemon refused: {0}")]
     Refused(String),
 }
 
-/// A bound control socket; the file is removed when this is dropped.
+/// A bound control socket; its file is removed when this is dropped, if it is still the
+/// socket this daemon bound (never a file someone else put there since).
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// Device and inode of the socket file as bound.
+    identity: Option<(u64, u64)>,
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.identity.is_some() && file_identity(&self.path) == self.identity {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Device and inode of `path` when it is a socket (not following a symlink).
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    meta.file_type()
+        .is_socket()
+        .then(|| (meta.dev(), meta.ino()))
+}
+
+/// What sits at a path, in words, for an error message.
+fn describe_file_type(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_fifo() {
+        "a named pipe"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "something that is not a socket"
     }
 }
 
 impl ControlSocket {
-    /// Binds `path` (mode 0660), creating its directory. A stale socket file is
-    /// replaced; a live one (another daemon answers) is an error.
+    /// Binds `path` (mode 0660), creating its directory. A stale socket is replaced; a
+    /// live one (another daemon answers) is an error, and so is anything at `path` that
+    /// is not a socket (it is never removed).
     pub async fn bind(path: &Path) -> Result<Self, ControlError> {
         let io_err = |source| ControlError::Io {
             path: path.display().to_string(),
@@ -88,7 +161,13 @@ impl ControlSocket {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io_err)?;
         }
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if file_identity(path).is_none() {
+                return Err(ControlError::NotASocket {
+                    path: path.display().to_string(),
+                    what: describe_file_type(&meta),
+                });
+            }
             if UnixStream::connect(path).await.is_ok() {
                 return Err(ControlError::InUse(path.display().to_string()));
             }
@@ -99,6 +178,7 @@ impl ControlSocket {
         Ok(Self {
             listener,
             path: path.to_path_buf(),
+            identity: file_identity(path),
         })
     }
 
@@ -107,16 +187,23 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Serves clients until the task is dropped.
+    /// Serves clients until the task is dropped: at most [`MAX_CLIENTS`] at once, each
+    /// closed after [`IDLE_TIMEOUT`] without a request.
     pub async fn serve(&self, node: NodeHandle) {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        tokio::spawn(refuse_busy(stream));
+                        continue;
+                    };
                     let node = node.clone();
                     tokio::spawn(async move {
                         if let Err(err) = serve_client(stream, node).await {
                             tracing::debug!(%err, "control client");
                         }
+                        drop(permit);
                     });
                 }
                 Err(err) => {
@@ -126,6 +213,15 @@ impl ControlSocket {
             }
         }
     }
+}
+
+/// Tells a client beyond [`MAX_CLIENTS`] why it is closed.
+async fn refuse_busy(mut stream: UnixStream) {
+    let answer = json!({
+        "ok": false,
+        "error": format!("the daemon serves {MAX_CLIENTS} control clients at once; try again when one has closed"),
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_line(&mut stream, &answer)).await;
 }
 
 #[derive(Deserialize)]
@@ -147,10 +243,12 @@ async fn serve_client(stream: UnixStream, node: NodeHandle) -> io::Result<()> {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = (&mut reader)
-            .take(MAX_REQUEST as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await?;
+        let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
+        let read = limited.read_until(b'\n', &mut line);
+        let Ok(n) = tokio::time::timeout(IDLE_TIMEOUT, read).await else {
+            return Ok(()); // idle: closed
+        };
+        let n = n?;
         if n == 0 {
             return Ok(());
         }
@@ -214,7 +312,13 @@ async fn serve_client(stream: UnixStream, node: NodeHandle) -> io::Result<()> {
 async fn write_line<W: AsyncWriteExt + Unpin>(w: &mut W, value: &Value) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(value)?;
     bytes.push(b'\n');
-    w.write_all(&bytes).await
+    match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&bytes)).await {
+        Ok(written) => written,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client reads nothing",
+        )),
+    }
 }
 
 /// A connection to a daemon's control socket.
@@ -277,9 +381,7 @@ impl ControlClient {
             .await
             .map_err(|e| self.io_err(e))?;
         if n == 0 {
-            return Err(ControlError::Protocol(
-                "the daemon closed the connection".into(),
-            ));
+            return Err(ControlError::Closed(self.path.display().to_string()));
         }
         let value: Value =
             serde_json::from_str(&line).map_err(|e| ControlError::Protocol(e.to_string()))?;
@@ -334,5 +436,67 @@ impl ControlClient {
         serde_json::from_value(value)
             .map(Some)
             .map_err(|e| ControlError::Protocol(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("localnet-ctl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_file_at_the_control_path_is_refused_and_kept() {
+        let dir = scratch("file");
+        let path = dir.join("cluster.key");
+        std::fs::write(&path, "precious\n").unwrap();
+        match ControlSocket::bind(&path).await {
+            Err(ControlError::NotASocket { what, .. }) => assert_eq!(what, "a regular file"),
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("bound over a regular file"),
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious\n");
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(matches!(
+            ControlSocket::bind(&sub).await,
+            Err(ControlError::NotASocket {
+                what: "a directory",
+                ..
+            })
+        ));
+        assert!(sub.is_dir());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_removed_on_drop() {
+        let dir = scratch("stale");
+        let path = dir.join("c.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // leaves a stale file
+        let socket = ControlSocket::bind(&path)
+            .await
+            .expect("stale socket replaced");
+        assert!(path.exists());
+        drop(socket);
+        assert!(!path.exists(), "the daemon's own socket is removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn drop_leaves_a_file_that_replaced_the_socket() {
+        let dir = scratch("replaced");
+        let path = dir.join("c.sock");
+        let socket = ControlSocket::bind(&path).await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "someone else's\n").unwrap();
+        drop(socket);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "someone else's\n");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -56,6 +56,20 @@ pub enum KeyError {
     Random(String),
 }
 
+/// A warning when the key file at `path` is readable or writable by group or others.
+pub fn permissions_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "key file {} has mode {mode:04o}: group or others can read it, and whoever reads \
+             it can join the cluster; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
 impl ClusterKey {
     /// Makes a new random key from the operating system's random number generator.
     pub fn generate() -> Result<Self, KeyError> {
@@ -84,12 +98,16 @@ impl ClusterKey {
         hex::encode(self.0)
     }
 
-    /// Reads a key file.
+    /// Reads a key file. A file that group or others may read is used, with a warning
+    /// (as ssh warns about private keys): whoever reads it can join the cluster.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
             path: path.display().to_string(),
             source,
         })?;
+        if let Some(warning) = permissions_warning(path) {
+            tracing::warn!("{warning}");
+        }
         Self::from_hex(&text).map_err(|_| KeyError::Invalid {
             where_: format!(" in {}", path.display()),
         })

@@ -61,7 +61,9 @@ pub enum Error {
 /// How [`find_peers_with`] looks for peers.
 #[derive(Clone, Debug)]
 pub struct FindOptions {
-    /// The daemon's control socket; default: [`control::default_path`].
+    /// The daemon's control socket, which must then answer; default: `$LOCALNET_CONTROL`
+    /// (likewise), else [`control::default_path`] if a daemon answers there, else a
+    /// discovery of its own.
     pub control: Option<PathBuf>,
     /// How long to look (and the longest wait for `wait_for`).
     pub timeout: Duration,
@@ -117,11 +119,16 @@ pub async fn find_peers_until(n: usize, timeout: Duration) -> Result<Vec<Peer>, 
     .await
 }
 
-/// [`find_peers`] with every option.
+/// [`find_peers`] with every option. A control socket named in `opts.control` (or
+/// `$LOCALNET_CONTROL`) must answer; only when none is named does a missing daemon lead
+/// to a discovery of its own.
 pub async fn find_peers_with(opts: &FindOptions) -> Result<Vec<Peer>, Error> {
-    let path = opts.control.clone().unwrap_or_else(control::default_path);
-    match control::ControlClient::connect(&path).await {
-        // A daemon already knows its peers: no need to wait unless asked to.
+    // A daemon already knows its peers: no need to wait unless asked to.
+    if let Some(path) = control::explicit_path(opts.control.as_deref()) {
+        let mut client = control::connect_named(&path).await?;
+        return Ok(client.peers(opts.wait_for, opts.timeout).await?);
+    }
+    match control::ControlClient::connect(&control::default_path()).await {
         Ok(mut client) => return Ok(client.peers(opts.wait_for, opts.timeout).await?),
         Err(control::ControlError::NoDaemon(_)) => {}
         Err(e) => return Err(e.into()),

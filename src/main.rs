@@ -68,11 +68,12 @@ struct NetArgs {
     /// `lo` keeps discovery on this machine.
     #[arg(long = "interface", short = 'i', value_name = "IF")]
     interfaces: Vec<String>,
-    /// Multicast group.
-    #[arg(long, value_name = "G", default_value_t = DEFAULT_GROUP)]
+    /// Multicast group (an IPv4 multicast address, 224.0.0.0/4).
+    #[arg(long, value_name = "G", default_value_t = DEFAULT_GROUP, value_parser = parse_group)]
     group: Ipv4Addr,
-    /// Multicast UDP port.
-    #[arg(long, value_name = "P", default_value_t = DEFAULT_PORT)]
+    /// Multicast UDP port (1-65535).
+    #[arg(long, value_name = "P", default_value_t = DEFAULT_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
     /// Cluster key file: only nodes with the same key see each other.
     #[arg(long, value_name = "F", env = "LOCALNET_KEY_FILE")]
@@ -86,7 +87,7 @@ struct NetArgs {
 #[derive(Args)]
 struct DaemonArgs {
     /// Name shown to peers; default: the host name.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_name)]
     name: Option<String>,
     #[command(flatten)]
     net: NetArgs,
@@ -104,7 +105,7 @@ struct DaemonArgs {
     /// heartbeats after it went silent. Longer means less traffic and slower failure
     /// detection. Large groups announce less often by themselves, to keep the group
     /// within its traffic budget.
-    #[arg(long, value_name = "DUR", default_value = "200ms", value_parser = parse_heartbeat)]
+    #[arg(long, value_name = "DUR", default_value = "200ms", value_parser = parse_heartbeat, allow_hyphen_values = true)]
     heartbeat: Duration,
 }
 
@@ -129,7 +130,7 @@ struct PeersArgs {
     #[arg(long, value_name = "N")]
     wait_for: Option<usize>,
     /// How long to discover when no daemon answers (and the longest wait for --wait-for).
-    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     timeout: Duration,
     #[command(flatten)]
     net: NetArgs,
@@ -148,11 +149,11 @@ struct WatchArgs {
 #[derive(Args)]
 struct SlaveArgs {
     /// Name shown to masters and peers; default: the host name.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_name)]
     name: Option<String>,
-    /// TCP address masters connect to (port 0 = any free port).
-    #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:0")]
-    listen: String,
+    /// TCP address masters connect to, IP:PORT (port 0 = any free port).
+    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:0", value_parser = parse_listen)]
+    listen: (String, u16),
     /// Tag announced to masters, as KEY=VALUE (repeatable); masters select slaves by tags.
     #[arg(long = "tag", value_name = "K=V", value_parser = parse_tag)]
     tags: Vec<(String, String)>,
@@ -173,13 +174,13 @@ struct MasterArgs {
     #[arg(long, value_name = "N")]
     slaves: Option<usize>,
     /// How long to look for slaves.
-    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     wait: Duration,
     /// Only slaves with this tag, KEY=VALUE (repeatable: all must match).
     #[arg(long = "tag", value_name = "K=V", value_parser = parse_tag)]
     tags: Vec<(String, String)>,
     /// Kill the command on a slave after this long.
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, allow_hyphen_values = true)]
     timeout: Option<Duration>,
     /// Print one JSON object per slave's result instead of lines.
     #[arg(long)]
@@ -203,7 +204,7 @@ struct TerminateArgs {
     #[arg(value_name = "NODE", required_unless_present = "all")]
     nodes: Vec<String>,
     /// How long to look for slaves.
-    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     wait: Duration,
     /// A local daemon's control socket to ask for slaves first.
     #[arg(long, value_name = "PATH")]
@@ -223,14 +224,84 @@ enum KeyCommand {
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
+    if s.chars().any(char::is_control) {
+        return Err(format!(
+            "{s:?} contains control characters: use printable ones"
+        ));
+    }
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
 }
 
+/// A duration longer than zero, written like `500ms`, `2s`, `1m`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 500ms, 2s, 1m)"))
+    if s.trim_start().starts_with('-') {
+        return Err(format!(
+            "{s} is negative: durations are longer than zero, like 500ms, 2s, 1m"
+        ));
+    }
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write durations like 500ms, 2s, 1m)"))?;
+    if d.is_zero() {
+        return Err(format!(
+            "{s} is zero: durations are longer than zero, like 500ms, 2s, 1m"
+        ));
+    }
+    Ok(d)
+}
+
+/// An IPv4 multicast address.
+fn parse_group(s: &str) -> Result<Ipv4Addr, String> {
+    let group: Ipv4Addr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 address (e.g. 239.255.76.78)"))?;
+    if !group.is_multicast() {
+        return Err(format!(
+            "{group} is not a multicast address (use 224.0.0.0/4, e.g. 239.255.76.78)"
+        ));
+    }
+    Ok(group)
+}
+
+/// A node name: not empty, at most 64 bytes, no control characters (tabs and newlines
+/// would break tables, logs and `watch` lines).
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("a name cannot be empty".into());
+    }
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "{s:?} contains the control character {c:?}: names are shown in tables, logs and \
+             event lines, so use printable characters only"
+        ));
+    }
+    if s.len() > 64 {
+        return Err(format!("{s:?} is {} bytes long: at most 64", s.len()));
+    }
+    Ok(s.to_string())
+}
+
+/// A TCP listen address `IP:PORT` (`[v6]:PORT` for IPv6; port 0 = any free port). The
+/// host is an address, not a name: nothing is looked up.
+fn parse_listen(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?}: expected IP:PORT, e.g. 0.0.0.0:0 or 10.0.0.5:8080"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{s:?}: {port:?} is not a port number (0-65535)"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!(
+            "{s:?}: {host:?} is not an IP address (names are not looked up; e.g. 0.0.0.0:{port})"
+        ));
+    }
+    Ok((host.to_string(), port))
 }
 
 fn main() -> ExitCode {
@@ -250,10 +321,27 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("localnet: error: {e:#}");
+            eprintln!("localnet: error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: errors that already print
+/// their source (`cannot read F: No such file…`) are not followed by it again.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn init_logging(quiet: bool, slave: bool) {
@@ -348,12 +436,6 @@ fn node_options_with_key(net: &NetArgs, key: Option<ClusterKey>) -> Result<NodeO
 }
 
 async fn daemon(args: DaemonArgs) -> Result<()> {
-    if !args.net.group.is_multicast() {
-        bail!(
-            "--group {} is not a multicast address (use 224.0.0.0/4, e.g. 239.255.76.78)",
-            args.net.group
-        );
-    }
     let mut opts = node_options_with_default_key(&args.net)?;
     opts.name = args.name;
     opts.tags = args.tags.into_iter().collect::<BTreeMap<_, _>>();
@@ -434,6 +516,16 @@ async fn peers(args: PeersArgs) -> Result<()> {
     } else {
         println!("{}", peer_table(&peers));
     }
+    if let Some(n) = args.wait_for
+        && peers.len() < n
+    {
+        bail!(
+            "found only {} of {n} peers within {} (a longer --timeout waits longer; check that \
+             the others run with the same --group, --port and key)",
+            peers.len(),
+            humantime::format_duration(args.timeout)
+        );
+    }
     Ok(())
 }
 
@@ -451,9 +543,14 @@ fn peer_table(peers: &[Peer]) -> comfy_table::Table {
         "ID",
     ]);
     for p in peers {
-        let tags: Vec<String> = p.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // Names and tags come from the network: control characters are shown escaped.
+        let tags: Vec<String> = p
+            .tags
+            .iter()
+            .map(|(k, v)| format!("{}={}", k.escape_debug(), v.escape_debug()))
+            .collect();
         table.add_row([
-            p.name.clone(),
+            p.name.escape_debug().to_string(),
             p.addr.to_string(),
             p.role.clone(),
             serde_json::to_value(p.state)
@@ -487,8 +584,14 @@ async fn watch(args: WatchArgs) -> Result<()> {
     let mut client = connect(args.control).await?;
     client.watch().await?;
     loop {
-        let Some(event) = client.next_event().await? else {
-            continue;
+        let event = match client.next_event().await {
+            Ok(Some(event)) => event,
+            Ok(None) => continue,
+            Err(ControlError::Closed(path)) => {
+                eprintln!("localnet: the daemon on {path} stopped; no more events");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
         };
         if args.json {
             println!("{}", serde_json::to_string(&event)?);
@@ -500,7 +603,13 @@ async fn watch(args: WatchArgs) -> Result<()> {
                 PeerEvent::Left(_) => "left   ",
                 PeerEvent::Failed(_) => "failed ",
             };
-            println!("{what} {} {} {} {}", p.name, p.addr, p.role, p.id);
+            println!(
+                "{what} {} {} {} {}",
+                p.name.escape_debug(),
+                p.addr,
+                p.role.escape_debug(),
+                p.id
+            );
         }
     }
 }
@@ -511,9 +620,44 @@ async fn status(args: WatchArgs) -> Result<()> {
     if args.json {
         println!("{status}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        print!("{}", status_text(&status));
     }
     Ok(())
+}
+
+/// The daemon's status as `field: value` lines, nested objects as `outer.inner`.
+fn status_text(status: &serde_json::Value) -> String {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        use serde_json::Value;
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            Value::Array(items) => {
+                let items: Vec<String> = items
+                    .iter()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                    .collect();
+                out.push((prefix.to_string(), items.join(", ")));
+            }
+            Value::String(text) => out.push((prefix.to_string(), text.clone())),
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut fields = Vec::new();
+    walk("", status, &mut fields);
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    fields
+        .iter()
+        .map(|(k, v)| format!("{k:width$}  {}\n", v.escape_debug()))
+        .collect()
 }
 
 fn backend_options(net: &NetArgs, control: Option<PathBuf>) -> Result<BackendOptions> {
@@ -524,23 +668,8 @@ fn backend_options(net: &NetArgs, control: Option<PathBuf>) -> Result<BackendOpt
     })
 }
 
-fn split_listen(listen: &str) -> Result<(String, u16)> {
-    let (host, port) = listen
-        .rsplit_once(':')
-        .with_context(|| format!("--listen {listen:?}: expected HOST:PORT"))?;
-    let port = port
-        .parse()
-        .with_context(|| format!("--listen {listen:?}: {port:?} is not a port number"))?;
-    Ok((
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-        port,
-    ))
-}
-
 async fn slave(args: SlaveArgs) -> Result<()> {
-    let (host, port) = split_listen(&args.listen)?;
+    let (host, port) = args.listen;
     let mut opts = backend_options(&args.net, None)?;
     opts.name = args.name;
     opts.discovery.tags = args.tags.into_iter().collect();
@@ -551,11 +680,15 @@ async fn slave(args: SlaveArgs) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     tracing::info!(%node, "slave listening");
-    tokio::select! {
-        served = backend.start_slave() => served?,
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting"),
-        _ = sigterm.recv() => tracing::info!("SIGTERM: exiting"),
-    }
+    // On a signal the slave kills its jobs and says goodbye before it exits, so that
+    // peers see it leave rather than fail.
+    let signalled = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: leaving"),
+            _ = sigterm.recv() => tracing::info!("SIGTERM: leaving"),
+        }
+    };
+    backend.start_slave_until(signalled).await?;
     Ok(())
 }
 

@@ -176,7 +176,17 @@ impl tracing::field::Visit for LineVisitor<'_> {
 /// Serves masters on `listener` until one of them says terminate; kills every job before
 /// returning.
 pub async fn serve(listener: TcpListener, opts: SlaveOptions) -> std::io::Result<()> {
+    serve_until(listener, opts, std::future::pending::<()>()).await
+}
+
+/// Like [`serve`], and also stops when `shutdown` completes.
+pub async fn serve_until(
+    listener: TcpListener,
+    opts: SlaveOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     let opts = Arc::new(opts);
+    let mut shutdown = std::pin::pin!(shutdown);
     let jobs = Arc::new(Jobs::default());
     let slots = Arc::new(Semaphore::new(opts.slots.max(1)));
     let terminate = Arc::new(Notify::new());
@@ -185,6 +195,7 @@ pub async fn serve(listener: TcpListener, opts: SlaveOptions) -> std::io::Result
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = terminate.notified() => break,
+            _ = &mut shutdown => break,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,

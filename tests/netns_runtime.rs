@@ -344,16 +344,7 @@ fn peers_addr(lan: &Lan, i: usize) -> localnet::NodeId {
     let out = lan.run(
         0,
         &binary(),
-        &[
-            "peers",
-            "--json",
-            "--interface",
-            "eth0",
-            "--timeout",
-            "1s",
-            "--control",
-            "/nonexistent.sock",
-        ],
+        &["peers", "--json", "--interface", "eth0", "--timeout", "1s"],
     );
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let p = list

@@ -1,0 +1,254 @@
+//! The command line as a new user meets it: usage errors exit 2 and say what to do,
+//! runtime errors name their cause once, nothing is deleted or sent by mistake.
+//!
+//! Every command runs in a network namespace of its own (`unshare --net`, loopback
+//! only), so that a command that wrongly went on to discover could not reach any
+//! network; when namespaces are not available the tests skip (see `support`).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use support::binary;
+
+/// Runs `localnet args` in a new network namespace with only `lo` (up), with `env`.
+fn isolated(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new("unshare");
+    command
+        .args([
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ])
+        .arg(binary())
+        .args(args)
+        .env_remove("LOCALNET_CONTROL")
+        .env_remove("LOCALNET_KEY_FILE")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run unshare")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("localnet-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn usage_errors_exit_2_for_every_subcommand() {
+    if !support::netns_available() {
+        return;
+    }
+    let cases: &[(&[&str], &str)] = &[
+        (&["peers", "--port", "0"], "--port"),
+        (&["daemon", "--port", "0", "--interface", "lo"], "--port"),
+        (&["slave", "--port", "0", "--interface", "lo"], "--port"),
+        (&["master", "--port", "0", "--", "true"], "--port"),
+        (&["terminate", "--all", "--port", "0"], "--port"),
+        (&["peers", "--group", "10.1.2.3"], "not a multicast address"),
+        (&["slave", "--group", "10.1.2.3"], "not a multicast address"),
+        (
+            &["master", "--group", "10.1.2.3", "--", "true"],
+            "not a multicast address",
+        ),
+        (
+            &["terminate", "--all", "--group", "1.2.3.4"],
+            "not a multicast address",
+        ),
+        (&["master", "--timeout", "0s", "--", "true"], "zero"),
+        (&["master", "--timeout", "-1s", "--", "true"], "negative"),
+        (&["master", "--wait", "-1s", "--", "true"], "negative"),
+        (&["peers", "--timeout", "0ms"], "zero"),
+        (&["daemon", "--heartbeat", "-1s"], "negative"),
+        (&["slave", "--listen", "127.0.0.1"], "IP:PORT"),
+        (&["slave", "--listen", "somehost:80"], "not an IP address"),
+        (
+            &["daemon", "--name", "a\tb", "--interface", "lo"],
+            "control character",
+        ),
+        (&["slave", "--name", "two\nlines"], "control character"),
+        (
+            &["daemon", "--tag", "k=v\nx", "--interface", "lo"],
+            "control characters",
+        ),
+    ];
+    for (args, says) in cases {
+        let out = isolated(args, &[]);
+        let err = stderr(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?} should be a usage error:\n{err}"
+        );
+        assert!(err.contains(says), "{args:?}: expected {says:?} in:\n{err}");
+        assert!(
+            !err.contains("-- -1"),
+            "{args:?}: clap's tip would start the command:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn an_os_cause_is_printed_once() {
+    if !support::netns_available() {
+        return;
+    }
+    let out = isolated(
+        &[
+            "peers",
+            "--interface",
+            "lo",
+            "--key-file",
+            "/nonexistent/cluster.key",
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("/nonexistent/cluster.key"), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+#[test]
+fn a_named_control_socket_that_does_not_answer_is_an_error() {
+    if !support::netns_available() {
+        return;
+    }
+    let dir = scratch("typo");
+    let typo = dir.join("typo.sock");
+    let typo = path_str(&typo);
+    let cases: &[&[&str]] = &[
+        &["peers", "--interface", "lo", "--control", typo],
+        &[
+            "master",
+            "--interface",
+            "lo",
+            "--control",
+            typo,
+            "--",
+            "true",
+        ],
+        &["terminate", "--all", "--interface", "lo", "--control", typo],
+    ];
+    for args in cases {
+        let out = isolated(args, &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}:\n{err}");
+        assert!(
+            err.contains(typo),
+            "{args:?} should name the socket:\n{err}"
+        );
+        assert!(err.contains("no daemon answers"), "{args:?}:\n{err}");
+    }
+    // $LOCALNET_CONTROL names a socket just as --control does.
+    let out = isolated(
+        &["peers", "--interface", "lo"],
+        &[("LOCALNET_CONTROL", typo)],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains(typo), "{}", stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_daemon_refuses_a_control_path_that_is_a_file_and_keeps_it() {
+    if !support::netns_available() {
+        return;
+    }
+    let dir = scratch("keep");
+    let file = dir.join("f");
+    std::fs::write(&file, "data\n").expect("write");
+    let out = isolated(
+        &["daemon", "--interface", "lo", "--control", path_str(&file)],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is a regular file, not a control socket"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("still there"),
+        "data\n"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_key_file_others_can_read_is_warned_about() {
+    if !support::netns_available() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("mode");
+    let key = dir.join("cluster.key");
+    let made = Command::new(binary())
+        .args(["key", "generate", "--out", path_str(&key)])
+        .output()
+        .expect("key generate");
+    assert!(made.status.success());
+    let args = [
+        "peers",
+        "--interface",
+        "lo",
+        "--discovery",
+        "multicast",
+        "--timeout",
+        "100ms",
+        "--key-file",
+        path_str(&key),
+    ];
+    let private = isolated(&args, &[]);
+    assert!(
+        !stderr(&private).contains("chmod 600"),
+        "{}",
+        stderr(&private)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let open = isolated(&args, &[]);
+    let err = stderr(&open);
+    assert!(err.contains("mode 0644"), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn peers_that_finds_fewer_than_wait_for_says_so() {
+    if !support::netns_available() {
+        return;
+    }
+    let out = isolated(
+        &[
+            "peers",
+            "--interface",
+            "lo",
+            "--discovery",
+            "multicast",
+            "--wait-for",
+            "3",
+            "--timeout",
+            "200ms",
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("found only 0 of 3 peers"), "{err}");
+}
