@@ -45,7 +45,13 @@ pub use key::ClusterKey;
 pub use master::{CommandJob, ExecEvent, Master, MasterError, TerminateReport};
 pub use node::{Node, NodeHandle, NodeOptions};
 pub use peers::{Peer, PeerEvent, PeerState};
-pub use remote::{JobExit, NodeId, RemoteTable, Stream};
+pub use remote::{JobExit, NodeId, RemoteError, RemoteResult, RemoteTable, Stream};
+
+/// Every Rust block of README.md, compiled as a doctest so that the README's examples
+/// stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 /// Errors of the library's entry points.
 #[derive(Debug, thiserror::Error)]

@@ -155,8 +155,28 @@ pub enum Frame {
     Ping,
 }
 
+/// The error of a remote function: any error type converts into it with `?` (`anyhow`'s
+/// included), and so does a message (`Err("why".into())`). The master receives its text
+/// with its causes.
+pub type RemoteError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The result type of remote functions.
-pub type RemoteResult = anyhow::Result<Value>;
+pub type RemoteResult = Result<Value, RemoteError>;
+
+/// An error and its causes on one line (`outer: cause: root cause`), each cause once.
+pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
+}
 type BoxedFn =
     Arc<dyn Fn(Value) -> Pin<Box<dyn Future<Output = RemoteResult> + Send>> + Send + Sync>;
 
@@ -166,7 +186,7 @@ type BoxedFn =
 /// use localnet::RemoteTable;
 /// use serde_json::{json, Value};
 /// let table = RemoteTable::new().register("square", |x: Value| async move {
-///     let n = x.as_i64().ok_or_else(|| anyhow::anyhow!("square wants an integer"))?;
+///     let n = x.as_i64().ok_or("square wants an integer")?;
 ///     Ok(json!(n * n))
 /// });
 /// assert!(table.contains("square"));
@@ -387,6 +407,27 @@ mod tests {
             })
             .collect();
         assert_eq!(joined, "é".repeat(40_000));
+    }
+
+    #[tokio::test]
+    async fn remote_functions_need_no_anyhow_and_errors_keep_their_causes() {
+        let table = RemoteTable::new()
+            .register("parse", |v: Value| async move {
+                let text = v.as_str().ok_or("parse wants a string")?;
+                Ok(json!(text.parse::<i64>()?))
+            })
+            .register("wrapped", |_| async move {
+                let inner = std::io::Error::other("disk on fire");
+                Err(anyhow::Error::new(inner).context("saving the result"))?
+            });
+        let run = |name: &str, arg: Value| table.start(name, arg).unwrap();
+        assert_eq!(run("parse", json!("42")).await.unwrap(), json!(42));
+        let err = run("parse", json!(1)).await.unwrap_err();
+        assert_eq!(error_text(err.as_ref()), "parse wants a string");
+        let err = run("parse", json!("x")).await.unwrap_err();
+        assert_eq!(error_text(err.as_ref()), "invalid digit found in string");
+        let err = run("wrapped", Value::Null).await.unwrap_err();
+        assert_eq!(error_text(err.as_ref()), "saving the result: disk on fire");
     }
 
     #[tokio::test]

@@ -345,7 +345,7 @@ impl Session {
                 Ok(Err(e)) => Frame::Result {
                     id,
                     ok: None,
-                    err: Some(format!("{e:#}")),
+                    err: Some(remote::error_text(e.as_ref())),
                 },
                 Err(e) if e.is_panic() => {
                     let payload = e.into_panic();
