@@ -235,6 +235,18 @@ pub async fn discover(
     timeout: Duration,
     tags: &BTreeMap<String, String>,
 ) -> Result<Vec<Peer>, BackendError> {
+    discover_with_progress(opts, wait_for, timeout, tags, |_| {}).await
+}
+
+/// Like [`discover`], calling `progress` with the number of matching slaves known
+/// whenever it may have changed (for a progress display).
+pub async fn discover_with_progress(
+    opts: &BackendOptions,
+    wait_for: Option<usize>,
+    timeout: Duration,
+    tags: &BTreeMap<String, String>,
+    progress: impl Fn(usize),
+) -> Result<Vec<Peer>, BackendError> {
     let want = wait_for.unwrap_or(usize::MAX);
     let deadline = tokio::time::Instant::now() + timeout;
     let path = opts.control.clone().unwrap_or_else(control::default_path);
@@ -247,6 +259,7 @@ pub async fn discover(
         loop {
             let peers = client.peers(None, Duration::ZERO).await?;
             let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
+            progress(found.len());
             // With no count to wait for, what the daemon knows is the answer.
             if wait_for.is_none() || found.len() >= want || tokio::time::Instant::now() >= deadline
             {
@@ -264,6 +277,7 @@ pub async fn discover(
     let found = loop {
         let peers = handle.peers().await?;
         let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
+        progress(found.len());
         if found.len() >= want {
             break found;
         }
