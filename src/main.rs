@@ -761,18 +761,22 @@ async fn run_on_slave(
     let mut splitters = [LineSplitter::default(), LineSplitter::default()];
     let exit = loop {
         match job.next().await {
-            Some(ExecEvent::Output(stream, data)) => match mode {
-                OutputMode::Json => captured[index(stream)].extend_from_slice(&data),
-                OutputMode::Raw => stdio::write(target(stream), data)
-                    .await
-                    .context("writing output")?,
-                OutputMode::Prefixed => {
-                    let lines = splitters[index(stream)].push(&data);
-                    stdio::write(target(stream), prefixed(lines))
+            Some(ExecEvent::Output(stream, data)) => {
+                match mode {
+                    OutputMode::Json => captured[index(stream)].extend_from_slice(&data),
+                    OutputMode::Raw => stdio::write(target(stream), data)
                         .await
-                        .context("writing output")?;
+                        .context("writing output")?,
+                    OutputMode::Prefixed => {
+                        let lines = splitters[index(stream)].push(&data);
+                        stdio::write(target(stream), prefixed(lines))
+                            .await
+                            .context("writing output")?;
+                    }
                 }
-            },
+                // Timers and keepalives first (see localnet::remote::write_frames).
+                tokio::task::yield_now().await;
+            }
             Some(ExecEvent::Exit(exit)) => break exit,
             None => bail!("connection to the slave lost"),
         }

@@ -477,6 +477,8 @@ async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, lo
                 };
                 // Waits when the consumer is slow: backpressure reaches the slave's pipe.
                 let _ = tx.send(ExecEvent::Output(stream, data)).await;
+                // Timers and keepalives first (see remote::write_frames).
+                tokio::task::yield_now().await;
             }
             Frame::Exit { id, exit } => {
                 let pending = session.pending.lock().ok().and_then(|mut p| p.remove(&id));

@@ -358,6 +358,12 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Frame> {
 }
 
 /// Writes queued frames, flushing when the queue is empty; pings when idle.
+///
+/// The keepalive is this task's own timer, so it must get to run: every task that
+/// moves bulk data on a runtime (this writer, the master's reader, output consumers)
+/// yields after each chunk. On a single-threaded runtime, a task that stays busy
+/// across many chunks would otherwise delay timers (and so pings) by seconds, and the
+/// peer would call the connection dead.
 pub(crate) async fn write_frames(
     mut writer: crate::transport::FrameWriter,
     mut outbox: tokio::sync::mpsc::Receiver<Frame>,
@@ -378,6 +384,8 @@ pub(crate) async fn write_frames(
         if outbox.is_empty() && writer.flush().await.is_err() {
             return;
         }
+        // Let the runtime's timers and other connections run between frames.
+        tokio::task::yield_now().await;
     }
     let _ = writer.shutdown().await;
 }

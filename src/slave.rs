@@ -576,6 +576,7 @@ async fn pump(
         {
             tracing::info!(job = id, ?stream, "{}", String::from_utf8_lossy(&data));
         }
+        tokio::task::yield_now().await; // timers and keepalives first (see write_frames)
     }
 }
 
