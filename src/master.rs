@@ -524,3 +524,30 @@ async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, lo
     // A slave that closed right after saying it terminates did acknowledge.
     drop(session.terminating.lock().ok().and_then(|mut t| t.take()));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_splitter_keeps_every_byte_whatever_the_chunks() {
+        let long = vec![b'x'; LineSplitter::MAX_LINE + 10];
+        let mut input = b"one\n\xfftwo\n\n".to_vec();
+        input.extend_from_slice(&long);
+        input.extend_from_slice(b"\nlast");
+        for chunk in [1, 2, 7, 4096, input.len()] {
+            let mut splitter = LineSplitter::default();
+            let mut lines = Vec::new();
+            for piece in input.chunks(chunk) {
+                lines.extend(splitter.push(piece));
+            }
+            let last = splitter.finish();
+            assert_eq!(last.as_deref(), Some(&b"last"[..]), "chunk {chunk}");
+            assert_eq!(&lines[..3], [&b"one"[..], b"\xfftwo", b""], "chunk {chunk}");
+            // The long line comes in a full piece and the rest.
+            assert_eq!(lines[3].len(), LineSplitter::MAX_LINE);
+            assert_eq!(lines[4].len(), 10);
+            assert_eq!(lines.len(), 5);
+        }
+    }
+}
