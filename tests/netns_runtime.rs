@@ -692,3 +692,48 @@ fn master_shows_slave_log_lines_only_with_slave_logs() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn client_commands_do_not_warn_about_datagrams_they_drop() {
+    let Some(lan) = Lan::new("cwarn", 85, 2) else {
+        return;
+    };
+    let ours = lan.key("ours");
+    let theirs = lan.key("theirs");
+    // A daemon of another cluster announces next to us: every datagram of it is dropped.
+    lan.daemon(1, &["--key-file", &theirs]);
+    let stderr_of = |args: &[&str]| text(&lan.run(0, &binary(), args).stderr);
+    let peers = stderr_of(&[
+        "peers",
+        "--interface",
+        "eth0",
+        "--key-file",
+        &ours,
+        "--control",
+        "/nonexistent.sock",
+        "--timeout",
+        "1s",
+    ]);
+    assert!(!peers.contains("dropped datagram"), "{peers}");
+    let master = stderr_of(&[
+        "master",
+        "--interface",
+        "eth0",
+        "--key-file",
+        &ours,
+        "--wait",
+        "1s",
+        "--",
+        "true",
+    ]);
+    assert!(master.contains("no slaves found"), "{master}");
+    assert!(!master.contains("dropped datagram"), "{master}");
+    // The daemon, which is not a client, still says what it drops.
+    assert!(
+        eventually(Duration::from_secs(2), || lan
+            .log("h1")
+            .contains("dropped datagram")),
+        "{}",
+        lan.log("h1")
+    );
+}
