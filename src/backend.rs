@@ -254,6 +254,18 @@ pub async fn discover(
     timeout: Duration,
     tags: &BTreeMap<String, String>,
 ) -> Result<Vec<Peer>, BackendError> {
+    discover_with_progress(opts, wait_for, timeout, tags, |_| {}).await
+}
+
+/// Like [`discover`], calling `progress` with the number of matching slaves known
+/// whenever it may have changed (for a progress display).
+pub async fn discover_with_progress(
+    opts: &BackendOptions,
+    wait_for: Option<usize>,
+    timeout: Duration,
+    tags: &BTreeMap<String, String>,
+    progress: impl Fn(usize),
+) -> Result<Vec<Peer>, BackendError> {
     let want = wait_for.unwrap_or(usize::MAX);
     let deadline = tokio::time::Instant::now() + timeout;
     // The local daemon already knows the slaves, when it discovers the same way: ask it
@@ -269,6 +281,7 @@ pub async fn discover(
         loop {
             let peers = client.peers(None, Duration::ZERO).await?;
             let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
+            progress(found.len());
             // With no count to wait for, what the daemon knows is the answer.
             if wait_for.is_none() || found.len() >= want || tokio::time::Instant::now() >= deadline
             {
@@ -286,6 +299,7 @@ pub async fn discover(
     let found = loop {
         let peers = handle.peers().await?;
         let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
+        progress(found.len());
         if found.len() >= want {
             break found;
         }

@@ -1068,7 +1068,13 @@ impl Discovery {
 
     fn warn(&mut self, now: Millis, source: SocketAddr, why: &str) {
         if let Some(suppressed) = self.log_gate.allow(now) {
-            tracing::warn!(%source, suppressed, "dropped datagram: {why}");
+            // An observer is a short-lived client (`peers`, `master`, `terminate`): what
+            // others send wrong is the daemons' business, and its spinner stays clean.
+            if self.cfg.observer {
+                tracing::debug!(%source, suppressed, "dropped datagram: {why}");
+            } else {
+                tracing::warn!(%source, suppressed, "dropped datagram: {why}");
+            }
         }
     }
 }

@@ -10,7 +10,7 @@
 //!   [`control`]: the daemon's control socket.
 //! - [`transport`]: framed, optionally Noise-encrypted TCP between nodes; [`remote`]: the
 //!   master–slave messages and [`RemoteTable`]; [`slave`], [`master`] and [`backend`]:
-//!   the SimpleLocalnet-style runtime.
+//!   the SimpleLocalnet-style runtime; [`stdio`]: output that never blocks the runtime.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), localnet::Error> {
@@ -34,6 +34,7 @@ pub mod remote;
 pub mod service;
 pub mod sim;
 pub mod slave;
+pub mod stdio;
 pub mod transport;
 pub mod wire;
 
@@ -42,7 +43,7 @@ use std::time::Duration;
 
 pub use backend::{Backend, BackendError, BackendOptions};
 pub use key::ClusterKey;
-pub use master::{CommandJob, ExecEvent, Master, MasterError, TerminateReport};
+pub use master::{CommandJob, ExecEvent, LineSplitter, Master, MasterError, TerminateReport};
 pub use node::{Node, NodeHandle, NodeOptions};
 pub use peers::{Peer, PeerEvent, PeerState};
 pub use remote::{JobExit, NodeId, RemoteError, RemoteResult, RemoteTable, Stream};

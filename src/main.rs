@@ -15,8 +15,8 @@ use clap::{Args, Parser, Subcommand};
 use localnet::control::{self, ControlClient, ControlError, ControlSocket};
 use localnet::node::{DEFAULT_GROUP, DEFAULT_PORT};
 use localnet::{
-    Backend, BackendOptions, ClusterKey, ExecEvent, FindOptions, JobExit, Master, Node, NodeId,
-    NodeOptions, Peer, PeerEvent, RemoteTable, Stream,
+    Backend, BackendOptions, ClusterKey, ExecEvent, FindOptions, JobExit, LineSplitter, Master,
+    Node, NodeId, NodeOptions, Peer, PeerEvent, RemoteTable, Stream,
 };
 
 #[derive(Parser)]
@@ -182,9 +182,19 @@ struct MasterArgs {
     /// Kill the command on a slave after this long.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, allow_hyphen_values = true)]
     timeout: Option<Duration>,
-    /// Print one JSON object per slave's result instead of lines.
+    /// Print one JSON object per slave's result instead of lines: slave, node,
+    /// exit_code, signal, timed_out, error, stdout and stderr (arrays of lines, invalid
+    /// UTF-8 replaced), and stdout_base64 / stderr_base64 (the exact bytes) whenever the
+    /// lines do not say them exactly (invalid UTF-8, or no newline at the end).
     #[arg(long)]
     json: bool,
+    /// Copy the job's stdout and stderr byte for byte, without `name: ` prefixes: runs
+    /// on exactly one slave (it is an error when the selection matches several).
+    #[arg(long, conflicts_with = "json")]
+    raw: bool,
+    /// Also show the slaves' own log lines, on stderr as `name: LEVEL line`.
+    #[arg(long)]
+    slave_logs: bool,
     /// A local daemon's control socket to ask for slaves first.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
@@ -318,7 +328,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    localnet::stdio::flush_blocking(); // output and log lines still queued
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("localnet: error: {}", error_chain(&e));
@@ -355,18 +367,25 @@ fn init_logging(quiet: bool, slave: bool) {
     // `<N>`-prefixed lines without timestamps on the stream; else text on stderr.
     let journal = localnet::service::stderr_is_journal();
     let journald = journal.then(localnet::service::journald_layer).flatten();
+    // Log lines are queued for a thread that writes them: a stuck stderr never blocks
+    // the runtime (lines are dropped and counted instead).
     let stream = (journal && journald.is_none()).then(|| {
         tracing_subscriber::fmt::layer()
             .event_format(localnet::service::JournalStreamFormat::default())
-            .with_writer(std::io::stderr)
+            .with_writer(localnet::stdio::NonBlockingStderr)
     });
     let local = (!journal).then(|| {
         tracing_subscriber::fmt::layer()
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
+            .with_writer(localnet::stdio::NonBlockingStderr)
     });
-    // A slave's log lines go to the master that redirected them, else to the local log.
-    let not_redirected = || filter_fn(|_| !localnet::slave::logs_redirected());
+    // A slave's log lines go to the master that redirected them, else to the local log;
+    // its connection lifecycle lines always stay in the local log too.
+    let not_redirected = || {
+        filter_fn(|meta| {
+            !localnet::slave::logs_redirected() || meta.target() == localnet::slave::LIFECYCLE
+        })
+    };
     tracing_subscriber::registry()
         .with(filter)
         .with(journald.with_filter(not_redirected()))
@@ -716,30 +735,57 @@ async fn find_slaves_for_cli(
     let opts = backend_options(net, control)?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_message(match wait_for {
-            Some(n) => format!("looking for {n} slaves..."),
-            None => "looking for slaves...".to_string(),
-        });
+        bar.set_message(slaves_found_message(0, wait_for));
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
     });
-    let found = localnet::backend::discover(&opts, wait_for, wait, tags).await;
+    let found = localnet::backend::discover_with_progress(&opts, wait_for, wait, tags, |n| {
+        if let Some(bar) = &progress {
+            bar.set_message(slaves_found_message(n, wait_for));
+        }
+    })
+    .await;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
     Ok(found?)
 }
 
+/// The spinner's text: `looking for slaves: 2 of 5 found`.
+fn slaves_found_message(found: usize, wanted: Option<usize>) -> String {
+    match wanted {
+        Some(n) => format!("looking for slaves: {found} of {n} found"),
+        None => format!("looking for slaves: {found} found"),
+    }
+}
+
 async fn master(args: MasterArgs) -> Result<()> {
+    if args.raw && args.slaves.is_some_and(|n| n != 1) {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--raw runs the command on exactly one slave: leave out --slaves or give --slaves 1",
+            )
+            .exit();
+    }
+    let mode = match (args.raw, args.json) {
+        (true, _) => OutputMode::Raw,
+        (_, true) => OutputMode::Json,
+        _ => OutputMode::Prefixed,
+    };
     let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
-    let slaves = find_slaves_for_cli(
-        &args.net,
-        args.control.clone(),
-        args.slaves,
-        args.wait,
-        &tags,
-    )
-    .await?;
+    let wanted = if args.raw { Some(1) } else { args.slaves };
+    let slaves =
+        find_slaves_for_cli(&args.net, args.control.clone(), wanted, args.wait, &tags).await?;
+    if args.raw && slaves.len() > 1 {
+        let names: Vec<&str> = slaves.iter().map(|p| p.name.as_str()).collect();
+        bail!(
+            "--raw runs the command on exactly one slave, but {} match ({}); select one with --tag",
+            slaves.len(),
+            names.join(", ")
+        );
+    }
     if let Some(n) = args.slaves
         && slaves.len() < n
     {
@@ -767,9 +813,9 @@ async fn master(args: MasterArgs) -> Result<()> {
         let name = peer.name.clone();
         let argv = args.command.clone();
         let timeout = args.timeout;
-        let json = args.json;
+        let slave_logs = args.slave_logs;
         jobs.push(tokio::spawn(async move {
-            let outcome = run_on_slave(&master, node, &name, argv, timeout, json).await;
+            let outcome = run_on_slave(&master, node, &name, argv, timeout, mode, slave_logs).await;
             (name, node, outcome)
         }));
     }
@@ -784,71 +830,142 @@ async fn master(args: MasterArgs) -> Result<()> {
             Err(e) => failures.push(format!("{name} ({node}): {e:#}")),
         }
     }
-    for f in &failures {
-        eprintln!("localnet: failed: {f}");
-    }
+    // Job output first (it is written by another thread), then the verdict.
+    localnet::stdio::flush(localnet::stdio::Target::Stdout).await;
+    let verdict: String = failures
+        .iter()
+        .map(|f| format!("localnet: failed: {f}\n"))
+        .collect();
+    localnet::stdio::write(localnet::stdio::Target::Stderr, verdict.into_bytes()).await?;
+    localnet::stdio::flush(localnet::stdio::Target::Stderr).await;
     if !failures.is_empty() {
         bail!("{} of {} slaves failed", failures.len(), slaves.len());
     }
     Ok(())
 }
 
-/// Runs the command on one slave, printing its output as it comes (or, with `json`,
-/// one object at the end).
+/// How `localnet master` shows a job's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutputMode {
+    /// Every line as `name: line` (stderr lines on stderr).
+    Prefixed,
+    /// The job's bytes, exactly (one slave).
+    Raw,
+    /// One JSON object per slave at the end.
+    Json,
+}
+
+/// Runs the command on one slave, writing its output as it comes (or, in JSON mode, one
+/// object at the end). Output is written by the stdio threads: a slow reader of our
+/// stdout slows the job down (backpressure) but never stops the connection's keepalives.
 async fn run_on_slave(
     master: &Master,
     node: NodeId,
     name: &str,
     argv: Vec<String>,
     timeout: Option<Duration>,
-    json: bool,
+    mode: OutputMode,
+    slave_logs: bool,
 ) -> Result<JobExit> {
-    use std::io::Write;
-    master.redirect_logs_here(&[node]).await?;
+    use localnet::stdio::{self, Target};
+    if slave_logs {
+        master.redirect_logs_here(&[node]).await?;
+    }
     let mut job = master.exec(node, argv, timeout).await?;
-    let (mut stdout_lines, mut stderr_lines) = (Vec::new(), Vec::new());
+    let target = |stream| match stream {
+        Stream::Stdout => Target::Stdout,
+        Stream::Stderr => Target::Stderr,
+    };
+    let index = |stream| match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    };
+    let prefixed = |lines: Vec<Vec<u8>>| {
+        let mut text = Vec::with_capacity(lines.iter().map(|l| l.len() + name.len() + 3).sum());
+        for line in lines {
+            text.extend_from_slice(name.as_bytes());
+            text.extend_from_slice(b": ");
+            text.extend_from_slice(&line);
+            text.push(b'\n');
+        }
+        text
+    };
+    let mut captured: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut splitters = [LineSplitter::default(), LineSplitter::default()];
     let exit = loop {
         match job.next().await {
-            Some(ExecEvent::Output(stream, lines)) => {
-                if json {
-                    match stream {
-                        Stream::Stdout => stdout_lines.extend(lines),
-                        Stream::Stderr => stderr_lines.extend(lines),
+            Some(ExecEvent::Output(stream, data)) => {
+                match mode {
+                    OutputMode::Json => captured[index(stream)].extend_from_slice(&data),
+                    OutputMode::Raw => stdio::write(target(stream), data)
+                        .await
+                        .context("writing output")?,
+                    OutputMode::Prefixed => {
+                        let lines = splitters[index(stream)].push(&data);
+                        stdio::write(target(stream), prefixed(lines))
+                            .await
+                            .context("writing output")?;
                     }
-                    continue;
                 }
-                let mut text =
-                    String::with_capacity(lines.iter().map(|l| l.len() + name.len() + 3).sum());
-                for line in lines {
-                    text.push_str(name);
-                    text.push_str(": ");
-                    text.push_str(&line);
-                    text.push('\n');
-                }
-                let written = match stream {
-                    Stream::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
-                    Stream::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
-                };
-                written.context("writing output")?;
+                // Timers and keepalives first (see localnet::remote::write_frames).
+                tokio::task::yield_now().await;
             }
             Some(ExecEvent::Exit(exit)) => break exit,
             None => bail!("connection to the slave lost"),
         }
     };
-    if json {
-        let object = serde_json::json!({
-            "slave": name,
-            "node": node,
-            "exit_code": exit.code,
-            "signal": exit.signal,
-            "timed_out": exit.timed_out,
-            "error": exit.error,
-            "stdout": stdout_lines,
-            "stderr": stderr_lines,
-        });
-        println!("{object}");
+    match mode {
+        OutputMode::Prefixed => {
+            // A last line without a newline gets one: the prefix format needs it.
+            for stream in [Stream::Stdout, Stream::Stderr] {
+                if let Some(last) = splitters[index(stream)].finish() {
+                    stdio::write(target(stream), prefixed(vec![last]))
+                        .await
+                        .context("writing output")?;
+                }
+            }
+        }
+        OutputMode::Json => {
+            let mut object = serde_json::json!({
+                "slave": name,
+                "node": node,
+                "exit_code": exit.code,
+                "signal": exit.signal,
+                "timed_out": exit.timed_out,
+                "error": exit.error,
+            });
+            for (key, bytes) in [("stdout", &captured[0]), ("stderr", &captured[1])] {
+                let (lines, exact) = json_lines(bytes);
+                object[key] = serde_json::json!(lines);
+                if !exact {
+                    object[format!("{key}_base64")] =
+                        serde_json::json!(localnet::remote::base64_encode(bytes));
+                }
+            }
+            let mut line = serde_json::to_vec(&object)?;
+            line.push(b'\n');
+            stdio::write(Target::Stdout, line)
+                .await
+                .context("writing output")?;
+        }
+        OutputMode::Raw => {}
     }
     Ok(exit)
+}
+
+/// A job's output as JSON lines (invalid UTF-8 replaced), and whether the lines say the
+/// bytes exactly (valid UTF-8, and empty or ending with a newline).
+fn json_lines(bytes: &[u8]) -> (Vec<String>, bool) {
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let lines: Vec<String> = match bytes.is_empty() {
+        true => Vec::new(),
+        false => body
+            .split(|&b| b == b'\n')
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect(),
+    };
+    let exact = std::str::from_utf8(bytes).is_ok() && (bytes.is_empty() || bytes.ends_with(b"\n"));
+    (lines, exact)
 }
 
 async fn terminate(args: TerminateArgs) -> Result<()> {

@@ -33,16 +33,67 @@ pub enum MasterError {
     NoWelcome { node: NodeId },
 }
 
-/// What the master does with a slave's log line: `(slave name, line)`.
+/// What the master does with a slave's log line: `(slave name, line)`. It is called on
+/// the runtime: it must not block (the default queues the line for stderr with
+/// [`crate::stdio::log_line`], which drops lines rather than wait for a stuck reader).
 pub type LogSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// One event of a running command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExecEvent {
-    /// Lines the command printed.
-    Output(Stream, Vec<String>),
+    /// Bytes the command wrote, exactly as written, in order per stream (chunks do not
+    /// follow line boundaries: feed them to a [`LineSplitter`] for lines).
+    Output(Stream, Vec<u8>),
     /// The command ended.
     Exit(JobExit),
+}
+
+/// Cuts a stream of output chunks into lines.
+///
+/// ```
+/// let mut lines = localnet::LineSplitter::default();
+/// assert_eq!(lines.push(b"a\nb"), vec![b"a".to_vec()]);
+/// assert_eq!(lines.push(b"c\n\xffd"), vec![b"bc".to_vec()]);
+/// assert_eq!(lines.finish(), Some(b"\xffd".to_vec()));
+/// assert_eq!(lines.finish(), None);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct LineSplitter {
+    partial: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Longest line kept whole; a longer one comes out in pieces of this many bytes.
+    pub const MAX_LINE: usize = 16 * 1024;
+
+    /// The lines completed by `bytes` (after what came before), without their `\n`.
+    pub fn push(&mut self, mut bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut lines = Vec::new();
+        while !bytes.is_empty() {
+            let room = Self::MAX_LINE - self.partial.len();
+            match bytes.iter().take(room).position(|&b| b == b'\n') {
+                Some(end) => {
+                    self.partial.extend_from_slice(&bytes[..end]);
+                    lines.push(std::mem::take(&mut self.partial));
+                    bytes = &bytes[end + 1..];
+                }
+                None => {
+                    let take = room.min(bytes.len());
+                    self.partial.extend_from_slice(&bytes[..take]);
+                    bytes = &bytes[take..];
+                    if self.partial.len() == Self::MAX_LINE {
+                        lines.push(std::mem::take(&mut self.partial));
+                    }
+                }
+            }
+        }
+        lines
+    }
+
+    /// The last line, when the stream did not end with a newline.
+    pub fn finish(&mut self) -> Option<Vec<u8>> {
+        (!self.partial.is_empty()).then(|| std::mem::take(&mut self.partial))
+    }
 }
 
 enum Pending {
@@ -105,10 +156,11 @@ pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Master {
     /// A master named `name`, using `key` for connections; slaves' log lines go to
-    /// `log_sink` (default: stderr as `name: line`).
+    /// `log_sink` (default: stderr as `name: line`, never blocking the runtime).
     pub fn new(name: &str, key: Option<ClusterKey>, log_sink: Option<LogSink>) -> Self {
-        let log_sink = log_sink
-            .unwrap_or_else(|| Arc::new(|slave: &str, line: &str| eprintln!("{slave}: {line}")));
+        let log_sink = log_sink.unwrap_or_else(|| {
+            Arc::new(|slave: &str, line: &str| crate::stdio::log_line(&format!("{slave}: {line}")))
+        });
         Self {
             inner: Arc::new(MasterInner {
                 name: name.to_string(),
@@ -383,7 +435,7 @@ pub struct CommandJob {
 }
 
 impl CommandJob {
-    /// The next output batch or the exit; `None` after the exit (or if the connection
+    /// The next output chunk or the exit; `None` after the exit (or if the connection
     /// was lost, which is reported as an exit with an error first).
     pub async fn next(&mut self) -> Option<ExecEvent> {
         self.events.recv().await
@@ -415,7 +467,7 @@ async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, lo
                     });
                 }
             }
-            Frame::Output { id, stream, lines } => {
+            Frame::Output { id, stream, data } => {
                 let tx = match session.pending.lock().ok().and_then(|p| match p.get(&id) {
                     Some(Pending::Exec(tx)) => Some(tx.clone()),
                     _ => None,
@@ -424,7 +476,9 @@ async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, lo
                     None => continue,
                 };
                 // Waits when the consumer is slow: backpressure reaches the slave's pipe.
-                let _ = tx.send(ExecEvent::Output(stream, lines)).await;
+                let _ = tx.send(ExecEvent::Output(stream, data)).await;
+                // Timers and keepalives first (see remote::write_frames).
+                tokio::task::yield_now().await;
             }
             Frame::Exit { id, exit } => {
                 let pending = session.pending.lock().ok().and_then(|mut p| p.remove(&id));
@@ -469,4 +523,31 @@ async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, lo
     }
     // A slave that closed right after saying it terminates did acknowledge.
     drop(session.terminating.lock().ok().and_then(|mut t| t.take()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_splitter_keeps_every_byte_whatever_the_chunks() {
+        let long = vec![b'x'; LineSplitter::MAX_LINE + 10];
+        let mut input = b"one\n\xfftwo\n\n".to_vec();
+        input.extend_from_slice(&long);
+        input.extend_from_slice(b"\nlast");
+        for chunk in [1, 2, 7, 4096, input.len()] {
+            let mut splitter = LineSplitter::default();
+            let mut lines = Vec::new();
+            for piece in input.chunks(chunk) {
+                lines.extend(splitter.push(piece));
+            }
+            let last = splitter.finish();
+            assert_eq!(last.as_deref(), Some(&b"last"[..]), "chunk {chunk}");
+            assert_eq!(&lines[..3], [&b"one"[..], b"\xfftwo", b""], "chunk {chunk}");
+            // The long line comes in a full piece and the rest.
+            assert_eq!(lines[3].len(), LineSplitter::MAX_LINE);
+            assert_eq!(lines[4].len(), 10);
+            assert_eq!(lines.len(), 5);
+        }
+    }
 }

@@ -135,11 +135,12 @@ pub enum Frame {
         ok: Option<Value>,
         err: Option<String>,
     },
-    /// Slave → master: lines a command printed.
+    /// Slave → master: bytes a command wrote, exactly as written (base64 in the JSON).
     Output {
         id: u64,
         stream: Stream,
-        lines: Vec<String>,
+        #[serde(with = "base64_field")]
+        data: Vec<u8>,
     },
     /// Slave → master: a command ended.
     Exit { id: u64, exit: JobExit },
@@ -248,55 +249,126 @@ pub(crate) fn encode(frame: &Frame) -> Vec<u8> {
     serde_json::to_vec(frame).unwrap_or_default()
 }
 
-/// Encodes a frame as one or more payloads of at most `max` bytes: output and log
-/// batches that would be too long once escaped are split, lines and all, keeping order.
+/// Encodes a frame as one or more payloads of at most `max` bytes: output chunks and
+/// log batches that would be too long once encoded are split, keeping their order.
 pub(crate) fn encode_split(frame: Frame, max: usize) -> Vec<Vec<u8>> {
     let bytes = encode(&frame);
     if bytes.len() <= max {
         return vec![bytes];
     }
-    let halves = |mut lines: Vec<String>| -> (Vec<String>, Vec<String>) {
-        if lines.len() > 1 {
-            let rest = lines.split_off(lines.len() / 2);
-            (lines, rest)
-        } else {
-            let line = lines.pop().unwrap_or_default();
-            let mut cut = line.len() / 2;
-            while !line.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            (vec![line[..cut].to_string()], vec![line[cut..].to_string()])
-        }
-    };
     match frame {
-        Frame::Output { id, stream, lines } if !lines.is_empty() => {
-            let (a, b) = halves(lines);
-            let mut out = encode_split(
-                Frame::Output {
-                    id,
-                    stream,
-                    lines: a,
-                },
-                max,
-            );
+        Frame::Output {
+            id,
+            stream,
+            mut data,
+        } if data.len() > 1 => {
+            let rest = data.split_off(data.len() / 2);
+            let mut out = encode_split(Frame::Output { id, stream, data }, max);
             out.extend(encode_split(
                 Frame::Output {
                     id,
                     stream,
-                    lines: b,
+                    data: rest,
                 },
                 max,
             ));
             out
         }
-        Frame::Log { lines } if !lines.is_empty() => {
-            let (a, b) = halves(lines);
-            let mut out = encode_split(Frame::Log { lines: a }, max);
-            out.extend(encode_split(Frame::Log { lines: b }, max));
+        Frame::Log { mut lines } if !lines.is_empty() => {
+            let rest = if lines.len() > 1 {
+                lines.split_off(lines.len() / 2)
+            } else {
+                let line = lines.pop().unwrap_or_default();
+                let mut cut = line.len() / 2;
+                while !line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                lines.push(line[..cut].to_string());
+                vec![line[cut..].to_string()]
+            };
+            let mut out = encode_split(Frame::Log { lines }, max);
+            out.extend(encode_split(Frame::Log { lines: rest }, max));
             out
         }
         // Other frames are small, or (call results) refused by the transport as too long.
         _ => vec![bytes],
+    }
+}
+
+const BASE64_ALPHABET: &[u8; 64] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 (RFC 4648, with padding) of `bytes`.
+///
+/// ```
+/// assert_eq!(localnet::remote::base64_encode(b"a\xffb"), "Yf9i");
+/// assert_eq!(localnet::remote::base64_decode("Yf9i").unwrap(), b"a\xffb");
+/// ```
+pub fn base64_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(BASE64_ALPHABET[((n >> shift) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The bytes of standard base64 text (padding required); `None` if it is not base64.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.as_bytes();
+    if !text.len().is_multiple_of(4) {
+        return None;
+    }
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let quads = text.len() / 4;
+    for (q, quad) in text.chunks(4).enumerate() {
+        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && q + 1 != quads) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            n = (n << 6) | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+/// Serde for a byte field as a base64 string.
+mod base64_field {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::base64_encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        super::base64_decode(&text).ok_or_else(|| D::Error::custom("invalid base64"))
     }
 }
 
@@ -306,6 +378,12 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Frame> {
 }
 
 /// Writes queued frames, flushing when the queue is empty; pings when idle.
+///
+/// The keepalive is this task's own timer, so it must get to run: every task that
+/// moves bulk data on a runtime (this writer, the master's reader, output consumers)
+/// yields after each chunk. On a single-threaded runtime, a task that stays busy
+/// across many chunks would otherwise delay timers (and so pings) by seconds, and the
+/// peer would call the connection dead.
 pub(crate) async fn write_frames(
     mut writer: crate::transport::FrameWriter,
     mut outbox: tokio::sync::mpsc::Receiver<Frame>,
@@ -326,6 +404,8 @@ pub(crate) async fn write_frames(
         if outbox.is_empty() && writer.flush().await.is_err() {
             return;
         }
+        // Let the runtime's timers and other connections run between frames.
+        tokio::task::yield_now().await;
     }
     let _ = writer.shutdown().await;
 }
@@ -355,7 +435,7 @@ mod tests {
             Frame::Output {
                 id: 2,
                 stream: Stream::Stderr,
-                lines: vec!["a".into(), "b\u{0}".into()],
+                data: b"a\n\xffb\0 no newline".to_vec(),
             },
             Frame::Exit {
                 id: 3,
@@ -376,13 +456,11 @@ mod tests {
 
     #[test]
     fn long_output_is_split_in_order() {
-        let lines: Vec<String> = (0..50)
-            .map(|i| format!("{i}:{}", "\u{1}".repeat(3000)))
-            .collect();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let frame = Frame::Output {
             id: 1,
             stream: Stream::Stdout,
-            lines: lines.clone(),
+            data: data.clone(),
         };
         let parts = encode_split(frame, 65_000);
         assert!(parts.len() > 1);
@@ -390,11 +468,11 @@ mod tests {
         for p in &parts {
             assert!(p.len() <= 65_000);
             match decode(p).unwrap() {
-                Frame::Output { lines, .. } => back.extend(lines),
+                Frame::Output { data, .. } => back.extend(data),
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(back, lines);
+        assert_eq!(back, data);
         let huge = Frame::Log {
             lines: vec!["é".repeat(40_000)],
         };
@@ -407,6 +485,21 @@ mod tests {
             })
             .collect();
         assert_eq!(joined, "é".repeat(40_000));
+    }
+
+    #[test]
+    fn base64_round_trips_every_length_and_refuses_nonsense() {
+        let bytes: Vec<u8> = (0..=255u8).rev().collect();
+        for len in 0..bytes.len() {
+            let text = base64_encode(&bytes[..len]);
+            assert_eq!(text.len(), len.div_ceil(3) * 4);
+            assert_eq!(base64_decode(&text).unwrap(), &bytes[..len]);
+        }
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        for bad in ["Zm8", "Zm=8", "Z===", "Zm8=Zm8=", "Zm9v!mFy"] {
+            assert!(base64_decode(bad).is_none(), "{bad}");
+        }
     }
 
     #[tokio::test]

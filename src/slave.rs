@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::AbortHandle;
 
 use crate::key::ClusterKey;
@@ -42,12 +42,22 @@ pub struct SlaveOptions {
 
 /// Frames queued per connection before writers wait (backpressure).
 const OUTBOX: usize = 64;
-/// Most bytes of output lines gathered into one frame.
+/// Most bytes of job output read from a pipe into one frame.
 const BATCH_BYTES: usize = 32 * 1024;
-/// Longest line sent as one; longer ones are split into pieces of this size.
-const MAX_LINE: usize = 16 * 1024;
 /// Log lines waiting to go to a master before they go to the local log instead.
 const LOG_QUEUE: usize = 4096;
+/// Most calls and commands one connection may have in flight on a slave (running, or
+/// commands waiting for a job slot). Beyond it, requests are refused with an error that
+/// says so; a master that needs more waits for answers first.
+pub const MAX_IN_FLIGHT_PER_SESSION: usize = 256;
+/// Most calls and commands in flight on a slave over all its connections: what an open
+/// cluster's LAN can make it hold at once (each is a task and a job table entry).
+pub const MAX_IN_FLIGHT_PER_SLAVE: usize = 1024;
+
+/// The tracing target of a slave's connection and session lifecycle lines (connected,
+/// disconnected, connection dead, terminating). Their local log keeps them even while
+/// log lines are redirected to a master: pair the local layers' filter with it.
+pub const LIFECYCLE: &str = "localnet::lifecycle";
 
 /// What a slave knows about the jobs it runs, across connections.
 #[derive(Default)]
@@ -154,8 +164,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RedirectLayer {
         }
         let mut text = format!("{} ", event.metadata().level());
         event.record(&mut LineVisitor(&mut text));
-        if !forward_log_line(text.clone()) {
-            eprintln!("{text}");
+        // Lifecycle lines are logged locally as well (by the local layers).
+        if !forward_log_line(text.clone()) && event.metadata().target() != LIFECYCLE {
+            crate::stdio::log_line(&text);
         }
     }
 }
@@ -189,6 +200,7 @@ pub async fn serve_until(
     let mut shutdown = std::pin::pin!(shutdown);
     let jobs = Arc::new(Jobs::default());
     let slots = Arc::new(Semaphore::new(opts.slots.max(1)));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_SLAVE));
     let terminate = Arc::new(Notify::new());
     let sessions = AtomicU64::new(1);
     loop {
@@ -210,17 +222,19 @@ pub async fn serve_until(
             opts: opts.clone(),
             jobs: jobs.clone(),
             slots: slots.clone(),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_SESSION)),
+            slave_in_flight: in_flight.clone(),
             terminate: terminate.clone(),
         };
         tokio::spawn(async move {
             match transport::accept(stream, session.opts.key.as_ref()).await {
                 Ok((reader, writer)) => session.run(reader, writer, peer).await,
-                Err(err) => tracing::warn!(%peer, %err, "refused a connection"),
+                Err(err) => tracing::warn!(target: LIFECYCLE, %peer, %err, "refused a connection"),
             }
         });
     }
     let killed = jobs.kill_where(None);
-    tracing::info!(killed, "terminating: jobs killed");
+    tracing::info!(target: LIFECYCLE, killed, "terminating: jobs killed");
     Ok(())
 }
 
@@ -229,66 +243,68 @@ struct Session {
     opts: Arc<SlaveOptions>,
     jobs: Arc<Jobs>,
     slots: Arc<Semaphore>,
+    /// Places for this connection's calls and commands in flight.
+    in_flight: Arc<Semaphore>,
+    /// Places for the calls and commands of all connections.
+    slave_in_flight: Arc<Semaphore>,
     terminate: Arc<Notify>,
 }
+
+/// What one call or command in flight holds until it is answered.
+type Admission = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 impl Session {
     async fn run(self, mut reader: FrameReader, writer: FrameWriter, peer: std::net::SocketAddr) {
         let (out, outbox) = mpsc::channel::<Frame>(OUTBOX);
         let writer_task = tokio::spawn(remote::write_frames(writer, outbox));
         let mut master = String::from("?");
-        loop {
+        // Why the connection ended, logged once redirection is off (below); `None` for a
+        // clean close.
+        let ended: Option<String> = loop {
             let frame = match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
                 Ok(Ok(Some(bytes))) => match remote::decode(&bytes) {
                     Some(f) => f,
-                    None => {
-                        tracing::warn!(%peer, "malformed frame; closing the connection");
-                        break;
-                    }
+                    None => break Some("malformed frame; closing the connection".into()),
                 },
-                Ok(Ok(None)) => break,
-                Ok(Err(err)) => {
-                    tracing::warn!(%peer, %err, "connection error");
-                    break;
-                }
-                Err(_) => {
-                    tracing::warn!(%peer, "master silent for {DEAD_AFTER:?}: connection dead");
-                    break;
-                }
+                Ok(Ok(None)) => break None,
+                Ok(Err(err)) => break Some(format!("connection error: {err}")),
+                Err(_) => break Some(format!("master silent for {DEAD_AFTER:?}: connection dead")),
             };
             match frame {
                 Frame::Hello { name } => {
                     master = name;
-                    tracing::info!(%peer, master = %master, "master connected");
+                    tracing::info!(target: LIFECYCLE, %peer, master = %master, "master connected");
                     let welcome = Frame::Welcome {
                         name: self.opts.name.clone(),
                         slots: self.opts.slots,
                         tags: self.opts.tags.clone(),
                     };
                     if out.send(welcome).await.is_err() {
-                        break;
+                        break Some("the connection's writer stopped".into());
                     }
                 }
-                Frame::Call { id, name, arg } => self.call(id, name, arg, out.clone()),
+                // Refusals are sent from here, in order: when the outbox is full (the
+                // master reads slowly) this waits, which slows a flooding master down.
+                Frame::Call { id, name, arg } => self.call(id, name, arg, &out).await,
                 Frame::Exec {
                     id,
                     argv,
                     timeout_ms,
-                } => self.exec(id, argv, timeout_ms, out.clone()).await,
+                } => self.exec(id, argv, timeout_ms, &out).await,
                 Frame::Kill { id } => self.jobs.kill((self.id, id)),
                 Frame::RedirectLogs { on } => {
                     if on {
                         let (tx, rx) = mpsc::channel(LOG_QUEUE);
                         tokio::spawn(forward_logs(rx, out.clone()));
                         set_log_target(self.id, Some(tx));
-                        tracing::info!(master = %master, "logs redirected to the master");
+                        tracing::info!(target: LIFECYCLE, master = %master, "logs redirected to the master");
                     } else {
                         set_log_target(self.id, None);
                     }
                 }
                 Frame::Terminate => {
-                    tracing::info!(master = %master, "terminate requested");
                     set_log_target(self.id, None);
+                    tracing::info!(target: LIFECYCLE, master = %master, "terminate requested");
                     self.jobs.kill_where(None);
                     let _ = out.send(Frame::Terminating).await;
                     drop(out);
@@ -301,35 +317,65 @@ impl Session {
                 Frame::Ping => {}
                 other => tracing::debug!(?other, "unexpected frame from a master"),
             }
-        }
+        };
+        // Stop redirecting first: what happened to the connection belongs in this
+        // slave's own log, not in a queue towards the master that is gone.
         set_log_target(self.id, None);
+        if let Some(why) = ended {
+            tracing::warn!(target: LIFECYCLE, %peer, master = %master, "{why}");
+        }
         let killed = self.jobs.kill_where(Some(self.id));
         if killed > 0 {
-            tracing::warn!(master = %master, killed, "master went away: its jobs were killed");
+            tracing::warn!(target: LIFECYCLE, master = %master, killed, "master went away: its jobs were killed");
         } else {
-            tracing::info!(master = %master, "master disconnected");
+            tracing::info!(target: LIFECYCLE, master = %master, "master disconnected");
         }
         drop(out);
         writer_task.abort();
     }
 
-    fn call(&self, id: u64, name: String, arg: Value, out: mpsc::Sender<Frame>) {
+    /// Takes a place for one more call or command in flight, or says why there is none.
+    fn admit(&self) -> Result<Admission, String> {
+        let mine = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "refused: this connection already has {MAX_IN_FLIGHT_PER_SESSION} calls and commands \
+                 in flight on this slave (the most per connection); wait for some to finish before \
+                 starting more"
+            )
+        })?;
+        let all = self.slave_in_flight.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "refused: this slave already has {MAX_IN_FLIGHT_PER_SLAVE} calls and commands in \
+                 flight from all its masters (the most it takes); wait for some to finish, or \
+                 spread the work over more slaves"
+            )
+        })?;
+        Ok((mine, all))
+    }
+
+    async fn call(&self, id: u64, name: String, arg: Value, out: &mpsc::Sender<Frame>) {
+        let refuse = |err: String| Frame::Result {
+            id,
+            ok: None,
+            err: Some(err),
+        };
+        let admission = match self.admit() {
+            Ok(a) => a,
+            Err(why) => {
+                tracing::debug!(call = id, "{why}");
+                let _ = out.send(refuse(why)).await;
+                return;
+            }
+        };
         let Some(future) = self.opts.table.start(&name, arg) else {
             let err = format!(
                 "no function named {name:?} on this slave (registered: {})",
                 self.opts.table.names().join(", ")
             );
-            tokio::spawn(async move {
-                let _ = out
-                    .send(Frame::Result {
-                        id,
-                        ok: None,
-                        err: Some(err),
-                    })
-                    .await;
-            });
+            let _ = out.send(refuse(err)).await;
             return;
         };
+        let out = out.clone();
         let task = tokio::spawn(future);
         self.jobs
             .insert((self.id, id), Job::Task(task.abort_handle()));
@@ -368,6 +414,7 @@ impl Session {
             };
             jobs.remove((session, id));
             let _ = out.send(frame).await;
+            drop(admission);
         });
     }
 
@@ -376,7 +423,7 @@ impl Session {
         id: u64,
         argv: Vec<String>,
         timeout_ms: Option<u64>,
-        out: mpsc::Sender<Frame>,
+        out: &mpsc::Sender<Frame>,
     ) {
         let refuse = |error: String| Frame::Exit {
             id,
@@ -398,10 +445,21 @@ impl Session {
             let _ = out.send(refuse("empty command".into())).await;
             return;
         }
+        // The place is taken before anything is spawned: at most the cap waits.
+        let admission = match self.admit() {
+            Ok(a) => a,
+            Err(why) => {
+                tracing::debug!(job = id, "{why}");
+                let _ = out.send(refuse(why)).await;
+                return;
+            }
+        };
         let slots = self.slots.clone();
         let jobs = self.jobs.clone();
         let session = self.id;
+        let out = out.clone();
         tokio::spawn(async move {
+            let _admission = admission;
             let Ok(_permit) = slots.acquire_owned().await else {
                 return;
             };
@@ -503,54 +561,33 @@ async fn run_command(
     }
 }
 
-/// Reads a job's pipe line by line and sends the lines in batches. When the connection
-/// is gone, lines go to the slave's own log instead.
+/// Reads a job's pipe and sends what it wrote, as it comes, in chunks of at most
+/// [`BATCH_BYTES`], bytes untouched. When the connection is gone, the output goes to
+/// the slave's own log instead.
 async fn pump(
     pipe: Option<impl AsyncRead + Unpin>,
     stream: Stream,
     id: u64,
     out: mpsc::Sender<Frame>,
 ) {
-    let Some(pipe) = pipe else { return };
-    let mut reader = BufReader::with_capacity(64 * 1024, pipe);
-    let mut batch: Vec<String> = Vec::new();
-    let mut bytes = 0;
-    let mut line = Vec::new();
+    let Some(mut pipe) = pipe else { return };
+    let mut buf = vec![0u8; BATCH_BYTES];
     loop {
-        line.clear();
-        let n = match (&mut reader)
-            .take(MAX_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await
-        {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) => return,
             Ok(n) => n,
             Err(err) => {
                 tracing::warn!(%err, job = id, "reading job output failed");
-                0
+                return;
             }
         };
-        if n > 0 {
-            if line.last() == Some(&b'\n') {
-                line.pop();
-            }
-            bytes += line.len() + 8;
-            batch.push(String::from_utf8_lossy(&line).into_owned());
+        let data = buf[..n].to_vec();
+        if let Err(mpsc::error::SendError(Frame::Output { data, .. })) =
+            out.send(Frame::Output { id, stream, data }).await
+        {
+            tracing::info!(job = id, ?stream, "{}", String::from_utf8_lossy(&data));
         }
-        let end = n == 0;
-        if !batch.is_empty() && (end || bytes >= BATCH_BYTES || reader.buffer().is_empty()) {
-            let lines = std::mem::take(&mut batch);
-            bytes = 0;
-            if let Err(mpsc::error::SendError(Frame::Output { lines, .. })) =
-                out.send(Frame::Output { id, stream, lines }).await
-            {
-                for l in lines {
-                    tracing::info!(job = id, ?stream, "{l}");
-                }
-            }
-        }
-        if end {
-            return;
-        }
+        tokio::task::yield_now().await; // timers and keepalives first (see write_frames)
     }
 }
 
@@ -567,9 +604,104 @@ async fn forward_logs(mut rx: mpsc::Receiver<String>, out: mpsc::Sender<Frame>) 
             out.send(Frame::Log { lines }).await
         {
             for l in lines {
-                eprintln!("{l}");
+                crate::stdio::log_line(&l);
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::master::{ExecEvent, Master};
+    use crate::remote::NodeId;
+    use serde_json::json;
+
+    /// The error a refused request gets, within a deadline (an admitted one would wait).
+    async fn refusal(task: crate::master::RemoteTask) -> String {
+        tokio::time::timeout(Duration::from_secs(5), task.join())
+            .await
+            .expect("a request beyond the cap must be refused at once")
+            .expect_err("a request beyond the cap must fail")
+            .to_string()
+    }
+
+    async fn exec_refusal(master: &Master, node: NodeId) -> String {
+        let mut job = master.exec(node, vec!["true".into()], None).await.unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), job.next()).await;
+        match event {
+            Ok(Some(ExecEvent::Exit(exit))) => exit.error.unwrap_or_default(),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_caps_are_refused_and_the_slave_stays_healthy() {
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let table = RemoteTable::new()
+            .register("block", move |_| {
+                let mut gate = gate.clone();
+                async move {
+                    let _ = gate.wait_for(|open| *open).await;
+                    Ok(Value::Null)
+                }
+            })
+            .register("echo", |v| async move { Ok(v) });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = NodeId::new(listener.local_addr().unwrap());
+        let opts = SlaveOptions {
+            name: "capped".into(),
+            slots: 2,
+            tags: BTreeMap::new(),
+            key: None,
+            insecure: true,
+            table,
+        };
+        let server = tokio::spawn(serve(listener, opts));
+        // Four connections fill the slave's places, 256 each; one more on each is
+        // refused with the per-connection limit (which also proves, the session being
+        // in order, that the ones before it were admitted).
+        let masters: Vec<Master> = (0..4)
+            .map(|i| Master::new(&format!("m{i}"), None, None))
+            .collect();
+        let mut blocked = Vec::new();
+        for master in &masters {
+            for _ in 0..MAX_IN_FLIGHT_PER_SESSION {
+                blocked.push(master.spawn(node, "block", Value::Null).await.unwrap());
+            }
+            let extra = master.spawn(node, "block", Value::Null).await.unwrap();
+            let why = refusal(extra).await;
+            assert!(
+                why.contains("256 calls and commands in flight") && why.contains("wait"),
+                "{why}"
+            );
+            let why = exec_refusal(master, node).await;
+            assert!(why.contains("256 calls and commands in flight"), "{why}");
+        }
+        // A fifth connection finds the slave full: the per-slave limit.
+        let fifth = Master::new("m4", None, None);
+        let why = refusal(fifth.spawn(node, "block", Value::Null).await.unwrap()).await;
+        assert!(
+            why.contains("1024 calls and commands in flight from all its masters"),
+            "{why}"
+        );
+        let why = exec_refusal(&fifth, node).await;
+        assert!(why.contains("1024"), "{why}");
+        // Once they finish, every admitted call answers and new work is taken.
+        open.send(true).unwrap();
+        for task in blocked {
+            assert_eq!(task.join().await.unwrap(), Value::Null);
+        }
+        assert_eq!(fifth.call(node, "echo", json!(5)).await.unwrap(), json!(5));
+        let mut job = fifth.exec(node, vec!["true".into()], None).await.unwrap();
+        let mut exit = None;
+        while let Some(event) = job.next().await {
+            if let ExecEvent::Exit(e) = event {
+                exit = Some(e);
+            }
+        }
+        assert!(exit.is_some_and(|e| e.success()));
+        server.abort();
     }
 }

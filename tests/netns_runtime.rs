@@ -471,3 +471,260 @@ fn four_slaves_printing_200000_lines_each_deliver_every_line_in_order() {
     assert_eq!(next.len(), 4);
     assert!(next.values().all(|&n| n == 200_001), "{next:?}");
 }
+
+/// A child process killed (and reaped) when the test ends, panics included.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn master_whose_stdout_nobody_reads_for_6_s_loses_no_line_and_kills_no_job() {
+    use std::io::Read;
+    let Some(lan) = Lan::new("slow", 81, 2) else {
+        return;
+    };
+    let k = lan.key("k");
+    slave(&lan, 1, &["--key-file", &k]);
+    std::thread::sleep(Duration::from_millis(300));
+    // 300 000 lines of 70 bytes: 21 MB, far more than every buffer on the way holds,
+    // so the job has to wait for the reader.
+    let script = "awk 'BEGIN { for (i = 1; i <= 300000; i++) printf \"%06d %063d\\n\", i, 0 }'";
+    let err = std::fs::File::create(lan.dir().join("master.log")).unwrap();
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &lan.ns(0)])
+        .arg(binary())
+        .args([
+            "master",
+            "--interface",
+            "eth0",
+            "--key-file",
+            &k,
+            "--slaves",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(err)
+        .spawn()
+        .expect("spawn the master");
+    let mut child = KillOnDrop(child);
+    std::thread::sleep(Duration::from_secs(6));
+    let mut stdout = Vec::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    let status = child.0.wait().unwrap();
+    let stderr = lan.log("master");
+    assert!(status.success(), "{status}: {stderr}");
+    let mut next = 1;
+    for line in text(&stdout).lines() {
+        let rest = line.strip_prefix("s1: ").expect("name: line");
+        let n: u32 = rest[..6].parse().expect("a number");
+        assert_eq!(n, next, "line {next} missing or out of order");
+        next += 1;
+    }
+    assert_eq!(next, 300_001, "lines lost");
+}
+
+#[test]
+fn slave_log_keeps_why_its_master_vanished_while_logs_were_redirected() {
+    let Some(lan) = Lan::new("mstop", 82, 2) else {
+        return;
+    };
+    let k = lan.key("k");
+    slave(&lan, 1, &["--key-file", &k]);
+    std::thread::sleep(Duration::from_millis(300));
+    for run in 1..=3 {
+        let tag = format!("vanish-{run}-{}", std::process::id());
+        let args = [
+            "master",
+            "--interface",
+            "eth0",
+            "--key-file",
+            &k,
+            "--slaves",
+            "1",
+            "--slave-logs",
+            "--",
+            "sh",
+            "-c",
+            &format!("sleep 303; : {tag}"),
+        ];
+        let m = lan.spawn(0, &format!("master{run}"), &binary(), &args);
+        // The master's command line and the job's shell both hold the tag.
+        assert!(
+            eventually(Duration::from_secs(5), || pids_matching(&tag).len() >= 2),
+            "the job never started"
+        );
+        // A frozen master holds its connection open and sends nothing: the slave must
+        // find it dead, and say so in its own log, not to the master it redirects to.
+        let before = lan.log("s1").matches("connection dead").count();
+        lan.signal(m, libc::SIGSTOP);
+        let said = eventually(Duration::from_secs(5), || {
+            lan.log("s1").matches("connection dead").count() > before
+        });
+        lan.signal(m, libc::SIGKILL);
+        assert!(
+            said,
+            "run {run}: the slave's log lacks the reason:\n{}",
+            lan.log("s1")
+        );
+        assert_eq!(lan.wait(m, Duration::from_secs(2)), Some(-1), "killed");
+        assert!(
+            eventually(Duration::from_secs(2), || pids_matching(&tag).is_empty()),
+            "the job outlived its master"
+        );
+    }
+}
+
+#[test]
+fn raw_output_is_byte_exact_and_json_keeps_invalid_utf8() {
+    let Some(lan) = Lan::new("raw", 83, 3) else {
+        return;
+    };
+    let k = lan.key("k");
+    slave(&lan, 1, &["--key-file", &k, "--tag", "who=one"]);
+    slave(&lan, 2, &["--key-file", &k, "--tag", "who=two"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let run = |extra: &[&str], script: &str| {
+        let mut args = vec!["--key-file", &k, "--wait", "3s"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", script]);
+        master(&lan, &args)
+    };
+    // Byte for byte: an invalid UTF-8 byte, and no newline at the end.
+    let out = run(&["--raw", "--tag", "who=one"], r"printf 'a\377b'");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout, b"a\xffb");
+    let out = run(
+        &["--raw", "--tag", "who=one"],
+        r"printf 'no newline'; printf 'e\377' >&2",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout, b"no newline");
+    assert_eq!(out.stderr, b"e\xff");
+    // Prefixed lines keep the bytes and add only the separator they need.
+    let out = run(&["--tag", "who=one"], r"printf 'x\377\nno newline'");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout, b"s1: x\xff\ns1: no newline\n");
+    // --raw is for one slave.
+    let out = run(&["--raw", "--slaves", "2"], "true");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // JSON: the lines as text, and the exact bytes when the text cannot say them.
+    let out = run(
+        &["--json", "--slaves", "2"],
+        r"printf 'a\377b\n'; echo ok >&2",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let results: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert_eq!(r["stdout"], serde_json::json!(["a\u{fffd}b"]));
+        let exact = r["stdout_base64"].as_str().expect("stdout_base64");
+        assert_eq!(localnet::remote::base64_decode(exact).unwrap(), b"a\xffb\n");
+        assert_eq!(r["stderr"], serde_json::json!(["ok"]));
+        assert!(r.get("stderr_base64").is_none(), "{r}");
+    }
+}
+
+#[test]
+fn master_shows_slave_log_lines_only_with_slave_logs() {
+    let Some(lan) = Lan::new("slogs", 84, 2) else {
+        return;
+    };
+    let k = lan.key("k");
+    slave(&lan, 1, &["--key-file", &k]);
+    std::thread::sleep(Duration::from_millis(300));
+    let base = ["--key-file", k.as_str(), "--slaves", "1"];
+    let run = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", "echo hi; echo oops >&2"]);
+        master(&lan, &args)
+    };
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "s1: hi\n");
+    assert_eq!(text(&out.stderr), "s1: oops\n", "job output only");
+    let out = run(&["--slave-logs"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "s1: hi\n");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("s1: oops\n"), "{stderr}");
+    assert!(
+        stderr.contains("s1: INFO logs redirected to the master"),
+        "{stderr}"
+    );
+    let out = run(&["--slave-logs", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for line in text(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("stdout is JSON only");
+        assert!(v.is_object(), "{line}");
+    }
+    assert!(
+        text(&out.stderr).contains("s1: INFO"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn client_commands_do_not_warn_about_datagrams_they_drop() {
+    let Some(lan) = Lan::new("cwarn", 85, 2) else {
+        return;
+    };
+    let ours = lan.key("ours");
+    let theirs = lan.key("theirs");
+    // A daemon of another cluster announces next to us: every datagram of it is dropped.
+    lan.daemon(1, &["--key-file", &theirs]);
+    let stderr_of = |args: &[&str]| text(&lan.run(0, &binary(), args).stderr);
+    let peers = stderr_of(&[
+        "peers",
+        "--interface",
+        "eth0",
+        "--key-file",
+        &ours,
+        "--control",
+        "/nonexistent.sock",
+        "--timeout",
+        "1s",
+    ]);
+    assert!(!peers.contains("dropped datagram"), "{peers}");
+    let master = stderr_of(&[
+        "master",
+        "--interface",
+        "eth0",
+        "--key-file",
+        &ours,
+        "--wait",
+        "1s",
+        "--",
+        "true",
+    ]);
+    assert!(master.contains("no slaves found"), "{master}");
+    assert!(!master.contains("dropped datagram"), "{master}");
+    // The daemon, which is not a client, still says what it drops.
+    assert!(
+        eventually(Duration::from_secs(2), || lan
+            .log("h1")
+            .contains("dropped datagram")),
+        "{}",
+        lan.log("h1")
+    );
+}
