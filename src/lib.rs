@@ -40,7 +40,7 @@ pub mod wire;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use backend::{Backend, BackendError, BackendOptions};
+pub use backend::{Backend, BackendError, BackendOptions, Discovered};
 pub use key::ClusterKey;
 pub use master::{CommandJob, ExecEvent, Master, MasterError, TerminateReport};
 pub use node::{Node, NodeHandle, NodeOptions};
@@ -117,6 +117,59 @@ pub async fn find_peers_until(n: usize, timeout: Duration) -> Result<Vec<Peer>, 
     .await
 }
 
+/// [`find_peers_with`], with hints at why fewer than `wait_for` peers were found: what
+/// the daemon (or the one-shot node) refused, and why unverified peers are unverified
+/// (see [`backend::explain_missing`]). The hints are empty when enough were found.
+pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<String>), Error> {
+    let short = |found: &[Peer]| opts.wait_for.is_some_and(|n| found.len() < n);
+    let explain = |peers: &[Peer], rejections: &[core::Rejection]| {
+        backend::explain_missing(&backend::Seen {
+            peers,
+            rejections,
+            slaves_with: None,
+            keyed: opts.node.key.is_some(),
+        })
+    };
+    let path = opts.control.clone().unwrap_or_else(control::default_path);
+    match control::ControlClient::connect(&path).await {
+        Ok(mut client) => {
+            let peers = client.peers(opts.wait_for, opts.timeout).await?;
+            let mut hints = Vec::new();
+            if short(&peers) {
+                let status = client.status().await?;
+                let rejections: Vec<core::Rejection> =
+                    serde_json::from_value(status["rejections"].clone()).unwrap_or_default();
+                hints.extend(backend::daemon_key_mismatch(
+                    status["keyed"].as_bool().unwrap_or(false),
+                    status["cluster"].as_str(),
+                    opts.node.key.as_ref(),
+                    &path,
+                ));
+                hints.extend(explain(&peers, &rejections));
+            }
+            return Ok((peers, hints));
+        }
+        Err(control::ControlError::NoDaemon(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut node_opts = opts.node.clone();
+    node_opts.protocol.observer = true;
+    let node = Node::start(node_opts).await?;
+    let handle = node.handle();
+    let found = handle
+        .wait_for(opts.wait_for.unwrap_or(usize::MAX), opts.timeout)
+        .await;
+    let mut hints = Vec::new();
+    if let Ok(peers) = &found
+        && short(peers)
+        && let Ok(status) = handle.status().await
+    {
+        hints = explain(peers, &status.rejections);
+    }
+    node.shutdown().await;
+    Ok((found?, hints))
+}
+
 /// [`find_peers`] with every option.
 pub async fn find_peers_with(opts: &FindOptions) -> Result<Vec<Peer>, Error> {
     let path = opts.control.clone().unwrap_or_else(control::default_path);
@@ -135,4 +188,14 @@ pub async fn find_peers_with(opts: &FindOptions) -> Result<Vec<Peer>, Error> {
         .await;
     node.shutdown().await;
     Ok(peers?)
+}
+
+/// Entry points into crate-private decoders for the fuzz tests (`tests/fuzz.rs`); not
+/// part of the stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes one master–slave session frame as a session does; whether it decoded.
+    pub fn decode_session_frame(bytes: &[u8]) -> bool {
+        crate::remote::decode(bytes).is_some()
+    }
 }
