@@ -254,10 +254,10 @@ fn churn_every_two_seconds_leaves_correct_tables() {
         } else {
             libc::SIGTERM
         };
-        for i in 0..2 {
-            lan.signal(pids[i], signal);
+        for (i, &pid) in pids.iter().enumerate().take(2) {
+            lan.signal(pid, signal);
             assert!(
-                lan.wait(pids[i], Duration::from_secs(5)).is_some(),
+                lan.wait(pid, Duration::from_secs(5)).is_some(),
                 "h{i} did not exit on signal {signal}"
             );
         }
