@@ -953,6 +953,9 @@ impl Discovery {
         let (observed, unarmed) = self.table.observe(heard, now);
         self.report(now, id, observed);
         // A new peer, or one first seen through mDNS, gets its multicast timer now.
+        if unarmed && self.timers.len() >= 2 * self.table.len() + 64 {
+            self.compact_timers();
+        }
         if unarmed && let Some(entry) = self.table.get_mut(&id) {
             let deadline = suspect_at(entry.last_heard, entry.record().ttl_ms);
             entry.armed_at = deadline;
@@ -1033,6 +1036,18 @@ impl Discovery {
             };
             self.send(now, Destination::Unicast(dest), &probe);
         }
+    }
+
+    /// Drops the heap items that would be skipped when popped (their entry is gone, or
+    /// was re-armed since). Peers that leave or fail leave their item behind until its
+    /// deadline, which a peer announcing a huge TTL puts out of reach: without this,
+    /// peers joining and leaving would grow the heap forever. Run when the heap holds
+    /// twice as many items as the table has entries (plus a margin), it costs amortised
+    /// O(1) per new peer, and changes nothing else.
+    fn compact_timers(&mut self) {
+        let table = &self.table;
+        self.timers
+            .retain(|Reverse((t, id))| table.get(id).is_some_and(|e| e.armed_at == *t));
     }
 
     fn announce_timer(&mut self, now: Millis, due: Millis) {
