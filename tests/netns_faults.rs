@@ -182,6 +182,8 @@ fn a_four_four_partition_is_detected_and_heals() {
     let (a, b): (Vec<usize>, Vec<usize>) = ((0..4).collect(), (4..8).collect());
     let cut = Instant::now();
     lan.partition(&a, &b);
+    // The rules are in force somewhere between `cut` and now (nft's own run time).
+    eprintln!("FIGURE partition_nft_ms={}", cut.elapsed().as_millis());
     let seen_a = wait_all(&watches, &a, "failed", &b, Duration::from_secs(5));
     let seen_b = wait_all(&watches, &b, "failed", &a, Duration::from_secs(5));
     let detect = seen_a.max(seen_b) - cut;
