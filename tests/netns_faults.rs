@@ -421,4 +421,27 @@ fn a_clock_20_s_off_joins_and_40_s_off_is_refused_with_the_reason_shown() {
     assert!(err.contains("found only 0 of 1 slaves"), "{err}");
     assert!(err.contains("s3") && clock_off_40(&err), "{err}");
     assert!(err.contains("NTP"), "{err}");
+    // So is `terminate --all`.
+    let out = lan.run(
+        0,
+        &binary(),
+        &[
+            "terminate",
+            "--all",
+            "--wait",
+            "1s",
+            "--interface",
+            "eth0",
+            "--key-file",
+            &key,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no slaves found within 1s; seen: ")
+            && err.contains("s3")
+            && clock_off_40(&err),
+        "{err}"
+    );
 }
