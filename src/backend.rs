@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::control::{self, ControlClient, ControlError};
+use crate::core::{Refusal, Rejection};
 use crate::master::Master;
 use crate::node::{Node, NodeOptions};
 use crate::peers::Peer;
@@ -254,27 +255,172 @@ pub async fn discover(
     timeout: Duration,
     tags: &BTreeMap<String, String>,
 ) -> Result<Vec<Peer>, BackendError> {
-    discover_with_progress(opts, wait_for, timeout, tags, |_| {}).await
+    Ok(discover_explained(opts, wait_for, timeout, tags, |_| {})
+        .await?
+        .slaves)
 }
 
-/// Like [`discover`], calling `progress` with the number of matching slaves known
-/// whenever it may have changed (for a progress display).
-pub async fn discover_with_progress(
+/// What a search for slaves found, with hints at why others were not found.
+#[derive(Clone, Debug, Default)]
+pub struct Discovered {
+    /// The slaves found (verified, with all the tags asked for).
+    pub slaves: Vec<Peer>,
+    /// When fewer than asked for (or none) were found: the likely causes seen, one
+    /// sentence each (clocks, keys, tags, unverified peers). Empty otherwise.
+    pub hints: Vec<String>,
+}
+
+/// What a node knew at the end of a search: its peers, its refusals, and its key.
+pub struct Seen<'a> {
+    /// The peers it lists.
+    pub peers: &'a [Peer],
+    /// What it refused lately.
+    pub rejections: &'a [Rejection],
+    /// Only slaves count (with these tags); `None`: every peer counts.
+    pub slaves_with: Option<&'a BTreeMap<String, String>>,
+    /// Whether the node that searched has a cluster key.
+    pub keyed: bool,
+}
+
+/// Sentences that say why nodes may be missing from a search's result: refusals (clock
+/// off, key mismatch, replays), unverified peers and slaves with other tags.
+pub fn explain_missing(seen: &Seen<'_>) -> Vec<String> {
+    let mut hints = Vec::new();
+    let window_s = crate::core::Config::default().replay_window_ms / 1000;
+    let counted = |p: &&Peer| seen.slaves_with.is_none() || p.role == "slave";
+    for p in seen.peers.iter().filter(counted).filter(|p| !p.verified) {
+        let why = p
+            .unverified_reason
+            .as_deref()
+            .unwrap_or("not authenticated");
+        hints.push(format!(
+            "{} ({}, {}) is seen only through mDNS and not verified: {why}",
+            p.name,
+            p.addr.ip(),
+            p.role
+        ));
+    }
+    let verified = |id: Option<uuid::Uuid>| {
+        id.is_some_and(|id| seen.peers.iter().any(|p| p.id == id && p.verified))
+    };
+    let mentioned = |r: &Rejection| {
+        seen.peers
+            .iter()
+            .any(|p| !p.verified && (r.id == Some(p.id) || r.source.ip() == p.addr.ip()))
+    };
+    for r in seen
+        .rejections
+        .iter()
+        .filter(|r| !verified(r.id) && !mentioned(r))
+    {
+        let who = match (&r.name, r.id) {
+            (Some(name), _) => format!("{name} ({})", r.source.ip()),
+            (None, Some(id)) => format!("node {id} ({})", r.source.ip()),
+            (None, None) => format!("a node at {}", r.source),
+        };
+        hints.push(format!(
+            "{} datagrams from {who} were refused: {}",
+            r.count, r.reason
+        ));
+    }
+    if seen.peers.iter().any(|p| !p.verified) || seen.rejections.iter().any(|r| !verified(r.id)) {
+        let mut advice = Vec::new();
+        let reasons: Vec<Refusal> = seen.rejections.iter().map(|r| r.reason).collect();
+        let texts: Vec<&str> = seen
+            .peers
+            .iter()
+            .filter_map(|p| p.unverified_reason.as_deref())
+            .collect();
+        if reasons
+            .iter()
+            .any(|r| matches!(r, Refusal::ClockOff { .. }))
+            || texts.iter().any(|t| t.starts_with("clock"))
+        {
+            advice.push(format!(
+                "a keyed cluster refuses clocks more than {window_s} s apart: synchronise them (NTP)"
+            ));
+        }
+        if reasons.iter().any(|r| {
+            matches!(
+                r,
+                Refusal::OtherKey | Refusal::SenderKeyed | Refusal::SenderUnkeyed
+            )
+        }) || texts.iter().any(|t| t.starts_with("key"))
+        {
+            advice.push(match seen.keyed {
+                true => "give every node the same --key-file".to_string(),
+                false => "pass the cluster's --key-file".to_string(),
+            });
+        }
+        hints.extend(advice);
+    }
+    if let Some(tags) = seen.slaves_with.filter(|t| !t.is_empty()) {
+        let wanted: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        for p in seen
+            .peers
+            .iter()
+            .filter(|p| p.role == "slave" && p.verified)
+        {
+            if !tags.iter().all(|(k, v)| p.tags.get(k) == Some(v)) {
+                let theirs: Vec<String> = p.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                hints.push(format!(
+                    "slave {} has tags [{}], not all of --tag {}",
+                    p.name,
+                    theirs.join(","),
+                    wanted.join(" --tag ")
+                ));
+            }
+        }
+    }
+    hints
+}
+
+/// Whether a daemon's key (its `keyed` and `cluster` status fields) differs from ours:
+/// a sentence saying so, when it does.
+pub fn daemon_key_mismatch(
+    daemon_keyed: bool,
+    daemon_cluster: Option<&str>,
+    ours: Option<&crate::key::ClusterKey>,
+    path: &std::path::Path,
+) -> Option<String> {
+    let path = path.display();
+    match (daemon_keyed, ours) {
+        (false, Some(_)) => Some(format!(
+            "the daemon on {path} runs without a cluster key but this command has one: it cannot see keyed nodes; give it the key or leave out --control"
+        )),
+        (true, None) => Some(format!(
+            "the daemon on {path} runs with a cluster key but this command has none: pass --key-file"
+        )),
+        (true, Some(key)) if daemon_cluster.is_some_and(|c| c != key.cluster_tag()) => Some(
+            format!("the daemon on {path} uses another cluster key than this command"),
+        ),
+        _ => None,
+    }
+}
+
+/// [`discover`], with hints at why fewer slaves than asked for (or none) were found,
+/// calling `progress` with the number of matching slaves known whenever it may have
+/// changed (for a progress display).
+pub async fn discover_explained(
     opts: &BackendOptions,
     wait_for: Option<usize>,
     timeout: Duration,
     tags: &BTreeMap<String, String>,
     progress: impl Fn(usize),
-) -> Result<Vec<Peer>, BackendError> {
+) -> Result<Discovered, BackendError> {
     let want = wait_for.unwrap_or(usize::MAX);
+    let short = |found: &[Peer]| found.is_empty() || wait_for.is_some_and(|n| found.len() < n);
+    let keyed = opts.discovery.key.is_some();
     let deadline = tokio::time::Instant::now() + timeout;
     // The local daemon already knows the slaves, when it discovers the same way: ask it
     // if named explicitly (then it must answer), or when discovery is the default one
     // (all interfaces, no key) and a daemon answers on the default socket.
     let default_discovery = opts.discovery.key.is_none() && opts.discovery.interfaces.is_empty();
-    let client = match control::explicit_path(opts.control.as_deref()) {
-        Some(path) => Some(control::connect_named(&path).await?),
-        None if default_discovery => ControlClient::connect(&control::default_path()).await.ok(),
+    let named = control::explicit_path(opts.control.as_deref());
+    let path = named.clone().unwrap_or_else(control::default_path);
+    let client = match named {
+        Some(_) => Some(control::connect_named(&path).await?),
+        None if default_discovery => ControlClient::connect(&path).await.ok(),
         None => None,
     };
     if let Some(mut client) = client {
@@ -285,7 +431,28 @@ pub async fn discover_with_progress(
             // With no count to wait for, what the daemon knows is the answer.
             if wait_for.is_none() || found.len() >= want || tokio::time::Instant::now() >= deadline
             {
-                return Ok(found);
+                let mut hints = Vec::new();
+                if short(&found) {
+                    let status = client.status().await.unwrap_or_default();
+                    let rejections: Vec<Rejection> =
+                        serde_json::from_value(status["rejections"].clone()).unwrap_or_default();
+                    hints.extend(daemon_key_mismatch(
+                        status["keyed"].as_bool().unwrap_or(false),
+                        status["cluster"].as_str(),
+                        opts.discovery.key.as_ref(),
+                        &path,
+                    ));
+                    hints.extend(explain_missing(&Seen {
+                        peers: &peers,
+                        rejections: &rejections,
+                        slaves_with: Some(tags),
+                        keyed,
+                    }));
+                }
+                return Ok(Discovered {
+                    slaves: found,
+                    hints,
+                });
             }
             let step = deadline.saturating_duration_since(tokio::time::Instant::now());
             tokio::time::sleep(step.min(Duration::from_millis(20))).await;
@@ -296,21 +463,38 @@ pub async fn discover_with_progress(
     let node = Node::start(node_opts).await?;
     let handle = node.handle();
     let mut events = handle.subscribe();
-    let found = loop {
+    let (found, peers) = loop {
         let peers = handle.peers().await?;
         let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
         progress(found.len());
         if found.len() >= want {
-            break found;
+            break (found, peers);
         }
         match tokio::time::timeout_at(deadline, events.recv()).await {
-            Err(_) => break found,
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break found,
+            Err(_) => break (found, peers),
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break (found, peers),
             Ok(_) => {}
         }
     };
+    let mut hints = Vec::new();
+    if short(&found) {
+        let rejections = handle
+            .status()
+            .await
+            .map(|s| s.rejections)
+            .unwrap_or_default();
+        hints = explain_missing(&Seen {
+            peers: &peers,
+            rejections: &rejections,
+            slaves_with: Some(tags),
+            keyed,
+        });
+    }
     node.shutdown().await;
-    Ok(found)
+    Ok(Discovered {
+        slaves: found,
+        hints,
+    })
 }
 
 /// `lo` for a loopback host; the interface holding a specific address; else all.
@@ -337,6 +521,99 @@ pub fn default_slots() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer(name: &str, ip: u8, role: &str, verified: bool, tags: &[(&str, &str)]) -> Peer {
+        Peer {
+            id: uuid::Uuid::from_u128(u128::from(ip)),
+            name: name.into(),
+            addr: SocketAddr::from(([10, 0, 0, ip], 4000)),
+            role: role.into(),
+            state: crate::PeerState::Alive,
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            last_seen_ms: 0,
+            incarnation: 1,
+            source: SocketAddr::from(([10, 0, 0, ip], 7766)),
+            interval_ms: 200,
+            ttl_ms: 900,
+            paths: vec!["mdns".into()],
+            verified,
+            unverified_reason: (!verified).then(|| "clock off by 41 s (ahead)".to_string()),
+        }
+    }
+
+    #[test]
+    fn missing_slaves_are_explained_by_clock_key_and_tags() {
+        let peers = [
+            peer("fast", 2, "slave", false, &[]),
+            peer("wrongrack", 3, "slave", true, &[("rack", "r2")]),
+            peer("fine", 4, "slave", true, &[("rack", "r1")]),
+        ];
+        let rejections = [
+            Rejection {
+                source: "10.0.0.2:7766".parse().unwrap(),
+                id: Some(uuid::Uuid::from_u128(2)),
+                name: Some("fast".into()),
+                reason: Refusal::ClockOff { offset_ms: 41_000 },
+                count: 9,
+                last_ms_ago: 5,
+            },
+            Rejection {
+                source: "10.0.0.9:7766".parse().unwrap(),
+                id: None,
+                name: Some("stranger".into()),
+                reason: Refusal::OtherKey,
+                count: 3,
+                last_ms_ago: 5,
+            },
+            // Incidental: a verified peer's duplicate is no cause.
+            Rejection {
+                source: "10.0.0.4:7766".parse().unwrap(),
+                id: Some(uuid::Uuid::from_u128(4)),
+                name: Some("fine".into()),
+                reason: Refusal::Replayed,
+                count: 1,
+                last_ms_ago: 5,
+            },
+        ];
+        let tags: BTreeMap<String, String> = [("rack".to_string(), "r1".to_string())].into();
+        let hints = explain_missing(&Seen {
+            peers: &peers,
+            rejections: &rejections,
+            slaves_with: Some(&tags),
+            keyed: true,
+        })
+        .join("\n");
+        assert!(hints.contains("fast (10.0.0.2, slave) is seen only through mDNS and not verified: clock off by 41 s (ahead)"), "{hints}");
+        assert!(hints.contains("3 datagrams from stranger (10.0.0.9) were refused: key mismatch (another cluster key)"), "{hints}");
+        assert!(hints.contains("more than 30 s apart"), "{hints}");
+        assert!(hints.contains("same --key-file"), "{hints}");
+        assert!(
+            hints.contains("slave wrongrack has tags [rack=r2], not all of --tag rack=r1"),
+            "{hints}"
+        );
+        assert!(!hints.contains("fine"), "{hints}");
+        assert_eq!(hints.matches("clock off").count(), 1, "{hints}");
+        let key = crate::key::ClusterKey::from_bytes([1; 32]);
+        let path = std::path::Path::new("/run/x.sock");
+        assert!(
+            daemon_key_mismatch(false, None, Some(&key), path)
+                .unwrap()
+                .contains("without a cluster key but this command has one")
+        );
+        assert!(
+            daemon_key_mismatch(true, Some("beef"), Some(&key), path)
+                .unwrap()
+                .contains("another cluster key")
+        );
+        assert_eq!(
+            daemon_key_mismatch(true, Some(&key.cluster_tag()), Some(&key), path),
+            None
+        );
+        assert_eq!(daemon_key_mismatch(false, None, None, path), None);
+    }
 
     #[test]
     fn loopback_host_keeps_discovery_on_lo() {

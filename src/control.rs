@@ -224,17 +224,34 @@ async fn refuse_busy(mut stream: UnixStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), write_line(&mut stream, &answer)).await;
 }
 
-#[derive(Deserialize)]
+/// One request of the control protocol.
+#[derive(Debug, PartialEq, Eq, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
-enum Request {
+pub enum Request {
+    /// The peers; with `wait_for`, once that many are known or after `timeout_ms`.
     Peers {
         #[serde(default)]
         wait_for: Option<usize>,
         #[serde(default)]
         timeout_ms: Option<u64>,
     },
+    /// Status and counters.
     Status,
+    /// A stream of events.
     Watch,
+}
+
+/// Parses one request line (without its limit check, which the reader applies); the
+/// error is the message sent back to the client.
+///
+/// ```
+/// use localnet::control::{parse_request, Request};
+/// assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
+/// assert!(parse_request(b"hello").unwrap_err().starts_with("bad request"));
+/// ```
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice::<Request>(line)
+        .map_err(|e| format!("bad request: {e}; expected {{\"cmd\":\"peers|status|watch\"}}"))
 }
 
 async fn serve_client(stream: UnixStream, node: NodeHandle) -> io::Result<()> {
@@ -260,11 +277,9 @@ async fn serve_client(stream: UnixStream, node: NodeHandle) -> io::Result<()> {
             .await?;
             return Ok(());
         }
-        let request = match serde_json::from_slice::<Request>(&line) {
+        let request = match parse_request(&line) {
             Ok(r) => r,
-            Err(e) => {
-                let error =
-                    format!("bad request: {e}; expected {{\"cmd\":\"peers|status|watch\"}}");
+            Err(error) => {
                 write_line(&mut write, &json!({"ok": false, "error": error})).await?;
                 continue;
             }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use foldhash::HashMap;
 use hashbrown::HashTable;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::key::ClusterKey;
@@ -211,6 +211,17 @@ impl Decoded {
         self.size
     }
 
+    /// The name in the record it carries, if any.
+    fn claimed_name(&self) -> Option<String> {
+        match &self.body {
+            Body::Announce(heard)
+            | Body::Probe {
+                node: Some(heard), ..
+            } => Some(heard.record.name.clone()),
+            _ => None,
+        }
+    }
+
     /// The node id of the sender.
     pub fn sender(&self) -> Uuid {
         match &self.body {
@@ -235,6 +246,100 @@ pub struct Stats {
     pub dropped_replay: u64,
     pub dropped_rate: u64,
     pub dropped_table_full: u64,
+}
+
+/// Why datagrams from a source were refused: what `localnet peers` and the messages of
+/// a search that found too few nodes tell about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Refusal {
+    /// Authenticated with our key, but the sender's clock is `offset_ms` from ours
+    /// (positive: ahead), beyond the replay window.
+    ClockOff {
+        /// The sender's clock minus ours, in ms.
+        offset_ms: i64,
+    },
+    /// Authenticated, but with a counter seen before: a replay (or a duplicate).
+    Replayed,
+    /// Authenticated with another cluster key.
+    OtherKey,
+    /// The sender has a cluster key and this node has none.
+    SenderKeyed,
+    /// The sender has no cluster key and this node has one.
+    SenderUnkeyed,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::ClockOff { offset_ms } => {
+                let secs = (offset_ms.unsigned_abs() + 500) / 1000;
+                let way = if *offset_ms > 0 { "ahead" } else { "behind" };
+                write!(f, "clock off by {secs} s ({way})")
+            }
+            Refusal::Replayed => write!(f, "replayed datagrams"),
+            Refusal::OtherKey => write!(f, "key mismatch (another cluster key)"),
+            Refusal::SenderKeyed => {
+                write!(f, "key mismatch (it has a cluster key, this node has none)")
+            }
+            Refusal::SenderUnkeyed => {
+                write!(f, "key mismatch (it has no cluster key, this node has one)")
+            }
+        }
+    }
+}
+
+/// Datagrams refused from one source, as [`Discovery::rejections`] lists them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// Where they came from.
+    pub source: SocketAddr,
+    /// The node id they claim (not authenticated when the key did not match).
+    pub id: Option<Uuid>,
+    /// The node name they claim, when they carried a record.
+    pub name: Option<String>,
+    /// Why the latest one was refused.
+    pub reason: Refusal,
+    /// How many were refused.
+    pub count: u64,
+    /// Milliseconds since the latest one.
+    pub last_ms_ago: u64,
+}
+
+/// Most sources whose refusals are remembered; the least recent is forgotten first.
+pub const MAX_REJECTIONS: usize = 32;
+/// How long a source's refusals are remembered after the last one.
+const REJECTION_MEMORY_MS: Millis = 60_000;
+
+#[derive(Clone, Debug)]
+struct RejectionEntry {
+    source: SocketAddr,
+    id: Option<Uuid>,
+    name: Option<String>,
+    reason: Refusal,
+    count: u64,
+    last_at: Millis,
+}
+
+/// How big a core's internal collections are: all are bounded, which the fuzz tests check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// Peer table entries.
+    pub peers: usize,
+    /// Items in the peer timer heap.
+    pub timers: usize,
+    /// Rate-limiter buckets.
+    pub limiter: usize,
+    /// Senders whose replay counters are kept.
+    pub replay: usize,
+    /// Nodes remembered as failed or gone.
+    pub tombstones: usize,
+    /// Sources whose refusals are remembered.
+    pub rejections: usize,
+    /// Datagrams waiting for [`Discovery::poll_transmit`].
+    pub transmits: usize,
+    /// Events waiting for [`Discovery::poll_event`].
+    pub events: usize,
 }
 
 /// Why a local record cannot be announced.
@@ -300,6 +405,8 @@ pub struct Discovery {
     events: VecDeque<PeerEvent>,
     stats: Stats,
     log_gate: LogGate,
+    /// Why datagrams were refused, per source (at most [`MAX_REJECTIONS`]).
+    rejections: Vec<RejectionEntry>,
 }
 
 /// Who waits for an answer to a probe. Only this matters: one newcomer gets a unicast
@@ -457,6 +564,7 @@ impl Discovery {
             events: VecDeque::new(),
             stats: Stats::default(),
             log_gate: LogGate::default(),
+            rejections: Vec::new(),
         };
         // Check the largest form of our record now rather than fail later.
         let size = node.largest_announcement()?;
@@ -513,7 +621,56 @@ impl Discovery {
     pub fn peers(&self, now: Millis) -> Vec<Peer> {
         let mut peers: Vec<Peer> = self.table.iter().map(|e| e.snapshot(now)).collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        for peer in peers.iter_mut().filter(|p| !p.verified) {
+            peer.unverified_reason = Some(self.why_unverified(peer));
+        }
         peers
+    }
+
+    /// Why `peer` is not verified: what was refused from it, by its id or else its IP.
+    fn why_unverified(&self, peer: &Peer) -> String {
+        let by_id = self.rejections.iter().find(|r| r.id == Some(peer.id));
+        let by_ip = || {
+            self.rejections
+                .iter()
+                .find(|r| r.source.ip() == peer.addr.ip())
+        };
+        match by_id.or_else(by_ip) {
+            Some(r) => r.reason.to_string(),
+            None => "known only through mDNS; no authenticated datagram heard from it".into(),
+        }
+    }
+
+    /// Sources whose datagrams were refused lately, and why; most recent first.
+    pub fn rejections(&self, now: Millis) -> Vec<Rejection> {
+        let mut out: Vec<Rejection> = self
+            .rejections
+            .iter()
+            .map(|r| Rejection {
+                source: r.source,
+                id: r.id,
+                name: r.name.clone(),
+                reason: r.reason,
+                count: r.count,
+                last_ms_ago: now.saturating_sub(r.last_at),
+            })
+            .collect();
+        out.sort_by_key(|r| r.last_ms_ago);
+        out
+    }
+
+    /// The sizes of the internal collections (all bounded).
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            peers: self.table.len(),
+            timers: self.timers.len(),
+            limiter: self.limiter.len(),
+            replay: self.replay.len(),
+            tombstones: self.tombstones.len(),
+            rejections: self.rejections.len(),
+            transmits: self.transmits.len(),
+            events: self.events.len(),
+        }
     }
 
     /// Starts the node: probes the group now and once more shortly after.
@@ -633,7 +790,17 @@ impl Discovery {
         }
         match Decoded::new(source, bytes, self.key.as_ref()) {
             Ok(decoded) => self.handle_admitted(now, &decoded),
-            Err(err) => self.dropped(now, source, err),
+            Err(err) => {
+                if err == DecodeError::Auth {
+                    let why = match wire::key_mismatch(bytes, self.key.is_some()) {
+                        wire::KeyMismatch::OtherKey => Refusal::OtherKey,
+                        wire::KeyMismatch::SenderKeyed => Refusal::SenderKeyed,
+                        wire::KeyMismatch::SenderUnkeyed => Refusal::SenderUnkeyed,
+                    };
+                    self.record_refusal(now, source, why, || wire::claimed_sender(bytes));
+                }
+                self.dropped(now, source, err)
+            }
         }
     }
 
@@ -646,6 +813,14 @@ impl Discovery {
         // `handle_datagram` would have decoded with our key: a datagram that passed
         // another key's check (or none) fails ours.
         if decoded.key != self.key {
+            let why = match (&decoded.key, &self.key) {
+                (Some(_), None) => Refusal::SenderKeyed,
+                (None, Some(_)) => Refusal::SenderUnkeyed,
+                _ => Refusal::OtherKey,
+            };
+            self.record_refusal(now, decoded.source, why, || {
+                Some((decoded.sender(), decoded.claimed_name()))
+            });
             self.dropped(now, decoded.source, DecodeError::Auth);
             return;
         }
@@ -688,9 +863,16 @@ impl Discovery {
             return; // our own multicast, looped back
         }
         if let Some(auth) = decoded.auth
-            && !self.replay_allows(now, sender, auth)
+            && let Err(refused) = self.replay_allows(now, sender, auth)
         {
             self.stats.dropped_replay += 1;
+            if let Some(why) = refused {
+                self.record_refusal(now, source, why, || Some((sender, decoded.claimed_name())));
+                if let Refusal::ClockOff { .. } = why {
+                    self.warn(now, source, &format!("stale datagram: sender's {why}"));
+                    return;
+                }
+            }
             self.warn(now, source, "replayed or stale datagram");
             return;
         }
@@ -771,6 +953,9 @@ impl Discovery {
         let (observed, unarmed) = self.table.observe(heard, now);
         self.report(now, id, observed);
         // A new peer, or one first seen through mDNS, gets its multicast timer now.
+        if unarmed && self.timers.len() >= 2 * self.table.len() + 64 {
+            self.compact_timers();
+        }
         if unarmed && let Some(entry) = self.table.get_mut(&id) {
             let deadline = suspect_at(entry.last_heard, entry.record().ttl_ms);
             entry.armed_at = deadline;
@@ -851,6 +1036,18 @@ impl Discovery {
             };
             self.send(now, Destination::Unicast(dest), &probe);
         }
+    }
+
+    /// Drops the heap items that would be skipped when popped (their entry is gone, or
+    /// was re-armed since). Peers that leave or fail leave their item behind until its
+    /// deadline, which a peer announcing a huge TTL puts out of reach: without this,
+    /// peers joining and leaving would grow the heap forever. Run when the heap holds
+    /// twice as many items as the table has entries (plus a margin), it costs amortised
+    /// O(1) per new peer, and changes nothing else.
+    fn compact_timers(&mut self) {
+        let table = &self.table;
+        self.timers
+            .retain(|Reverse((t, id))| table.get(id).is_some_and(|e| e.armed_at == *t));
     }
 
     fn announce_timer(&mut self, now: Millis, due: Millis) {
@@ -1015,14 +1212,23 @@ impl Discovery {
         take(self.limiter.bucket(source, full))
     }
 
-    fn replay_allows(&mut self, now: Millis, sender: Uuid, auth: Auth) -> bool {
+    /// Whether an authenticated datagram is fresh; when not, why (`None`: no room to
+    /// track its sender).
+    fn replay_allows(
+        &mut self,
+        now: Millis,
+        sender: Uuid,
+        auth: Auth,
+    ) -> Result<(), Option<Refusal>> {
         if auth.timestamp_ms().abs_diff(now) > self.cfg.replay_window_ms {
-            return false;
+            let offset = i128::from(auth.timestamp_ms()) - i128::from(now);
+            let offset_ms = offset.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+            return Err(Some(Refusal::ClockOff { offset_ms }));
         }
         if !self.replay.contains_key(&sender) && self.replay.len() >= 2 * self.cfg.max_peers {
             self.collect_garbage(now);
             if self.replay.len() >= 2 * self.cfg.max_peers {
-                return false;
+                return Err(None);
             }
         }
         let state = self.replay.entry(sender).or_insert(ReplayState {
@@ -1030,8 +1236,8 @@ impl Discovery {
             recent: VecDeque::new(),
             heard: now,
         });
-        if auth.ctr + REORDER_US <= state.newest || state.recent.contains(&auth.ctr) {
-            return false;
+        if auth.ctr.saturating_add(REORDER_US) <= state.newest || state.recent.contains(&auth.ctr) {
+            return Err(Some(Refusal::Replayed));
         }
         state.newest = state.newest.max(auth.ctr);
         state.heard = now;
@@ -1039,7 +1245,49 @@ impl Discovery {
             state.recent.pop_front();
         }
         state.recent.push_back(auth.ctr);
-        true
+        Ok(())
+    }
+
+    /// Remembers that a datagram from `source` was refused for `why`. `claimed` gives
+    /// the id and name it claims; it is asked only for a source not known yet.
+    fn record_refusal(
+        &mut self,
+        now: Millis,
+        source: SocketAddr,
+        why: Refusal,
+        claimed: impl FnOnce() -> Option<(Uuid, Option<String>)>,
+    ) {
+        if let Some(entry) = self.rejections.iter_mut().find(|r| r.source == source) {
+            entry.reason = why;
+            entry.count += 1;
+            entry.last_at = now;
+            if entry.name.is_none()
+                && let Some((id, name)) = claimed()
+            {
+                entry.id = Some(id);
+                entry.name = name;
+            }
+            return;
+        }
+        if self.rejections.len() >= MAX_REJECTIONS
+            && let Some(oldest) = self
+                .rejections
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, r)| r.last_at)
+                .map(|(i, _)| i)
+        {
+            self.rejections.swap_remove(oldest);
+        }
+        let (id, name) = claimed().map_or((None, None), |(id, name)| (Some(id), name));
+        self.rejections.push(RejectionEntry {
+            source,
+            id,
+            name,
+            reason: why,
+            count: 1,
+            last_at: now,
+        });
     }
 
     /// Forgets the buckets that would be full again: a missing bucket is a full one, so
@@ -1064,6 +1312,8 @@ impl Discovery {
         self.replay
             .retain(|_, s| now.saturating_sub(s.heard) <= window);
         self.tombstones.retain(|_, (_, until)| now < *until);
+        self.rejections
+            .retain(|r| now.saturating_sub(r.last_at) <= REJECTION_MEMORY_MS);
     }
 
     fn warn(&mut self, now: Millis, source: SocketAddr, why: &str) {
@@ -1345,6 +1595,106 @@ mod tests {
         a.handle_datagram(t + 7, addr(3), &drain(&mut far)[0].payload);
         assert_eq!(a.peer_count(), 0);
         assert_eq!(a.stats().dropped_replay, 3);
+    }
+
+    #[test]
+    fn refusals_are_recorded_per_source_and_explain_unverified_peers() {
+        let t = 1_000_000_000;
+        let key = ClusterKey::from_bytes([3; 32]);
+        let mut a = node_at(1, Some(key.clone()), false, t);
+        a.start(t);
+        // A keyed node whose clock is 41 s ahead.
+        let mut ahead = node_at(2, Some(key.clone()), false, t + 41_000);
+        ahead.start(t + 41_000);
+        for x in drain(&mut ahead) {
+            a.handle_datagram(t + 1, addr(2), &x.payload);
+        }
+        // One without a key, one with another key, and one behind by 35 s.
+        let mut open = node_at(3, None, false, t);
+        open.start(t);
+        a.handle_datagram(t + 2, addr(3), &drain(&mut open)[0].payload);
+        let mut other = node_at(4, Some(ClusterKey::from_bytes([9; 32])), false, t);
+        other.start(t);
+        a.handle_datagram(t + 3, addr(4), &drain(&mut other)[0].payload);
+        let mut behind = node_at(5, Some(key), false, t - 35_000);
+        behind.start(t - 35_000);
+        a.handle_datagram(t + 4, addr(5), &drain(&mut behind)[0].payload);
+        assert_eq!(a.peer_count(), 0);
+        let seen = a.rejections(t + 10);
+        let of = |i: u8| seen.iter().find(|r| r.source == addr(i)).unwrap();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert!(
+            matches!(of(2).reason, Refusal::ClockOff { offset_ms } if (40_990..=41_010).contains(&offset_ms))
+        );
+        assert_eq!(of(2).count, 1);
+        assert_eq!(of(2).name.as_deref(), Some("n2"));
+        assert_eq!(of(2).id, Some(Uuid::from_u128(2)));
+        assert_eq!(of(2).reason.to_string(), "clock off by 41 s (ahead)");
+        assert_eq!(of(3).reason, Refusal::SenderUnkeyed);
+        assert_eq!(
+            of(3).name.as_deref(),
+            Some("n3"),
+            "claimed, for diagnostics"
+        );
+        assert_eq!(of(4).reason, Refusal::OtherKey);
+        assert_eq!(of(5).reason.to_string(), "clock off by 35 s (behind)");
+        assert_eq!(seen[0].source, addr(5), "most recent first");
+        // The fast node is seen through mDNS: unverified, and the listing says why.
+        let record = |id: u128, ip: u8| NodeRecord {
+            id: Uuid::from_u128(id),
+            name: format!("n{id}"),
+            inc: 1,
+            addr: SocketAddr::from(([10, 0, 0, ip], 7000)),
+            role: "daemon".into(),
+            tags: BTreeMap::new(),
+            interval_ms: 60_000,
+            ttl_ms: 120_000,
+        };
+        a.observe_mdns(t + 20, record(2, 2));
+        a.observe_mdns(t + 20, record(6, 6));
+        let peers = a.peers(t + 20);
+        assert_eq!(peers.len(), 2);
+        assert!(!peers[0].verified);
+        assert_eq!(
+            peers[0].unverified_reason.as_deref(),
+            Some("clock off by 41 s (ahead)")
+        );
+        assert!(
+            peers[1]
+                .unverified_reason
+                .as_deref()
+                .unwrap()
+                .contains("no authenticated datagram")
+        );
+        // A keyless node records the keyed sender's refusal as such.
+        let mut bare = node_at(7, None, false, t);
+        bare.start(t);
+        let mut keyed = node_at(8, Some(ClusterKey::from_bytes([3; 32])), false, t);
+        keyed.start(t);
+        bare.handle_datagram(t, addr(8), &drain(&mut keyed)[0].payload);
+        assert_eq!(bare.rejections(t)[0].reason, Refusal::SenderKeyed);
+        // Forgotten a minute after the last one.
+        a.handle_timeout(t + 200_000);
+        assert!(a.rejections(t + 200_000).is_empty());
+    }
+
+    #[test]
+    fn refusals_are_bounded() {
+        let t = 1_000_000_000;
+        let mut a = node_at(1, Some(ClusterKey::from_bytes([3; 32])), false, t);
+        a.start(t);
+        let mut open = node_at(3, None, false, t);
+        open.start(t);
+        let probe = drain(&mut open).remove(0);
+        for i in 0..10_000u32 {
+            let src = SocketAddr::from(([10, 9, (i >> 8) as u8, i as u8], 9000));
+            a.handle_datagram(t + u64::from(i), src, &probe.payload);
+        }
+        assert_eq!(a.footprint().rejections, MAX_REJECTIONS);
+        assert_eq!(a.stats().dropped_auth, 10_000);
+        // The newest are kept.
+        let newest = SocketAddr::from(([10, 9, (9_999u32 >> 8) as u8, 9_999u32 as u8], 9000));
+        assert_eq!(a.rejections(t + 10_000)[0].source, newest);
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub mod wire;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use backend::{Backend, BackendError, BackendOptions};
+pub use backend::{Backend, BackendError, BackendOptions, Discovered};
 pub use key::ClusterKey;
 pub use master::{CommandJob, ExecEvent, LineSplitter, Master, MasterError, TerminateReport};
 pub use node::{Node, NodeHandle, NodeOptions};
@@ -130,23 +130,78 @@ pub async fn find_peers_until(n: usize, timeout: Duration) -> Result<Vec<Peer>, 
 /// `$LOCALNET_CONTROL`) must answer; only when none is named does a missing daemon lead
 /// to a discovery of its own.
 pub async fn find_peers_with(opts: &FindOptions) -> Result<Vec<Peer>, Error> {
+    find_peers_explained(opts).await.map(|(peers, _)| peers)
+}
+
+/// [`find_peers_with`], with hints at why fewer than `wait_for` peers were found: what
+/// the daemon (or the one-shot node) refused, and why unverified peers are unverified
+/// (see [`backend::explain_missing`]). The hints are empty when enough were found.
+pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<String>), Error> {
+    let short = |found: &[Peer]| opts.wait_for.is_some_and(|n| found.len() < n);
+    let explain = |peers: &[Peer], rejections: &[core::Rejection]| {
+        backend::explain_missing(&backend::Seen {
+            peers,
+            rejections,
+            slaves_with: None,
+            keyed: opts.node.key.is_some(),
+        })
+    };
     // A daemon already knows its peers: no need to wait unless asked to.
-    if let Some(path) = control::explicit_path(opts.control.as_deref()) {
-        let mut client = control::connect_named(&path).await?;
-        return Ok(client.peers(opts.wait_for, opts.timeout).await?);
-    }
-    match control::ControlClient::connect(&control::default_path()).await {
-        Ok(mut client) => return Ok(client.peers(opts.wait_for, opts.timeout).await?),
-        Err(control::ControlError::NoDaemon(_)) => {}
-        Err(e) => return Err(e.into()),
+    let (path, client) = match control::explicit_path(opts.control.as_deref()) {
+        Some(path) => {
+            let client = control::connect_named(&path).await?;
+            (path, Some(client))
+        }
+        None => {
+            let path = control::default_path();
+            match control::ControlClient::connect(&path).await {
+                Ok(client) => (path, Some(client)),
+                Err(control::ControlError::NoDaemon(_)) => (path, None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    if let Some(mut client) = client {
+        let peers = client.peers(opts.wait_for, opts.timeout).await?;
+        let mut hints = Vec::new();
+        if short(&peers) {
+            let status = client.status().await?;
+            let rejections: Vec<core::Rejection> =
+                serde_json::from_value(status["rejections"].clone()).unwrap_or_default();
+            hints.extend(backend::daemon_key_mismatch(
+                status["keyed"].as_bool().unwrap_or(false),
+                status["cluster"].as_str(),
+                opts.node.key.as_ref(),
+                &path,
+            ));
+            hints.extend(explain(&peers, &rejections));
+        }
+        return Ok((peers, hints));
     }
     let mut node_opts = opts.node.clone();
     node_opts.protocol.observer = true;
     let node = Node::start(node_opts).await?;
-    let peers = node
-        .handle()
+    let handle = node.handle();
+    let found = handle
         .wait_for(opts.wait_for.unwrap_or(usize::MAX), opts.timeout)
         .await;
+    let mut hints = Vec::new();
+    if let Ok(peers) = &found
+        && short(peers)
+        && let Ok(status) = handle.status().await
+    {
+        hints = explain(peers, &status.rejections);
+    }
     node.shutdown().await;
-    Ok(peers?)
+    Ok((found?, hints))
+}
+
+/// Entry points into crate-private decoders for the fuzz tests (`tests/fuzz.rs`); not
+/// part of the stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes one master–slave session frame as a session does; whether it decoded.
+    pub fn decode_session_frame(bytes: &[u8]) -> bool {
+        crate::remote::decode(bytes).is_some()
+    }
 }

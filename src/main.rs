@@ -527,20 +527,24 @@ async fn peers(args: PeersArgs) -> Result<()> {
         wait_for: args.wait_for,
         node: node_options(&args.net)?,
     };
-    let peers = localnet::find_peers_with(&opts).await?;
+    let (peers, hints) = localnet::find_peers_explained(&opts).await?;
+    let short = args.wait_for.filter(|&n| peers.len() < n);
     if args.json {
         println!("{}", serde_json::to_string(&peers)?);
-    } else if peers.is_empty() {
-        eprintln!("no peers found");
-    } else {
+    } else if peers.is_empty() && short.is_none() {
+        eprintln!("no peers found{}", hint_text(&hints));
+    } else if !peers.is_empty() {
         println!("{}", peer_table(&peers));
     }
-    if let Some(n) = args.wait_for
-        && peers.len() < n
-    {
+    if let Some(n) = short {
+        let why = match hints.is_empty() {
+            true => " (a longer --timeout waits longer; check that the others run with the \
+                     same --group, --port and key)"
+                .to_string(),
+            false => hint_text(&hints),
+        };
         bail!(
-            "found only {} of {n} peers within {} (a longer --timeout waits longer; check that \
-             the others run with the same --group, --port and key)",
+            "found only {} of {n} peers within {}{why}",
             peers.len(),
             humantime::format_duration(args.timeout)
         );
@@ -577,16 +581,24 @@ fn peer_table(peers: &[Peer]) -> comfy_table::Table {
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
             format!("{}ms", p.last_seen_ms),
-            format!(
-                "{}{}",
-                p.paths.join("+"),
-                if p.verified { "" } else { " (unverified)" }
-            ),
+            match (p.verified, &p.unverified_reason) {
+                (true, _) => p.paths.join("+"),
+                (false, Some(why)) => format!("{} (unverified: {why})", p.paths.join("+")),
+                (false, None) => format!("{} (unverified)", p.paths.join("+")),
+            },
             tags.join(","),
             p.id.to_string(),
         ]);
     }
     table
+}
+
+/// Hints at why nodes are missing, as the end of a message: `; seen: A; B`, or nothing.
+fn hint_text(hints: &[String]) -> String {
+    match hints.is_empty() {
+        true => String::new(),
+        false => format!("; seen: {}", hints.join("; ")),
+    }
 }
 
 async fn connect(control: Option<PathBuf>) -> Result<ControlClient> {
@@ -731,7 +743,7 @@ async fn find_slaves_for_cli(
     wait_for: Option<usize>,
     wait: Duration,
     tags: &BTreeMap<String, String>,
-) -> Result<Vec<Peer>> {
+) -> Result<localnet::Discovered> {
     let opts = backend_options(net, control)?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
@@ -739,7 +751,7 @@ async fn find_slaves_for_cli(
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
     });
-    let found = localnet::backend::discover_with_progress(&opts, wait_for, wait, tags, |n| {
+    let found = localnet::backend::discover_explained(&opts, wait_for, wait, tags, |n| {
         if let Some(bar) = &progress {
             bar.set_message(slaves_found_message(n, wait_for));
         }
@@ -776,7 +788,7 @@ async fn master(args: MasterArgs) -> Result<()> {
     };
     let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
     let wanted = if args.raw { Some(1) } else { args.slaves };
-    let slaves =
+    let localnet::Discovered { slaves, hints } =
         find_slaves_for_cli(&args.net, args.control.clone(), wanted, args.wait, &tags).await?;
     if args.raw && slaves.len() > 1 {
         let names: Vec<&str> = slaves.iter().map(|p| p.name.as_str()).collect();
@@ -789,18 +801,33 @@ async fn master(args: MasterArgs) -> Result<()> {
     if let Some(n) = args.slaves
         && slaves.len() < n
     {
-        bail!(
-            "found only {} of {n} slaves within {} (check that they run with the same --group, --port and key, \
-             and `localnet peers` lists them)",
-            slaves.len(),
-            humantime::format_duration(args.wait)
-        );
+        match hints.is_empty() {
+            true => bail!(
+                "found only {} of {n} slaves within {} (check that they run with the same --group, --port and key, \
+                 and `localnet peers` lists them)",
+                slaves.len(),
+                humantime::format_duration(args.wait)
+            ),
+            false => bail!(
+                "found only {} of {n} slaves within {}{}",
+                slaves.len(),
+                humantime::format_duration(args.wait),
+                hint_text(&hints)
+            ),
+        }
     }
     if slaves.is_empty() {
-        bail!(
-            "no slaves found within {}; start some with `localnet slave`",
-            humantime::format_duration(args.wait)
-        );
+        match hints.is_empty() {
+            true => bail!(
+                "no slaves found within {}; start some with `localnet slave`",
+                humantime::format_duration(args.wait)
+            ),
+            false => bail!(
+                "no slaves found within {}{}",
+                humantime::format_duration(args.wait),
+                hint_text(&hints)
+            ),
+        }
     }
     let key = node_options_with_default_key(&args.net)?.key;
     let master = Master::new(&localnet::node::host_name(), key, None);
@@ -980,15 +1007,25 @@ async fn terminate(args: TerminateArgs) -> Result<()> {
         }
     }
     if args.all || !names.is_empty() {
-        let found =
-            find_slaves_for_cli(&args.net, args.control, None, args.wait, &BTreeMap::new()).await?;
+        let localnet::Discovered {
+            slaves: found,
+            hints,
+        } = find_slaves_for_cli(&args.net, args.control, None, args.wait, &BTreeMap::new()).await?;
+        // Found none, or not the one named: what was seen may say why.
+        let hints = hint_text(&hints);
         for name in &names {
             if !found.iter().any(|p| &p.name == name) {
                 bail!(
-                    "no slave named {name:?} found within {}",
+                    "no slave named {name:?} found within {}{hints}",
                     humantime::format_duration(args.wait)
                 );
             }
+        }
+        if found.is_empty() {
+            bail!(
+                "no slaves found within {}{hints}",
+                humantime::format_duration(args.wait)
+            );
         }
         for p in found {
             if args.all || names.contains(&p.name) {

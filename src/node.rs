@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -17,7 +18,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::core::{Config, ConfigError, Destination, Discovery, LocalNode, Millis, Stats};
+use crate::core::{
+    Config, ConfigError, Destination, Discovery, LocalNode, Millis, Rejection, Stats,
+};
 use crate::key::ClusterKey;
 use crate::mdns::{self, Mdns, MdnsEvent};
 use crate::netif::{self, NetError, Sockets};
@@ -133,12 +136,16 @@ pub struct Status {
     pub group: String,
     pub interfaces: Vec<String>,
     pub keyed: bool,
+    /// The cluster key's public tag (as mDNS announces it), when keyed.
+    pub cluster: Option<String>,
     pub discovery: DiscoveryMode,
     pub mdns: bool,
     pub uptime_ms: u64,
     pub stats: Stats,
     /// Datagrams dropped because the node could not keep up.
     pub dropped_overload: u64,
+    /// Sources whose datagrams were refused lately, and why (see [`Rejection`]).
+    pub rejections: Vec<Rejection>,
 }
 
 enum Command {
@@ -333,9 +340,10 @@ impl Node {
             events: handle.events.clone(),
             name: opts.name.clone().unwrap_or_else(host_name),
             keyed: opts.key.is_some(),
+            cluster: opts.key.as_ref().map(ClusterKey::cluster_tag),
             role: opts.role,
             interfaces: interfaces.into_iter().map(|i| i.name).collect(),
-            dropped_overload: 0,
+            dropped_overload: Arc::new(AtomicU64::new(0)),
             send_errors: 0,
             next_send_error_log: 0,
         };
@@ -401,9 +409,12 @@ struct Driver {
     events: broadcast::Sender<PeerEvent>,
     name: String,
     keyed: bool,
+    cluster: Option<String>,
     role: String,
     interfaces: Vec<String>,
-    dropped_overload: u64,
+    /// Datagrams the readers dropped because the inbox was full: a counter, not a
+    /// queue, so that it costs nothing more under the flood it counts.
+    dropped_overload: Arc<AtomicU64>,
     send_errors: u64,
     next_send_error_log: Millis,
 }
@@ -420,7 +431,6 @@ impl Driver {
         mut mdns_events: Option<mpsc::Receiver<MdnsEvent>>,
     ) {
         let (inbox_tx, mut inbox) = mpsc::channel::<(SocketAddr, Vec<u8>)>(INBOX);
-        let (overload_tx, mut overload) = mpsc::unbounded_channel::<()>();
         let mut readers = Vec::new();
         let socket_count = self
             .sockets
@@ -432,13 +442,13 @@ impl Driver {
                 break;
             };
             let tx = inbox_tx.clone();
-            let overload_tx = overload_tx.clone();
+            let overload = Arc::clone(&self.dropped_overload);
             readers.push(tokio::spawn(async move {
                 let socket: &UdpSocket = match index {
                     0 => &sockets.group,
                     i => &sockets.unicast[i - 1].1,
                 };
-                read_loop(socket, tx, overload_tx).await;
+                read_loop(socket, tx, &overload).await;
             }));
         }
         drop(inbox_tx);
@@ -449,7 +459,6 @@ impl Driver {
                 Some((source, bytes)) = inbox.recv() => {
                     self.core.handle_datagram(self.clock.now(), source, &bytes);
                 }
-                Some(()) = overload.recv() => self.dropped_overload += 1,
                 Some(event) = next_mdns(&mut mdns_events) => match event {
                     MdnsEvent::Resolved(record) => self.core.observe_mdns(self.clock.now(), record),
                     MdnsEvent::Removed(id) => self.core.mdns_removed(self.clock.now(), id),
@@ -509,11 +518,13 @@ impl Driver {
                 .unwrap_or_default(),
             interfaces: self.interfaces.clone(),
             keyed: self.keyed,
+            cluster: self.cluster.clone(),
             discovery: self.discovery,
             mdns: self.mdns.is_some(),
             uptime_ms: now.saturating_sub(self.clock.start_ms),
             stats: self.core.stats().clone(),
-            dropped_overload: self.dropped_overload,
+            dropped_overload: self.dropped_overload.load(Ordering::Relaxed),
+            rejections: self.core.rejections(now),
         }
     }
 
@@ -570,7 +581,7 @@ async fn sleep_until(wake: Option<tokio::time::Instant>) {
 async fn read_loop(
     socket: &UdpSocket,
     inbox: mpsc::Sender<(SocketAddr, Vec<u8>)>,
-    overload: mpsc::UnboundedSender<()>,
+    overload: &AtomicU64,
 ) {
     // One byte more than the limit, so that oversize datagrams are seen as such.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
@@ -580,7 +591,7 @@ async fn read_loop(
                 if let Err(mpsc::error::TrySendError::Full(_)) =
                     inbox.try_send((source, buf[..n].to_vec()))
                 {
-                    let _ = overload.send(());
+                    overload.fetch_add(1, Ordering::Relaxed);
                 } else if inbox.is_closed() {
                     return;
                 }
@@ -645,6 +656,40 @@ mod tests {
             Err(NodeError::BadState { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A reader facing a full inbox counts what it drops, in a counter that does not
+    /// grow with the flood (it was an unbounded channel of one item per drop).
+    #[tokio::test]
+    async fn a_full_inbox_is_counted_not_queued() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = socket.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let counter = Arc::new(AtomicU64::new(0));
+        let reader = tokio::spawn({
+            let counter = Arc::clone(&counter);
+            async move { read_loop(&socket, tx, &counter).await }
+        });
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..200 {
+            sender.send_to(b"x", to).unwrap();
+            tokio::task::yield_now().await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while counter.load(Ordering::Relaxed) < 196 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            196,
+            "4 queued, the rest counted"
+        );
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, 4);
+        reader.abort();
     }
 
     /// Two nodes and an observer find each other over loopback multicast.

@@ -77,6 +77,10 @@ pub struct Peer {
     /// was authenticated yet, and it is not used (as a slave, say) until it is.
     #[serde(default = "yes")]
     pub verified: bool,
+    /// For an unverified peer, why: what was refused from it (`clock off by 41 s
+    /// (ahead)`, `key mismatch (...)`), or that nothing authenticated was heard yet.
+    #[serde(default)]
+    pub unverified_reason: Option<String>,
 }
 
 fn yes() -> bool {
@@ -190,6 +194,7 @@ impl Entry {
                 .map(|(p, _)| p.to_string())
                 .collect(),
             verified: self.verified,
+            unverified_reason: None,
         }
     }
 }

@@ -199,6 +199,48 @@ pub fn decode(
     Ok((msg, auth))
 }
 
+/// What kind of key mismatch made [`decode`] fail with [`DecodeError::Auth`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyMismatch {
+    /// Authenticated, but not with the receiver's key (or not readably).
+    OtherKey,
+    /// Authenticated, and the receiver has no key.
+    SenderKeyed,
+    /// Not authenticated, and the receiver has a key.
+    SenderUnkeyed,
+}
+
+/// Tells which key mismatch a datagram refused with [`DecodeError::Auth`] shows, for a
+/// receiver that has a key (`receiver_keyed`) or not.
+pub fn key_mismatch(bytes: &[u8], receiver_keyed: bool) -> KeyMismatch {
+    let has_mac = serde_json::from_slice::<Envelope<'_>>(bytes)
+        .map(|env| env.mac.is_some())
+        .unwrap_or(true);
+    match (has_mac, receiver_keyed) {
+        (true, false) => KeyMismatch::SenderKeyed,
+        (false, true) => KeyMismatch::SenderUnkeyed,
+        _ => KeyMismatch::OtherKey,
+    }
+}
+
+/// The sender id and node name a datagram claims, without checking its authentication:
+/// for diagnostics only, never for trust.
+pub fn claimed_sender(bytes: &[u8]) -> Option<(Uuid, Option<String>)> {
+    if bytes.len() > MAX_DATAGRAM {
+        return None;
+    }
+    let env: Envelope<'_> = serde_json::from_slice(bytes).ok()?;
+    let msg: Message = serde_json::from_str(env.m.get()).ok()?;
+    let name = match &msg {
+        Message::Announce { node }
+        | Message::Probe {
+            node: Some(node), ..
+        } => Some(node.name.clone()),
+        _ => None,
+    };
+    Some((msg.sender(), name))
+}
+
 /// Field limits beyond what the size cap already implies.
 fn msg_is_sane(msg: &Message) -> bool {
     let record_ok = |n: &NodeRecord| {
@@ -270,6 +312,13 @@ mod tests {
         assert_eq!(decode(&keyed, Some(&other)), Err(DecodeError::Auth));
         assert_eq!(decode(&keyed, None), Err(DecodeError::Auth));
         assert_eq!(decode(&open, Some(&key)), Err(DecodeError::Auth));
+        assert_eq!(key_mismatch(&keyed, true), KeyMismatch::OtherKey);
+        assert_eq!(key_mismatch(&keyed, false), KeyMismatch::SenderKeyed);
+        assert_eq!(key_mismatch(&open, true), KeyMismatch::SenderUnkeyed);
+        assert_eq!(
+            claimed_sender(&keyed),
+            Some((record().id, Some("alpha".to_string())))
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! which turns the skip into a failure.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
@@ -70,6 +71,8 @@ pub struct Lan {
     subnet: u8,
     dir: PathBuf,
     children: Mutex<Vec<(String, Child)>>,
+    /// Loss set with [`Lan::set_loss`], percent per host.
+    loss: Mutex<BTreeMap<usize, u8>>,
 }
 
 impl Lan {
@@ -94,6 +97,7 @@ impl Lan {
             subnet,
             dir,
             children: Mutex::new(Vec::new()),
+            loss: Mutex::new(BTreeMap::new()),
         };
         let sw = lan.switch();
         ip(&["netns", "add", &sw]);
@@ -183,6 +187,12 @@ impl Lan {
     /// Starts `localnet daemon` on host `i` (name `h<i>`, control socket [`Lan::sock`])
     /// and waits until its control socket answers.
     pub fn daemon(&self, i: usize, extra: &[&str]) -> u32 {
+        self.daemon_wrapped(i, &[], extra)
+    }
+
+    /// [`Lan::daemon`] run through a wrapper command that execs it (such as `env
+    /// VAR=...`, see [`faketime`]), so that the PID is still the daemon's.
+    pub fn daemon_wrapped(&self, i: usize, wrapper: &[String], extra: &[&str]) -> u32 {
         let sock = self.sock(i);
         let _ = std::fs::remove_file(&sock);
         let name = format!("h{i}");
@@ -196,7 +206,16 @@ impl Lan {
             sock.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let pid = self.spawn(i, &name, &binary(), &args);
+        let bin = binary();
+        let pid = match wrapper.split_first() {
+            None => self.spawn(i, &name, &bin, &args),
+            Some((program, rest)) => {
+                let mut all: Vec<&str> = rest.iter().map(String::as_str).collect();
+                all.push(bin.to_str().expect("binary path"));
+                all.extend_from_slice(&args);
+                self.spawn(i, &name, Path::new(program), &all)
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while UnixStream::connect(&sock).is_err() {
             assert!(
@@ -281,6 +300,105 @@ impl Lan {
         }
     }
 
+    /// Runs an nftables script in the switch namespace.
+    fn nft(&self, script: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.switch(), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run nft (apt-get install nftables)");
+        child
+            .stdin
+            .take()
+            .expect("nft stdin")
+            .write_all(script.as_bytes())
+            .expect("write nft script");
+        let out = child.wait_with_output().expect("wait for nft");
+        assert!(
+            out.status.success(),
+            "nft -f:\n{script}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The switch's `faults` table: a bridge-family filter on forwarded frames, chain
+    /// `loss` for [`Lan::set_loss`] and chain `part` for [`Lan::partition`].
+    fn fault_table() -> &'static str {
+        "add table bridge faults\n\
+         add chain bridge faults loss { type filter hook forward priority 0; policy accept; }\n\
+         add chain bridge faults part { type filter hook forward priority 1; policy accept; }\n"
+    }
+
+    /// Drops `percent` % of the frames the switch delivers to host `i` (each frame and
+    /// each receiver drawn independently: with every host at P, every datagram is lost
+    /// with probability P on its way to each receiver). 0 removes the loss.
+    pub fn set_loss(&self, i: usize, percent: u8) {
+        let mut loss = self.loss.lock().unwrap();
+        match percent {
+            0 => loss.remove(&i),
+            p => loss.insert(i, p.min(100)),
+        };
+        let mut script = format!("{}flush chain bridge faults loss\n", Self::fault_table());
+        for (host, p) in loss.iter() {
+            script.push_str(&format!(
+                "add rule bridge faults loss oifname \"v{host}\" numgen random mod 100 < {p} counter drop\n"
+            ));
+        }
+        self.nft(&script);
+    }
+
+    /// Cuts every frame between hosts of `a` and hosts of `b` (both ways); [`Lan::heal`]
+    /// ends it. Frames within each side still pass.
+    pub fn partition(&self, a: &[usize], b: &[usize]) {
+        let ports = |side: &[usize]| {
+            side.iter()
+                .map(|i| format!("\"v{i}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (pa, pb) = (ports(a), ports(b));
+        self.nft(&format!(
+            "{}add rule bridge faults part iifname {{ {pa} }} oifname {{ {pb} }} drop\n\
+             add rule bridge faults part iifname {{ {pb} }} oifname {{ {pa} }} drop\n",
+            Self::fault_table()
+        ));
+    }
+
+    /// Frames dropped so far by [`Lan::set_loss`]'s rules now in force (each rule counts).
+    pub fn lost_frames(&self) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.switch(),
+                "nft",
+                "list",
+                "chain",
+                "bridge",
+                "faults",
+                "loss",
+            ])
+            .output()
+            .expect("run nft list");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .filter_map(|w| w[1].parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Ends every partition (loss set with [`Lan::set_loss`] stays).
+    pub fn heal(&self) {
+        self.nft(&format!(
+            "{}flush chain bridge faults part\n",
+            Self::fault_table()
+        ));
+    }
+
     /// Prints every log; call when a test is about to fail.
     pub fn dump_logs(&self) {
         for (name, _) in self.children.lock().unwrap().iter() {
@@ -309,6 +427,49 @@ impl Drop for Lan {
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether `program` can be run (found on PATH); when not, says so, and panics under
+/// `LOCALNET_REQUIRE_NETNS=1` (CI must install it: `apt-get install -y PACKAGE`).
+pub fn tool_available(program: &str, package: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        || Path::new("/usr/sbin").join(program).is_file();
+    if found {
+        return true;
+    }
+    if std::env::var("LOCALNET_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("LOCALNET_REQUIRE_NETNS=1 but {program} is missing: apt-get install -y {package}");
+    }
+    eprintln!("skipping: {program} is missing (apt-get install -y {package})");
+    false
+}
+
+/// A wrapper for [`Lan::daemon_wrapped`] (or `spawn` of `env`) that runs a program with
+/// its wall clock `offset` off (`+40s`, `-20s`) through libfaketime; its monotonic clock
+/// stays true. `None` (after saying why) when libfaketime is not installed; a panic under
+/// `LOCALNET_REQUIRE_NETNS=1`.
+pub fn faketime(offset: &str) -> Option<Vec<String>> {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ];
+    let Some(lib) = candidates.iter().find(|p| Path::new(p).is_file()) else {
+        if std::env::var("LOCALNET_REQUIRE_NETNS").as_deref() == Ok("1") {
+            panic!(
+                "LOCALNET_REQUIRE_NETNS=1 but libfaketime is missing: apt-get install -y faketime"
+            );
+        }
+        eprintln!("skipping: libfaketime is missing (apt-get install -y faketime)");
+        return None;
+    };
+    Some(vec![
+        "env".into(),
+        format!("LD_PRELOAD={lib}"),
+        format!("FAKETIME={offset}"),
+        "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
+    ])
 }
 
 /// Whether a process exists and is not a zombie.
