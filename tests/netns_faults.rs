@@ -445,3 +445,114 @@ fn a_clock_20_s_off_joins_and_40_s_off_is_refused_with_the_reason_shown() {
         "{err}"
     );
 }
+
+#[test]
+fn a_master_host_cut_off_mid_job_loses_its_slaves_and_they_kill_the_jobs() {
+    let Some(lan) = faulty_lan("mcut", 97, 4) else {
+        return;
+    };
+    let key = lan.key("k");
+    let slaves: Vec<u32> = (1..4)
+        .map(|i| {
+            let name = format!("s{i}");
+            lan.spawn(
+                i,
+                &name,
+                &binary(),
+                &[
+                    "slave",
+                    "--name",
+                    &name,
+                    "--interface",
+                    "eth0",
+                    "--key-file",
+                    &key,
+                ],
+            )
+        })
+        .collect();
+    let tag = format!("cutjob-{}", std::process::id());
+    let script = format!("sleep 301; : {tag}");
+    let master_args = |script: &str| -> Vec<String> {
+        [
+            "master",
+            "--interface",
+            "eth0",
+            "--key-file",
+            &key,
+            "--slaves",
+            "3",
+            "--wait",
+            "5s",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args = master_args(&script);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let master = lan.spawn(0, "master", &binary(), &args);
+    // The master's command line holds the tag, and so does each slave's job shell.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            support::pids_matching(&tag).len() >= 4
+        }),
+        "the jobs never started:\n{}",
+        lan.log("master")
+    );
+    // Host 0 (the master) loses every frame, both ways, for 5 s.
+    let cut = Instant::now();
+    lan.partition(&[0], &[1, 2, 3]);
+    let code = lan.wait(master, Duration::from_secs(5));
+    let master_done = cut.elapsed();
+    let jobs_gone = eventually(Duration::from_secs(5), || {
+        support::pids_matching(&tag)
+            .into_iter()
+            .all(|pid| pid == master)
+    });
+    let jobs_done = cut.elapsed();
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(cut.elapsed()));
+    lan.heal();
+    eprintln!(
+        "FIGURE master_cut_exit_ms={} master_cut_jobs_killed_ms={}",
+        master_done.as_millis(),
+        jobs_done.as_millis()
+    );
+    assert_eq!(code, Some(1), "the master exits 1:\n{}", lan.log("master"));
+    let said = lan.log("master");
+    for name in ["s1", "s2", "s3"] {
+        assert!(
+            said.contains(&format!("failed: {name} ")),
+            "{name} not named:\n{said}"
+        );
+    }
+    assert!(jobs_gone, "jobs still running after the master was cut off");
+    assert!(
+        jobs_done < Duration::from_millis(3500),
+        "jobs killed only after {jobs_done:?}"
+    );
+    for (i, pid) in slaves.iter().enumerate() {
+        let name = format!("s{}", i + 1);
+        assert!(support::alive(*pid), "{name} exited");
+        let log = lan.log(&name);
+        assert!(
+            log.contains("connection dead") && log.contains("killed"),
+            "{name}'s log does not say why:\n{log}"
+        );
+    }
+    // Healed, the slaves serve the next master.
+    let again = master_args("echo again");
+    let again: Vec<&str> = again.iter().map(String::as_str).collect();
+    let out = lan.run(0, &binary(), &again);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches(": again").count(), 3, "{stdout}");
+}
