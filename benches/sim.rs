@@ -5,7 +5,7 @@
 //! ```
 //!
 //! Each size runs in a fresh process of this bench (so its peak RSS is its own) on
-//! [`localnet::sim`]: N real `Discovery` cores, a priority queue of deliveries taking
+//! [`localnet::discovery::sim`]: N real `Discovery` cores, a priority queue of deliveries taking
 //! 1–2 ms each, multicast delivered to every other running node (each copy lost with
 //! probability `--loss`, independently), one seeded RNG. No sockets: nothing here
 //! touches a network. For each size it prints markdown table rows and, at the end, writes
@@ -49,8 +49,8 @@ use std::process::{Command, Stdio};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use localnet::PeerEvent;
-use localnet::core::Config;
-use localnet::sim::{Sim, SimConfig};
+use localnet::discovery::Config;
+use localnet::discovery::sim::{Sim, SimConfig};
 use serde_json::{Value, json};
 
 /// Longest a size may take to converge, virtual ms.

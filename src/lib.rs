@@ -1,16 +1,17 @@
 //! localnet: zero-configuration discovery of machines on a LAN.
 //!
 //! Run `localnet daemon` on every machine; `localnet peers` (or [`find_peers`]) on any
-//! of them lists the others within a fraction of a second. The crate is layered:
+//! of them lists the others within a fraction of a second. The crate is layered (see
+//! ARCHITECTURE.md for the map):
 //!
-//! - [`wire`]: the datagram format; [`key`]: the optional cluster key.
-//! - [`core`]: the discovery protocol as a pure state machine (no I/O, no clock);
-//!   [`peers`]: the peer table; [`sim`]: a simulated LAN for the core.
-//! - [`netif`]: interfaces and sockets; [`node`]: the core driven by tokio;
-//!   [`control`]: the daemon's control socket.
-//! - [`transport`]: framed, optionally Noise-encrypted TCP between nodes; [`remote`]: the
-//!   master–slave messages and [`RemoteTable`]; [`slave`], [`master`] and [`backend`]:
-//!   the SimpleLocalnet-style runtime; [`stdio`]: output that never blocks the runtime.
+//! - [`discovery`]: the discovery protocol as a pure state machine (no I/O, no clock),
+//!   its wire format, its peer table and a simulated LAN for it; [`key`]: the optional
+//!   cluster key.
+//! - [`node`]: the discovery core driven by tokio: interfaces and sockets, mDNS, the
+//!   daemon's control socket.
+//! - [`runtime`]: the SimpleLocalnet-style master/slave runtime: framed, optionally
+//!   Noise-encrypted TCP, the master–slave protocol, [`RemoteTable`], slaves and masters.
+//! - [`service`]: systemd integration; [`stdio`]: output that never blocks the runtime.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), localnet::Error> {
@@ -21,32 +22,27 @@
 //! # Ok(()) }
 //! ```
 
-pub mod backend;
-pub mod control;
-pub mod core;
+pub mod discovery;
 pub mod key;
-pub mod master;
-pub mod mdns;
-pub mod netif;
 pub mod node;
-pub mod peers;
-pub mod remote;
+pub mod runtime;
 pub mod service;
-pub mod sim;
-pub mod slave;
 pub mod stdio;
-pub mod transport;
-pub mod wire;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use backend::{Backend, BackendError, BackendOptions, Discovered};
+use node::control;
+use runtime::backend;
+
+pub use discovery::peers::{Peer, PeerEvent, PeerState};
 pub use key::ClusterKey;
-pub use master::{CommandJob, ExecEvent, LineSplitter, Master, MasterError, TerminateReport};
 pub use node::{Node, NodeHandle, NodeOptions};
-pub use peers::{Peer, PeerEvent, PeerState};
-pub use remote::{JobExit, NodeId, RemoteError, RemoteResult, RemoteTable, Stream};
+pub use runtime::backend::{Backend, BackendError, BackendOptions, Discovered};
+pub use runtime::master::{
+    CommandJob, ExecEvent, LineSplitter, Master, MasterError, TerminateReport,
+};
+pub use runtime::protocol::{JobExit, NodeId, RemoteError, RemoteResult, RemoteTable, Stream};
 
 /// Every Rust block of README.md, compiled as a doctest so that the README's examples
 /// stay true.
@@ -138,7 +134,7 @@ pub async fn find_peers_with(opts: &FindOptions) -> Result<Vec<Peer>, Error> {
 /// (see [`backend::explain_missing`]). The hints are empty when enough were found.
 pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<String>), Error> {
     let short = |found: &[Peer]| opts.wait_for.is_some_and(|n| found.len() < n);
-    let explain = |peers: &[Peer], rejections: &[core::Rejection]| {
+    let explain = |peers: &[Peer], rejections: &[discovery::Rejection]| {
         backend::explain_missing(&backend::Seen {
             peers,
             rejections,
@@ -166,7 +162,7 @@ pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<
         let mut hints = Vec::new();
         if short(&peers) {
             let status = client.status().await?;
-            let rejections: Vec<core::Rejection> =
+            let rejections: Vec<discovery::Rejection> =
                 serde_json::from_value(status["rejections"].clone()).unwrap_or_default();
             hints.extend(backend::daemon_key_mismatch(
                 status["keyed"].as_bool().unwrap_or(false),
@@ -202,6 +198,6 @@ pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<
 pub mod fuzzing {
     /// Decodes one master–slave session frame as a session does; whether it decoded.
     pub fn decode_session_frame(bytes: &[u8]) -> bool {
-        crate::remote::decode(bytes).is_some()
+        crate::runtime::protocol::decode(bytes).is_some()
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use localnet::control::{self, ControlClient, ControlError, ControlSocket};
+use localnet::node::control::{self, ControlClient, ControlError, ControlSocket};
 use localnet::node::{DEFAULT_GROUP, DEFAULT_PORT};
 use localnet::{
     Backend, BackendOptions, ClusterKey, ExecEvent, FindOptions, JobExit, LineSplitter, Master,
@@ -383,7 +383,8 @@ fn init_logging(quiet: bool, slave: bool) {
     // its connection lifecycle lines always stay in the local log too.
     let not_redirected = || {
         filter_fn(|meta| {
-            !localnet::slave::logs_redirected() || meta.target() == localnet::slave::LIFECYCLE
+            !localnet::runtime::slave::logs_redirected()
+                || meta.target() == localnet::runtime::slave::LIFECYCLE
         })
     };
     tracing_subscriber::registry()
@@ -391,7 +392,7 @@ fn init_logging(quiet: bool, slave: bool) {
         .with(journald.with_filter(not_redirected()))
         .with(stream.with_filter(not_redirected()))
         .with(local.with_filter(not_redirected()))
-        .with(slave.then_some(localnet::slave::RedirectLayer))
+        .with(slave.then_some(localnet::runtime::slave::RedirectLayer))
         .init();
 }
 
@@ -751,7 +752,7 @@ async fn find_slaves_for_cli(
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
     });
-    let found = localnet::backend::discover_explained(&opts, wait_for, wait, tags, |n| {
+    let found = localnet::runtime::backend::discover_explained(&opts, wait_for, wait, tags, |n| {
         if let Some(bar) = &progress {
             bar.set_message(slaves_found_message(n, wait_for));
         }
@@ -934,7 +935,7 @@ async fn run_on_slave(
                             .context("writing output")?;
                     }
                 }
-                // Timers and keepalives first (see localnet::remote::write_frames).
+                // Timers and keepalives first (see localnet::runtime::protocol::write_frames).
                 tokio::task::yield_now().await;
             }
             Some(ExecEvent::Exit(exit)) => break exit,
@@ -966,7 +967,7 @@ async fn run_on_slave(
                 object[key] = serde_json::json!(lines);
                 if !exact {
                     object[format!("{key}_base64")] =
-                        serde_json::json!(localnet::remote::base64_encode(bytes));
+                        serde_json::json!(localnet::runtime::protocol::base64_encode(bytes));
                 }
             }
             let mut line = serde_json::to_vec(&object)?;

@@ -4,7 +4,7 @@
 //! runtime: each stream is written by a thread of its own, fed through a queue bounded
 //! in bytes ([`QUEUE_BYTES`]). A reader that is slow (a pipe nobody drains, a paused
 //! terminal) then stalls only that thread:
-//! - [`write`] (job output) waits for room in the queue, so backpressure slows the
+//! - [`write()`] (job output) waits for room in the queue, so backpressure slows the
 //!   producer without stopping anything else on the runtime (keepalives, other slaves);
 //! - [`try_write`] and [`log_line`] (log lines) never wait: when the queue is full the
 //!   line is dropped and counted, and the next line that fits says how many were lost.

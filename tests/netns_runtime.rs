@@ -637,7 +637,10 @@ fn raw_output_is_byte_exact_and_json_keeps_invalid_utf8() {
     for r in &results {
         assert_eq!(r["stdout"], serde_json::json!(["a\u{fffd}b"]));
         let exact = r["stdout_base64"].as_str().expect("stdout_base64");
-        assert_eq!(localnet::remote::base64_decode(exact).unwrap(), b"a\xffb\n");
+        assert_eq!(
+            localnet::runtime::protocol::base64_decode(exact).unwrap(),
+            b"a\xffb\n"
+        );
         assert_eq!(r["stderr"], serde_json::json!(["ok"]));
         assert!(r.get("stderr_base64").is_none(), "{r}");
     }

@@ -1,7 +1,7 @@
 //! Simulation tests: many nodes of the sans-IO core on a simulated LAN in virtual time.
 
 use localnet::PeerEvent;
-use localnet::sim::{Sim, SimConfig};
+use localnet::discovery::sim::{Sim, SimConfig};
 
 fn failed_times(sim: &Sim, victim: usize) -> Vec<(usize, u64, u64)> {
     let id = sim.id(victim);

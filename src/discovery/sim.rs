@@ -29,11 +29,11 @@ use std::rc::Rc;
 
 use uuid::Uuid;
 
-use crate::core::{
+use crate::discovery::wire::HEADER_OVERHEAD;
+use crate::discovery::{
     Config, Decoded, Destination, Discovery, LocalNode, Millis, PeerEvent, Transmit,
 };
 use crate::key::ClusterKey;
-use crate::wire::HEADER_OVERHEAD;
 
 /// Virtual time starts here: close to a real unix time in ms, so that keyed nodes'
 /// counters look like real clocks.

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::control::{self, ControlClient, ControlError};
-use crate::core::{Refusal, Rejection};
-use crate::master::Master;
+use crate::discovery::peers::Peer;
+use crate::discovery::{Refusal, Rejection};
+use crate::node::control::{self, ControlClient, ControlError};
 use crate::node::{Node, NodeOptions};
-use crate::peers::Peer;
-use crate::remote::{NodeId, RemoteTable};
-use crate::slave::{self, SlaveOptions};
+use crate::runtime::master::Master;
+use crate::runtime::protocol::{NodeId, RemoteTable};
+use crate::runtime::slave::{self, SlaveOptions};
 
 /// Settings of a backend beyond host, port and functions.
 #[derive(Clone, Debug, Default)]
@@ -101,7 +101,7 @@ impl Backend {
         }
         // An unspecified host is announced as such: receivers use the source address.
         let node_id = NodeId::new(if local.ip().is_unspecified() {
-            let ip = crate::netif::select(&opts.discovery.interfaces)
+            let ip = crate::node::netif::select(&opts.discovery.interfaces)
                 .ok()
                 .and_then(|i| i.first().map(|i| IpAddr::V4(i.ip)))
                 .unwrap_or(local.ip());
@@ -286,7 +286,7 @@ pub struct Seen<'a> {
 /// off, key mismatch, replays), unverified peers and slaves with other tags.
 pub fn explain_missing(seen: &Seen<'_>) -> Vec<String> {
     let mut hints = Vec::new();
-    let window_s = crate::core::Config::default().replay_window_ms / 1000;
+    let window_s = crate::discovery::Config::default().replay_window_ms / 1000;
     let counted = |p: &&Peer| seen.slaves_with.is_none() || p.role == "slave";
     for p in seen.peers.iter().filter(counted).filter(|p| !p.verified) {
         let why = p

@@ -339,17 +339,19 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Frame> {
 /// across many chunks would otherwise delay timers (and so pings) by seconds, and the
 /// peer would call the connection dead.
 pub(crate) async fn write_frames(
-    mut writer: crate::transport::FrameWriter,
+    mut writer: crate::runtime::transport::FrameWriter,
     mut outbox: tokio::sync::mpsc::Receiver<Frame>,
 ) {
     loop {
         let frame =
-            match tokio::time::timeout(crate::transport::KEEPALIVE_EVERY, outbox.recv()).await {
+            match tokio::time::timeout(crate::runtime::transport::KEEPALIVE_EVERY, outbox.recv())
+                .await
+            {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(_) => Frame::Ping,
             };
-        for payload in encode_split(frame, crate::transport::MAX_PAYLOAD) {
+        for payload in encode_split(frame, crate::runtime::transport::MAX_PAYLOAD) {
             if let Err(err) = writer.write(&payload).await {
                 tracing::debug!(%err, "writing a frame failed");
                 return;

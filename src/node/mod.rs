@@ -1,9 +1,13 @@
 //! The embeddable node: the discovery core driven by tokio over real sockets.
 //!
-//! This module owns the I/O loop around [`crate::core::Discovery`]: it feeds it datagrams
+//! This module owns the I/O loop around [`crate::discovery::Discovery`]: it feeds it datagrams
 //! from the sockets and timer ticks from the clock, sends what it asks to send, and
 //! publishes its peer events. The daemon is this node plus a control socket; the
 //! library's one-shot discovery is this node in observer mode.
+
+pub mod control;
+pub mod mdns;
+pub mod netif;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -18,14 +22,14 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::core::{
+use self::mdns::{Mdns, MdnsEvent};
+use self::netif::{NetError, Sockets};
+use crate::discovery::peers::{Peer, PeerEvent};
+use crate::discovery::wire::MAX_DATAGRAM;
+use crate::discovery::{
     Config, ConfigError, Destination, Discovery, LocalNode, Millis, Rejection, Stats,
 };
 use crate::key::ClusterKey;
-use crate::mdns::{self, Mdns, MdnsEvent};
-use crate::netif::{self, NetError, Sockets};
-use crate::peers::{Peer, PeerEvent};
-use crate::wire::MAX_DATAGRAM;
 
 /// Default multicast group.
 pub const DEFAULT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 76, 78);

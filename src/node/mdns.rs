@@ -23,8 +23,8 @@ use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::netif::Interface;
-use crate::wire::{NodeRecord, VERSION};
+use crate::discovery::wire::{NodeRecord, VERSION};
+use crate::node::netif::Interface;
 
 /// The DNS-SD service type of localnet nodes.
 pub const SERVICE_TYPE: &str = "_localnet._tcp.local.";

@@ -21,7 +21,7 @@ use hashbrown::hash_table::Entry as Slot;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::wire::NodeRecord;
+use crate::discovery::wire::NodeRecord;
 
 /// Milliseconds on the protocol's clock (unix time in a real node, virtual in simulations).
 pub type Millis = u64;

@@ -22,8 +22,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::broadcast;
 
+use crate::discovery::peers::{Peer, PeerEvent};
 use crate::node::NodeHandle;
-use crate::peers::{Peer, PeerEvent};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;

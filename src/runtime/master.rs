@@ -14,8 +14,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::key::ClusterKey;
-use crate::remote::{self, Frame, JobExit, NodeId, Stream};
-use crate::transport::{self, DEAD_AFTER, TransportError};
+use crate::runtime::protocol::{self, Frame, JobExit, NodeId, Stream};
+use crate::runtime::transport::{self, DEAD_AFTER, TransportError};
 
 /// Errors of master operations.
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +244,7 @@ impl Master {
             .await
             .map_err(|source| MasterError::Connect { node, source })?;
         let (out, outbox) = mpsc::channel(64);
-        tokio::spawn(remote::write_frames(writer, outbox));
+        tokio::spawn(protocol::write_frames(writer, outbox));
         let _ = out
             .send(Frame::Hello {
                 name: self.inner.name.clone(),
@@ -252,7 +252,7 @@ impl Master {
             .await;
         let (name, tags) = loop {
             match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
-                Ok(Ok(Some(bytes))) => match remote::decode(&bytes) {
+                Ok(Ok(Some(bytes))) => match protocol::decode(&bytes) {
                     Some(Frame::Welcome { name, tags, .. }) => break (name, tags),
                     Some(Frame::Ping) => continue,
                     _ => return Err(MasterError::NoWelcome { node }),
@@ -450,7 +450,7 @@ impl CommandJob {
 async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, log_sink: LogSink) {
     loop {
         let frame = match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
-            Ok(Ok(Some(bytes))) => match remote::decode(&bytes) {
+            Ok(Ok(Some(bytes))) => match protocol::decode(&bytes) {
                 Some(f) => f,
                 None => break,
             },

@@ -20,8 +20,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::AbortHandle;
 
 use crate::key::ClusterKey;
-use crate::remote::{self, Frame, JobExit, RemoteTable, Stream};
-use crate::transport::{self, DEAD_AFTER, FrameReader, FrameWriter};
+use crate::runtime::protocol::{self, Frame, JobExit, RemoteTable, Stream};
+use crate::runtime::transport::{self, DEAD_AFTER, FrameReader, FrameWriter};
 
 /// How a slave serves.
 #[derive(Clone, Debug)]
@@ -256,13 +256,13 @@ type Admission = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 impl Session {
     async fn run(self, mut reader: FrameReader, writer: FrameWriter, peer: std::net::SocketAddr) {
         let (out, outbox) = mpsc::channel::<Frame>(OUTBOX);
-        let writer_task = tokio::spawn(remote::write_frames(writer, outbox));
+        let writer_task = tokio::spawn(protocol::write_frames(writer, outbox));
         let mut master = String::from("?");
         // Why the connection ended, logged once redirection is off (below); `None` for a
         // clean close.
         let ended: Option<String> = loop {
             let frame = match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
-                Ok(Ok(Some(bytes))) => match remote::decode(&bytes) {
+                Ok(Ok(Some(bytes))) => match protocol::decode(&bytes) {
                     Some(f) => f,
                     None => break Some("malformed frame; closing the connection".into()),
                 },
@@ -391,7 +391,7 @@ impl Session {
                 Ok(Err(e)) => Frame::Result {
                     id,
                     ok: None,
-                    err: Some(remote::error_text(e.as_ref())),
+                    err: Some(protocol::error_text(e.as_ref())),
                 },
                 Err(e) if e.is_panic() => {
                     let payload = e.into_panic();
@@ -614,12 +614,12 @@ async fn forward_logs(mut rx: mpsc::Receiver<String>, out: mpsc::Sender<Frame>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::master::{ExecEvent, Master};
-    use crate::remote::NodeId;
+    use crate::runtime::master::{ExecEvent, Master};
+    use crate::runtime::protocol::NodeId;
     use serde_json::json;
 
     /// The error a refused request gets, within a deadline (an admitted one would wait).
-    async fn refusal(task: crate::master::RemoteTask) -> String {
+    async fn refusal(task: crate::runtime::master::RemoteTask) -> String {
         tokio::time::timeout(Duration::from_secs(5), task.join())
             .await
             .expect("a request beyond the cap must be refused at once")

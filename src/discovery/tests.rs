@@ -1,0 +1,500 @@
+//! Tests of the discovery state machine.
+use super::*;
+
+fn node(id: u128, key: Option<ClusterKey>, observer: bool) -> Discovery {
+    node_at(id, key, observer, 1_000_000)
+}
+
+/// A node made at `now` (its seed is its id).
+fn node_at(id: u128, key: Option<ClusterKey>, observer: bool, now: Millis) -> Discovery {
+    let me = LocalNode {
+        id: Uuid::from_u128(id),
+        name: format!("n{id}"),
+        incarnation: 1,
+        addr: "0.0.0.0:7000".parse().unwrap(),
+        role: "daemon".into(),
+        tags: BTreeMap::new(),
+    };
+    let cfg = Config {
+        observer,
+        ..Config::default()
+    };
+    Discovery::new(cfg, me, key, id as u64, now).unwrap()
+}
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, i], 9000))
+}
+
+fn drain(n: &mut Discovery) -> Vec<Transmit> {
+    std::iter::from_fn(|| n.poll_transmit()).collect()
+}
+
+fn events(n: &mut Discovery) -> Vec<PeerEvent> {
+    std::iter::from_fn(|| n.poll_event()).collect()
+}
+
+#[test]
+fn probe_teaches_both_sides() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    a.start(t);
+    drain(&mut a);
+    b.start(t + 5);
+    let probe = drain(&mut b).remove(0);
+    a.handle_datagram(t + 6, addr(2), &probe.payload);
+    assert!(matches!(events(&mut a)[..], [PeerEvent::Joined(ref p)] if p.name == "n2"));
+    // The reply is jittered; run a's timers until it goes out.
+    let at = a.poll_timeout().unwrap();
+    assert!(
+        at <= t + 6 + 2,
+        "reply delay for a tiny group is small: {at}"
+    );
+    a.handle_timeout(at);
+    let reply = drain(&mut a).remove(0);
+    assert_eq!(reply.dest, Destination::Unicast(addr(2)));
+    b.handle_datagram(at + 1, addr(1), &reply.payload);
+    let ev = events(&mut b);
+    assert!(
+        matches!(&ev[..], [PeerEvent::Joined(p)] if p.name == "n1" && p.addr == "10.0.0.1:7000".parse().unwrap())
+    );
+}
+
+#[test]
+fn goodbye_removes_and_silence_fails() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    let mut c = node(3, None, false);
+    a.start(t);
+    b.start(t);
+    c.start(t);
+    drain(&mut a);
+    let pb = drain(&mut b).remove(0);
+    let pc = drain(&mut c).remove(0);
+    a.handle_datagram(t, addr(2), &pb.payload);
+    a.handle_datagram(t, addr(3), &pc.payload);
+    assert_eq!(a.peer_count(), 2);
+    events(&mut a);
+    b.leave(t + 10);
+    let bye = drain(&mut b);
+    assert_eq!(bye.len(), 2);
+    a.handle_datagram(t + 10, addr(2), &bye[0].payload);
+    a.handle_datagram(t + 10, addr(2), &bye[1].payload);
+    assert!(matches!(&events(&mut a)[..], [PeerEvent::Left(p)] if p.name == "n2"));
+    // c is never heard again: suspect, probed directly, then failed at its TTL.
+    let ttl = ttl_for(200);
+    let mut now = t;
+    let mut direct_probes = 0;
+    while a.peer_count() > 0 {
+        now = a.poll_timeout().unwrap();
+        a.handle_timeout(now);
+        direct_probes += drain(&mut a)
+            .iter()
+            .filter(|x| x.dest == Destination::Unicast(addr(3)))
+            .count();
+        assert!(now <= t + ttl, "failed late: {}", now - t);
+    }
+    assert_eq!(now, t + ttl);
+    assert!(direct_probes >= 5, "{direct_probes}");
+    assert!(matches!(&events(&mut a)[..], [PeerEvent::Failed(p)] if p.name == "n3"));
+}
+
+#[test]
+fn answered_direct_probe_keeps_a_suspect_alive() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    a.start(t);
+    b.start(t);
+    drain(&mut a);
+    let pb = drain(&mut b).remove(0);
+    a.handle_datagram(t, addr(2), &pb.payload);
+    // b's announcements are lost; only its answers to direct probes get through.
+    let mut now = t;
+    while now < t + 10_000 {
+        now = a.poll_timeout().unwrap().min(b.poll_timeout().unwrap());
+        a.handle_timeout(now);
+        b.handle_timeout(now);
+        drain(&mut b);
+        for x in drain(&mut a) {
+            if x.dest == Destination::Unicast(addr(2)) {
+                b.handle_datagram(now, addr(1), &x.payload);
+                for answer in drain(&mut b) {
+                    a.handle_datagram(now, addr(2), &answer.payload);
+                }
+            }
+        }
+    }
+    assert_eq!(a.peer_count(), 1);
+    assert!(
+        !events(&mut a)
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Failed(_)))
+    );
+}
+
+#[test]
+fn restart_with_new_incarnation_is_an_update() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    a.start(t);
+    let mut b = node(2, None, false);
+    b.start(t);
+    a.handle_datagram(t, addr(2), &drain(&mut b)[0].payload);
+    let mut me = LocalNode {
+        id: Uuid::from_u128(2),
+        name: "n2".into(),
+        incarnation: 2,
+        addr: "0.0.0.0:7001".parse().unwrap(),
+        role: "daemon".into(),
+        tags: BTreeMap::new(),
+    };
+    let mut b2 = Discovery::new(Config::default(), me.clone(), None, 9, t).unwrap();
+    b2.start(t + 50);
+    a.handle_datagram(t + 50, addr(2), &drain(&mut b2)[0].payload);
+    let ev = events(&mut a);
+    assert!(matches!(&ev[..], [PeerEvent::Joined(_), PeerEvent::Updated(p)] if p.incarnation == 2));
+    assert_eq!(a.peer_count(), 1);
+    me.incarnation = 1; // the old incarnation speaks again: ignored
+    let mut old = Discovery::new(Config::default(), me, None, 9, t).unwrap();
+    old.start(t + 60);
+    a.handle_datagram(t + 60, addr(2), &drain(&mut old)[0].payload);
+    assert_eq!(a.peers(t + 60)[0].incarnation, 2);
+}
+
+#[test]
+fn observer_is_never_listed_and_never_announces() {
+    let t = 1_000_000;
+    let mut member = node(1, None, false);
+    member.start(t);
+    drain(&mut member);
+    let mut obs = node(2, None, true);
+    obs.start(t);
+    let probe = drain(&mut obs).remove(0);
+    member.handle_datagram(t, addr(2), &probe.payload);
+    assert_eq!(member.peer_count(), 0);
+    let at = member.poll_timeout().unwrap();
+    member.handle_timeout(at);
+    let reply = drain(&mut member).remove(0);
+    assert_eq!(reply.dest, Destination::Unicast(addr(2)));
+    obs.handle_datagram(at, addr(1), &reply.payload);
+    assert_eq!(obs.peer_count(), 1);
+    // Observers send no announcements, whatever the time.
+    for _ in 0..50 {
+        let next = obs.poll_timeout().unwrap();
+        obs.handle_timeout(next);
+    }
+    assert!(
+        drain(&mut obs)
+            .iter()
+            .all(|x| !String::from_utf8_lossy(&x.payload).contains("announce"))
+    );
+    obs.leave(t + 100_000);
+    assert!(drain(&mut obs).is_empty(), "observers say no goodbye");
+}
+
+#[test]
+fn replays_and_stale_counters_are_refused() {
+    let t = 1_000_000_000;
+    let key = ClusterKey::from_bytes([3; 32]);
+    let me = |id: u128| LocalNode {
+        id: Uuid::from_u128(id),
+        name: format!("n{id}"),
+        incarnation: 1,
+        addr: "0.0.0.0:7000".parse().unwrap(),
+        role: "daemon".into(),
+        tags: BTreeMap::new(),
+    };
+    let mut a = Discovery::new(Config::default(), me(1), Some(key.clone()), 1, t).unwrap();
+    let mut b = Discovery::new(Config::default(), me(2), Some(key.clone()), 2, t).unwrap();
+    a.start(t);
+    b.start(t);
+    let probe = drain(&mut b).remove(0);
+    a.handle_datagram(t, addr(2), &probe.payload);
+    assert_eq!(a.peer_count(), 1);
+    a.handle_datagram(t + 1, addr(2), &probe.payload);
+    assert_eq!(a.stats().dropped_replay, 1);
+    // b says goodbye; replaying its old probe must not bring it back.
+    b.leave(t + 5);
+    for bye in drain(&mut b) {
+        a.handle_datagram(t + 5, addr(2), &bye.payload);
+    }
+    assert_eq!(a.peer_count(), 0);
+    a.handle_datagram(t + 6, addr(2), &probe.payload);
+    assert_eq!(a.peer_count(), 0);
+    // A sender whose clock is far off is refused.
+    let mut far = Discovery::new(Config::default(), me(3), Some(key), 3, t + 60_000).unwrap();
+    far.start(t + 60_000);
+    a.handle_datagram(t + 7, addr(3), &drain(&mut far)[0].payload);
+    assert_eq!(a.peer_count(), 0);
+    assert_eq!(a.stats().dropped_replay, 3);
+}
+
+#[test]
+fn refusals_are_recorded_per_source_and_explain_unverified_peers() {
+    let t = 1_000_000_000;
+    let key = ClusterKey::from_bytes([3; 32]);
+    let mut a = node_at(1, Some(key.clone()), false, t);
+    a.start(t);
+    // A keyed node whose clock is 41 s ahead.
+    let mut ahead = node_at(2, Some(key.clone()), false, t + 41_000);
+    ahead.start(t + 41_000);
+    for x in drain(&mut ahead) {
+        a.handle_datagram(t + 1, addr(2), &x.payload);
+    }
+    // One without a key, one with another key, and one behind by 35 s.
+    let mut open = node_at(3, None, false, t);
+    open.start(t);
+    a.handle_datagram(t + 2, addr(3), &drain(&mut open)[0].payload);
+    let mut other = node_at(4, Some(ClusterKey::from_bytes([9; 32])), false, t);
+    other.start(t);
+    a.handle_datagram(t + 3, addr(4), &drain(&mut other)[0].payload);
+    let mut behind = node_at(5, Some(key), false, t - 35_000);
+    behind.start(t - 35_000);
+    a.handle_datagram(t + 4, addr(5), &drain(&mut behind)[0].payload);
+    assert_eq!(a.peer_count(), 0);
+    let seen = a.rejections(t + 10);
+    let of = |i: u8| seen.iter().find(|r| r.source == addr(i)).unwrap();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(
+        matches!(of(2).reason, Refusal::ClockOff { offset_ms } if (40_990..=41_010).contains(&offset_ms))
+    );
+    assert_eq!(of(2).count, 1);
+    assert_eq!(of(2).name.as_deref(), Some("n2"));
+    assert_eq!(of(2).id, Some(Uuid::from_u128(2)));
+    assert_eq!(of(2).reason.to_string(), "clock off by 41 s (ahead)");
+    assert_eq!(of(3).reason, Refusal::SenderUnkeyed);
+    assert_eq!(
+        of(3).name.as_deref(),
+        Some("n3"),
+        "claimed, for diagnostics"
+    );
+    assert_eq!(of(4).reason, Refusal::OtherKey);
+    assert_eq!(of(5).reason.to_string(), "clock off by 35 s (behind)");
+    assert_eq!(seen[0].source, addr(5), "most recent first");
+    // The fast node is seen through mDNS: unverified, and the listing says why.
+    let record = |id: u128, ip: u8| NodeRecord {
+        id: Uuid::from_u128(id),
+        name: format!("n{id}"),
+        inc: 1,
+        addr: SocketAddr::from(([10, 0, 0, ip], 7000)),
+        role: "daemon".into(),
+        tags: BTreeMap::new(),
+        interval_ms: 60_000,
+        ttl_ms: 120_000,
+    };
+    a.observe_mdns(t + 20, record(2, 2));
+    a.observe_mdns(t + 20, record(6, 6));
+    let peers = a.peers(t + 20);
+    assert_eq!(peers.len(), 2);
+    assert!(!peers[0].verified);
+    assert_eq!(
+        peers[0].unverified_reason.as_deref(),
+        Some("clock off by 41 s (ahead)")
+    );
+    assert!(
+        peers[1]
+            .unverified_reason
+            .as_deref()
+            .unwrap()
+            .contains("no authenticated datagram")
+    );
+    // A keyless node records the keyed sender's refusal as such.
+    let mut bare = node_at(7, None, false, t);
+    bare.start(t);
+    let mut keyed = node_at(8, Some(ClusterKey::from_bytes([3; 32])), false, t);
+    keyed.start(t);
+    bare.handle_datagram(t, addr(8), &drain(&mut keyed)[0].payload);
+    assert_eq!(bare.rejections(t)[0].reason, Refusal::SenderKeyed);
+    // Forgotten a minute after the last one.
+    a.handle_timeout(t + 200_000);
+    assert!(a.rejections(t + 200_000).is_empty());
+}
+
+#[test]
+fn refusals_are_bounded() {
+    let t = 1_000_000_000;
+    let mut a = node_at(1, Some(ClusterKey::from_bytes([3; 32])), false, t);
+    a.start(t);
+    let mut open = node_at(3, None, false, t);
+    open.start(t);
+    let probe = drain(&mut open).remove(0);
+    for i in 0..10_000u32 {
+        let src = SocketAddr::from(([10, 9, (i >> 8) as u8, i as u8], 9000));
+        a.handle_datagram(t + u64::from(i), src, &probe.payload);
+    }
+    assert_eq!(a.footprint().rejections, MAX_REJECTIONS);
+    assert_eq!(a.stats().dropped_auth, 10_000);
+    // The newest are kept.
+    let newest = SocketAddr::from(([10, 9, (9_999u32 >> 8) as u8, 9_999u32 as u8], 9000));
+    assert_eq!(a.rejections(t + 10_000)[0].source, newest);
+}
+
+#[test]
+fn mdns_entries_merge_with_multicast_and_tombstones_hold() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    a.start(t);
+    drain(&mut a);
+    let mut b = node(2, None, false);
+    b.start(t);
+    let probe = drain(&mut b).remove(0);
+    let mdns_record = |inc| NodeRecord {
+        id: Uuid::from_u128(2),
+        name: "n2".into(),
+        inc,
+        addr: "10.0.0.2:7000".parse().unwrap(),
+        role: "daemon".into(),
+        tags: BTreeMap::new(),
+        interval_ms: 60_000,
+        ttl_ms: 120_000,
+    };
+    // Seen first through mDNS: one entry; then multicast: still one, both paths.
+    a.observe_mdns(t, mdns_record(1));
+    a.handle_datagram(t + 1, addr(2), &probe.payload);
+    assert_eq!(a.peer_count(), 1);
+    assert_eq!(a.peers(t + 1)[0].paths, vec!["multicast", "mdns"]);
+    let ev = events(&mut a);
+    assert!(matches!(&ev[..], [PeerEvent::Joined(_)]), "{ev:?}");
+    // mDNS removal keeps a peer multicast still hears.
+    a.mdns_removed(t + 2, Uuid::from_u128(2));
+    assert_eq!(a.peer_count(), 1);
+    // Multicast declares it failed; the mDNS cache cannot bring it back.
+    let mut now = t;
+    while a.peer_count() > 0 {
+        now = a.poll_timeout().unwrap();
+        a.handle_timeout(now);
+    }
+    a.observe_mdns(now + 1, mdns_record(1));
+    assert_eq!(a.peer_count(), 0);
+    // A restarted incarnation is welcome at once.
+    a.observe_mdns(now + 2, mdns_record(2));
+    assert_eq!(a.peer_count(), 1);
+    assert_eq!(a.peers(now + 2)[0].paths, vec!["mdns"]);
+    // An mDNS-only entry is not expired by multicast timers; removal ends it.
+    for _ in 0..20 {
+        let next = a.poll_timeout().unwrap();
+        a.handle_timeout(next);
+    }
+    assert_eq!(a.peer_count(), 1);
+    a.mdns_removed(now + 3, Uuid::from_u128(2));
+    assert_eq!(a.peer_count(), 0);
+}
+
+#[test]
+fn rate_limit_per_source() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    a.start(t);
+    for _ in 0..1000 {
+        a.handle_datagram(t, addr(9), b"junk");
+    }
+    let s = a.stats().clone();
+    assert_eq!(s.dropped_malformed, 100);
+    assert_eq!(s.dropped_rate, 900);
+    // Other sources are unaffected, and the bucket refills.
+    a.handle_datagram(t, addr(8), b"junk");
+    a.handle_datagram(t + 1000, addr(9), b"junk");
+    assert_eq!(a.stats().dropped_malformed, 102);
+}
+
+/// Runs two identical groups in lockstep, one fed raw bytes (each core decodes its
+/// copy), the other one shared [`Decoded`] per datagram; every output must agree.
+#[test]
+fn decoding_once_for_many_cores_changes_nothing() {
+    let t0 = 1_000_000_000;
+    for key in [None, Some(ClusterKey::from_bytes([4; 32]))] {
+        let make = || -> Vec<Discovery> {
+            (1..=6)
+                .map(|i| node_at(i, key.clone(), false, t0))
+                .collect()
+        };
+        let (mut raw, mut shared) = (make(), make());
+        let src = |i: usize| SocketAddr::from(([10, 0, 0, i as u8 + 1], 7000));
+        for t in (t0..t0 + 4_000).step_by(5) {
+            if t == t0 + 2_000 {
+                raw[5].leave(t);
+                shared[5].leave(t);
+            }
+            for i in 0..6 {
+                if i == 4 && t > t0 + 1_000 {
+                    continue; // node 4 goes silent: suspected, probed, failed
+                }
+                if t == t0 + 10 * i as u64 {
+                    raw[i].start(t);
+                    shared[i].start(t);
+                }
+                if raw[i].poll_timeout().is_some_and(|d| d <= t) {
+                    raw[i].handle_timeout(t);
+                    shared[i].handle_timeout(t);
+                }
+                let (a, b) = (drain(&mut raw[i]), drain(&mut shared[i]));
+                assert_eq!(a, b, "transmits of node {i} at {t}");
+                for x in a {
+                    let decoded = Decoded::new(src(i), &x.payload, key.as_ref()).unwrap();
+                    for j in (0..6).filter(|&j| j != i && !(j == 4 && t > t0 + 1_000)) {
+                        if x.dest == Destination::Group || x.dest == Destination::Unicast(src(j)) {
+                            raw[j].handle_datagram(t, src(i), &x.payload);
+                            shared[j].handle_decoded(t, &decoded);
+                        }
+                    }
+                }
+            }
+            for i in 0..6 {
+                assert_eq!(events(&mut raw[i]), events(&mut shared[i]), "events at {t}");
+            }
+        }
+        for i in 0..6 {
+            assert_eq!(raw[i].stats(), shared[i].stats());
+            assert_eq!(raw[i].peers(t0 + 4_000), shared[i].peers(t0 + 4_000));
+        }
+        assert_eq!(raw[0].peer_count(), 3, "5 left, 4 failed");
+        assert!(raw[0].stats().received > 50, "{:?}", raw[0].stats());
+    }
+    // A datagram decoded with another key (or none) is refused as `handle_datagram`
+    // refuses its bytes.
+    let key = ClusterKey::from_bytes([5; 32]);
+    let me = LocalNode {
+        id: Uuid::from_u128(9),
+        name: "n9".into(),
+        incarnation: 1,
+        addr: "0.0.0.0:7000".parse().unwrap(),
+        role: "daemon".into(),
+        tags: BTreeMap::new(),
+    };
+    let mut sender = Discovery::new(Config::default(), me, None, 9, t0).unwrap();
+    sender.start(t0);
+    let probe = drain(&mut sender).remove(0);
+    let mut a = node(1, Some(key.clone()), false);
+    let mut b = node(1, Some(key), false);
+    a.handle_datagram(t0, addr(9), &probe.payload);
+    b.handle_decoded(t0, &Decoded::new(addr(9), &probe.payload, None).unwrap());
+    assert_eq!(a.stats(), b.stats());
+    assert_eq!(a.stats().dropped_auth, 1);
+    assert_eq!(b.peer_count(), 0);
+}
+
+#[test]
+fn interval_follows_group_size_and_budget() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    a.start(t);
+    assert_eq!(a.compute_interval(), 200);
+    for i in 0..2000u128 {
+        let mut b = node(10_000 + i, None, false);
+        b.start(t);
+        let probe = drain(&mut b).remove(0);
+        let src = SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 9000));
+        a.handle_datagram(t, src, &probe.payload);
+    }
+    assert_eq!(a.peer_count(), 2001 - 1);
+    let interval = a.compute_interval();
+    let expected = 2001.0 * a.avg_size * 1000.0 / 64_000.0;
+    assert!(
+        (interval as f64 - expected).abs() < 2.0,
+        "{interval} vs {expected}"
+    );
+    assert!(interval > 5_000);
+}
