@@ -913,7 +913,11 @@ impl Discovery {
 
     /// mDNS resolved a node (its address already resolved by the caller).
     pub fn observe_mdns(&mut self, now: Millis, record: NodeRecord) {
-        if record.id == self.me.id || self.leaving || !self.started {
+        if record.id == self.me.id
+            || self.leaving
+            || !self.started
+            || !wire::record_is_printable(&record)
+        {
             return;
         }
         if self

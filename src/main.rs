@@ -245,7 +245,10 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// A duration longer than zero, written like `500ms`, `2s`, `1m`.
+/// The longest duration an option takes (deadlines are computed from it).
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A duration longer than zero and at most [`MAX_DURATION`], written like `500ms`, `2s`, `1m`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim_start().starts_with('-') {
         return Err(format!(
@@ -258,6 +261,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!(
             "{s} is zero: durations are longer than zero, like 500ms, 2s, 1m"
         ));
+    }
+    if d > MAX_DURATION {
+        return Err(format!("{s} is too long: at most 30 days"));
     }
     Ok(d)
 }
@@ -738,20 +744,18 @@ fn builtin_functions() -> RemoteTable {
 }
 
 async fn find_slaves_for_cli(
-    net: &NetArgs,
-    control: Option<PathBuf>,
+    opts: &BackendOptions,
     wait_for: Option<usize>,
     wait: Duration,
     tags: &BTreeMap<String, String>,
 ) -> Result<localnet::Discovered> {
-    let opts = backend_options(net, control)?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_message(slaves_found_message(0, wait_for));
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
     });
-    let found = localnet::backend::discover_explained(&opts, wait_for, wait, tags, |n| {
+    let found = localnet::backend::discover_explained(opts, wait_for, wait, tags, |n| {
         if let Some(bar) = &progress {
             bar.set_message(slaves_found_message(n, wait_for));
         }
@@ -788,8 +792,10 @@ async fn master(args: MasterArgs) -> Result<()> {
     };
     let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
     let wanted = if args.raw { Some(1) } else { args.slaves };
+    // The key is loaded once (a warning about its mode is said once).
+    let opts = backend_options(&args.net, args.control.clone())?;
     let localnet::Discovered { slaves, hints } =
-        find_slaves_for_cli(&args.net, args.control.clone(), wanted, args.wait, &tags).await?;
+        find_slaves_for_cli(&opts, wanted, args.wait, &tags).await?;
     if args.raw && slaves.len() > 1 {
         let names: Vec<&str> = slaves.iter().map(|p| p.name.as_str()).collect();
         bail!(
@@ -829,8 +835,7 @@ async fn master(args: MasterArgs) -> Result<()> {
             ),
         }
     }
-    let key = node_options_with_default_key(&args.net)?.key;
-    let master = Master::new(&localnet::node::host_name(), key, None);
+    let master = Master::new(&localnet::node::host_name(), opts.discovery.key, None);
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
     let mut jobs = Vec::new();
@@ -996,8 +1001,12 @@ fn json_lines(bytes: &[u8]) -> (Vec<String>, bool) {
 }
 
 async fn terminate(args: TerminateArgs) -> Result<()> {
-    let key = node_options_with_default_key(&args.net)?.key;
-    let master = Master::new(&localnet::node::host_name(), key, None);
+    let opts = backend_options(&args.net, args.control)?;
+    let master = Master::new(
+        &localnet::node::host_name(),
+        opts.discovery.key.clone(),
+        None,
+    );
     let mut targets: Vec<(String, NodeId)> = Vec::new();
     let mut names = Vec::new();
     for n in &args.nodes {
@@ -1010,7 +1019,7 @@ async fn terminate(args: TerminateArgs) -> Result<()> {
         let localnet::Discovered {
             slaves: found,
             hints,
-        } = find_slaves_for_cli(&args.net, args.control, None, args.wait, &BTreeMap::new()).await?;
+        } = find_slaves_for_cli(&opts, None, args.wait, &BTreeMap::new()).await?;
         // Found none, or not the one named: what was seen may say why.
         let hints = hint_text(&hints);
         for name in &names {
