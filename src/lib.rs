@@ -133,7 +133,7 @@ pub async fn find_peers_with(opts: &FindOptions) -> Result<Vec<Peer>, Error> {
 /// the daemon (or the one-shot node) refused, and why unverified peers are unverified
 /// (see [`backend::explain_missing`]). The hints are empty when enough were found.
 pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<String>), Error> {
-    let short = |found: &[Peer]| opts.wait_for.is_some_and(|n| found.len() < n);
+    let short = |found: &[Peer]| found.is_empty() || opts.wait_for.is_some_and(|n| found.len() < n);
     let explain = |peers: &[Peer], rejections: &[discovery::Rejection]| {
         backend::explain_missing(&backend::Seen {
             peers,

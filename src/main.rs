@@ -186,6 +186,8 @@ struct MasterArgs {
     /// exit_code, signal, timed_out, error, stdout and stderr (arrays of lines, invalid
     /// UTF-8 replaced), and stdout_base64 / stderr_base64 (the exact bytes) whenever the
     /// lines do not say them exactly (invalid UTF-8, or no newline at the end).
+    /// At most 16 MiB of each stream per slave is kept: the rest is read and dropped,
+    /// and the object then says "stdout_truncated": true (or "stderr_truncated": true).
     #[arg(long)]
     json: bool,
     /// Copy the job's stdout and stderr byte for byte, without `name: ` prefixes: runs
@@ -245,7 +247,10 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// A duration longer than zero, written like `500ms`, `2s`, `1m`.
+/// The longest duration an option takes (deadlines are computed from it).
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A duration longer than zero and at most [`MAX_DURATION`], written like `500ms`, `2s`, `1m`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim_start().starts_with('-') {
         return Err(format!(
@@ -258,6 +263,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!(
             "{s} is zero: durations are longer than zero, like 500ms, 2s, 1m"
         ));
+    }
+    if d > MAX_DURATION {
+        return Err(format!("{s} is too long: at most 30 days"));
     }
     Ok(d)
 }
@@ -739,20 +747,18 @@ fn builtin_functions() -> RemoteTable {
 }
 
 async fn find_slaves_for_cli(
-    net: &NetArgs,
-    control: Option<PathBuf>,
+    opts: &BackendOptions,
     wait_for: Option<usize>,
     wait: Duration,
     tags: &BTreeMap<String, String>,
 ) -> Result<localnet::Discovered> {
-    let opts = backend_options(net, control)?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_message(slaves_found_message(0, wait_for));
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
     });
-    let found = localnet::runtime::backend::discover_explained(&opts, wait_for, wait, tags, |n| {
+    let found = localnet::runtime::backend::discover_explained(opts, wait_for, wait, tags, |n| {
         if let Some(bar) = &progress {
             bar.set_message(slaves_found_message(n, wait_for));
         }
@@ -788,15 +794,18 @@ async fn master(args: MasterArgs) -> Result<()> {
         _ => OutputMode::Prefixed,
     };
     let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
-    let wanted = if args.raw { Some(1) } else { args.slaves };
+    // --raw must know that the selection matches one slave only: it looks for the whole
+    // --wait (or takes the daemon's whole list) instead of stopping at the first answer.
+    let wanted = if args.raw { None } else { args.slaves };
+    // The key is loaded once (a warning about its mode is said once).
+    let opts = backend_options(&args.net, args.control.clone())?;
     let localnet::Discovered { slaves, hints } =
-        find_slaves_for_cli(&args.net, args.control.clone(), wanted, args.wait, &tags).await?;
+        find_slaves_for_cli(&opts, wanted, args.wait, &tags).await?;
     if args.raw && slaves.len() > 1 {
-        let names: Vec<&str> = slaves.iter().map(|p| p.name.as_str()).collect();
         bail!(
-            "--raw runs the command on exactly one slave, but {} match ({}); select one with --tag",
+            "--raw runs the command on exactly one slave, but {} match: {}; select one with --tag KEY=VALUE",
             slaves.len(),
-            names.join(", ")
+            describe_matches(&slaves)
         );
     }
     if let Some(n) = args.slaves
@@ -830,8 +839,7 @@ async fn master(args: MasterArgs) -> Result<()> {
             ),
         }
     }
-    let key = node_options_with_default_key(&args.net)?.key;
-    let master = Master::new(&localnet::node::host_name(), key, None);
+    let master = Master::new(&localnet::node::host_name(), opts.discovery.key, None);
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
     let mut jobs = Vec::new();
@@ -870,6 +878,23 @@ async fn master(args: MasterArgs) -> Result<()> {
         bail!("{} of {} slaves failed", failures.len(), slaves.len());
     }
     Ok(())
+}
+
+/// The slaves a selection matched, for an error that asks to narrow it:
+/// `s1 (nid://10.0.0.2:7001, who=one), s2 (nid://10.0.0.3:7001, no tags)`.
+fn describe_matches(slaves: &[Peer]) -> String {
+    slaves
+        .iter()
+        .map(|p| {
+            let tags: Vec<String> = p.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let tags = match tags.is_empty() {
+                true => "no tags".to_string(),
+                false => tags.join(" "),
+            };
+            format!("{} ({}, {tags})", p.name, NodeId::new(p.addr))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How `localnet master` shows a job's output.
@@ -918,13 +943,13 @@ async fn run_on_slave(
         }
         text
     };
-    let mut captured: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut captured = [CappedOutput::default(), CappedOutput::default()];
     let mut splitters = [LineSplitter::default(), LineSplitter::default()];
     let exit = loop {
         match job.next().await {
             Some(ExecEvent::Output(stream, data)) => {
                 match mode {
-                    OutputMode::Json => captured[index(stream)].extend_from_slice(&data),
+                    OutputMode::Json => captured[index(stream)].push(&data),
                     OutputMode::Raw => stdio::write(target(stream), data)
                         .await
                         .context("writing output")?,
@@ -962,12 +987,24 @@ async fn run_on_slave(
                 "timed_out": exit.timed_out,
                 "error": exit.error,
             });
-            for (key, bytes) in [("stdout", &captured[0]), ("stderr", &captured[1])] {
+            let mut notes = String::new();
+            for (key, output) in [("stdout", &captured[0]), ("stderr", &captured[1])] {
+                let bytes = &output.kept;
                 let (lines, exact) = json_lines(bytes);
                 object[key] = serde_json::json!(lines);
                 if !exact {
                     object[format!("{key}_base64")] =
                         serde_json::json!(localnet::runtime::protocol::base64_encode(bytes));
+                }
+                if output.truncated() {
+                    object[format!("{key}_truncated")] = serde_json::json!(true);
+                    notes.push_str(&format!(
+                        "localnet: {name} ({node}): {key} truncated: kept the first {} of {} bytes \
+                         (--json keeps at most {} MiB per stream)\n",
+                        bytes.len(),
+                        output.total,
+                        JSON_OUTPUT_CAP / (1024 * 1024)
+                    ));
                 }
             }
             let mut line = serde_json::to_vec(&object)?;
@@ -975,10 +1012,43 @@ async fn run_on_slave(
             stdio::write(Target::Stdout, line)
                 .await
                 .context("writing output")?;
+            if !notes.is_empty() {
+                stdio::write(Target::Stderr, notes.into_bytes())
+                    .await
+                    .context("writing output")?;
+            }
         }
         OutputMode::Raw => {}
     }
     Ok(exit)
+}
+
+/// Most bytes of one stream (stdout or stderr) of one slave's job that `master --json`
+/// keeps for its result object; what comes after is read and dropped (the job is not
+/// blocked), and the object says `"stdout_truncated": true` / `"stderr_truncated": true`.
+/// Documented in `master --help` (--json) and the README.
+const JSON_OUTPUT_CAP: usize = 16 * 1024 * 1024;
+
+/// One stream of a job's output as `master --json` keeps it: the first
+/// [`JSON_OUTPUT_CAP`] bytes, and how many there were in all.
+#[derive(Default)]
+struct CappedOutput {
+    kept: Vec<u8>,
+    total: u64,
+}
+
+impl CappedOutput {
+    /// Keeps what fits under the cap, counts the rest.
+    fn push(&mut self, data: &[u8]) {
+        self.total = self.total.saturating_add(data.len() as u64);
+        let room = JSON_OUTPUT_CAP.saturating_sub(self.kept.len());
+        self.kept.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// Whether bytes were dropped.
+    fn truncated(&self) -> bool {
+        self.total > self.kept.len() as u64
+    }
 }
 
 /// A job's output as JSON lines (invalid UTF-8 replaced), and whether the lines say the
@@ -997,8 +1067,12 @@ fn json_lines(bytes: &[u8]) -> (Vec<String>, bool) {
 }
 
 async fn terminate(args: TerminateArgs) -> Result<()> {
-    let key = node_options_with_default_key(&args.net)?.key;
-    let master = Master::new(&localnet::node::host_name(), key, None);
+    let opts = backend_options(&args.net, args.control)?;
+    let master = Master::new(
+        &localnet::node::host_name(),
+        opts.discovery.key.clone(),
+        None,
+    );
     let mut targets: Vec<(String, NodeId)> = Vec::new();
     let mut names = Vec::new();
     for n in &args.nodes {
@@ -1011,7 +1085,7 @@ async fn terminate(args: TerminateArgs) -> Result<()> {
         let localnet::Discovered {
             slaves: found,
             hints,
-        } = find_slaves_for_cli(&args.net, args.control, None, args.wait, &BTreeMap::new()).await?;
+        } = find_slaves_for_cli(&opts, None, args.wait, &BTreeMap::new()).await?;
         // Found none, or not the one named: what was seen may say why.
         let hints = hint_text(&hints);
         for name in &names {
@@ -1063,4 +1137,37 @@ async fn terminate(args: TerminateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_output_keeps_the_cap_and_counts_the_rest() {
+        let mut out = CappedOutput::default();
+        out.push(b"abc");
+        assert!(!out.truncated());
+        out.push(&vec![b'x'; JSON_OUTPUT_CAP]);
+        out.push(b"more");
+        assert!(out.truncated());
+        assert_eq!(out.kept.len(), JSON_OUTPUT_CAP);
+        assert_eq!(&out.kept[..4], b"abcx");
+        assert_eq!(out.total, JSON_OUTPUT_CAP as u64 + 7);
+    }
+
+    #[test]
+    fn help_states_the_json_output_cap() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("master")
+            .expect("master subcommand")
+            .render_long_help()
+            .to_string();
+        let cap = format!("{} MiB", JSON_OUTPUT_CAP / (1024 * 1024));
+        assert!(help.contains(&cap), "{help}");
+        let readme = include_str!("../README.md");
+        assert!(readme.contains(&cap), "the README states the --json cap");
+    }
 }

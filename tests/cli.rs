@@ -12,7 +12,8 @@ use std::process::{Command, Output, Stdio};
 
 use support::binary;
 
-/// Runs `localnet args` in a new network namespace with only `lo` (up), with `env`.
+/// Runs `localnet args` in a new network namespace with only `lo` (up), with `env`;
+/// a command still running after 20 s is killed (and fails the test's checks).
 fn isolated(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new("unshare");
     command
@@ -20,7 +21,7 @@ fn isolated(args: &[&str], env: &[(&str, &str)]) -> Output {
             "--net",
             "sh",
             "-c",
-            "ip link set lo up && exec \"$0\" \"$@\"",
+            "ip link set lo up && exec timeout -s KILL 20 \"$0\" \"$@\"",
         ])
         .arg(binary())
         .args(args)
@@ -82,6 +83,8 @@ fn usage_errors_exit_2_for_every_subcommand() {
             "control character",
         ),
         (&["slave", "--name", "two\nlines"], "control character"),
+        (&["peers", "--timeout", "500000000000y"], "too long"),
+        (&["master", "--wait", "400d", "--", "true"], "too long"),
         (
             &["daemon", "--tag", "k=v\nx", "--interface", "lo"],
             "control characters",
@@ -192,6 +195,25 @@ fn the_daemon_refuses_a_control_path_that_is_a_file_and_keeps_it() {
 }
 
 #[test]
+fn a_control_path_too_long_for_a_socket_says_its_limit() {
+    if !support::netns_available() {
+        return;
+    }
+    let long = format!("/tmp/{}.sock", "x".repeat(120));
+    for args in [
+        &["daemon", "--interface", "lo", "--control", &long][..],
+        &["status", "--control", &long][..],
+    ] {
+        let out = isolated(args, &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}:\n{err}");
+        assert!(err.contains("at most 107"), "{args:?}:\n{err}");
+        assert!(!err.contains("SUN_LEN"), "{err}");
+    }
+    assert!(!Path::new(&long).exists());
+}
+
+#[test]
 fn a_key_file_others_can_read_is_warned_about() {
     if !support::netns_available() {
         return;
@@ -226,6 +248,29 @@ fn a_key_file_others_can_read_is_warned_about() {
     let err = stderr(&open);
     assert!(err.contains("mode 0644"), "{err}");
     assert!(err.contains("chmod 600"), "{err}");
+    // Said once, however many parts of a command use the key.
+    let key = path_str(&key);
+    let net = [
+        "--interface",
+        "lo",
+        "--discovery",
+        "multicast",
+        "--wait",
+        "100ms",
+    ];
+    let terminate: Vec<&str> = ["terminate", "--all", "--key-file", key]
+        .into_iter()
+        .chain(net)
+        .collect();
+    let master: Vec<&str> = ["master", "--key-file", key]
+        .into_iter()
+        .chain(net)
+        .chain(["--", "true"])
+        .collect();
+    for all in [terminate, master] {
+        let err = stderr(&isolated(&all, &[]));
+        assert_eq!(err.matches("chmod 600").count(), 1, "{all:?}:\n{err}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -21,6 +21,15 @@ use support::{
 
 type Events = mpsc::Receiver<(Instant, Value)>;
 
+/// The tests of this file run one at a time: each brings up to ten daemons and holds
+/// them to timing bounds, and on 2 cores several at once would starve each other (the
+/// false failures seen then are the machine's, not the protocol's).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn names(range: impl Iterator<Item = usize>) -> BTreeSet<String> {
     range.map(|i| format!("h{i}")).collect()
 }
@@ -43,7 +52,7 @@ fn soak() -> Duration {
     let secs = std::env::var("FAULTS_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(60);
     Duration::from_secs(secs)
 }
 
@@ -118,11 +127,13 @@ fn loss_soak(tag: &str, subnet: u8, percent: u8, assert_none: bool) {
 
 #[test]
 fn ten_hosts_at_10_percent_loss_never_see_a_false_failure() {
+    let _serial = one_at_a_time();
     loss_soak("l10", 91, 10, true);
 }
 
 #[test]
 fn ten_hosts_at_20_percent_loss_never_see_a_false_failure() {
+    let _serial = one_at_a_time();
     loss_soak("l20", 92, 20, true);
 }
 
@@ -130,6 +141,7 @@ fn ten_hosts_at_20_percent_loss_never_see_a_false_failure() {
 #[test]
 #[ignore = "a measurement, not a check: run by hand with FAULTS_SOAK_SECS=60"]
 fn ten_hosts_at_30_percent_loss_false_failure_rate() {
+    let _serial = one_at_a_time();
     loss_soak("l30", 96, 30, false);
 }
 
@@ -170,6 +182,7 @@ fn wait_all(
 
 #[test]
 fn a_four_four_partition_is_detected_and_heals() {
+    let _serial = one_at_a_time();
     let Some(lan) = faulty_lan("part", 93, 8) else {
         return;
     };
@@ -231,6 +244,7 @@ fn entries_named(sock: &std::path::Path, name: &str) -> Vec<(String, u64)> {
 
 #[test]
 fn churn_every_two_seconds_leaves_correct_tables() {
+    let _serial = one_at_a_time();
     let Some(lan) = Lan::new("churn", 94, 5) else {
         return;
     };
@@ -326,6 +340,7 @@ fn clock_off_40(text: &str) -> bool {
 
 #[test]
 fn a_clock_20_s_off_joins_and_40_s_off_is_refused_with_the_reason_shown() {
+    let _serial = one_at_a_time();
     let (Some(plus20), Some(plus40)) = (faketime("+20s"), faketime("+40s")) else {
         return;
     };
@@ -429,7 +444,7 @@ fn a_clock_20_s_off_joins_and_40_s_off_is_refused_with_the_reason_shown() {
             "terminate",
             "--all",
             "--wait",
-            "1s",
+            "3s",
             "--interface",
             "eth0",
             "--key-file",
@@ -439,7 +454,7 @@ fn a_clock_20_s_off_joins_and_40_s_off_is_refused_with_the_reason_shown() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("no slaves found within 1s; seen: ")
+        err.contains("no slaves found within 3s; seen: ")
             && err.contains("s3")
             && clock_off_40(&err),
         "{err}"
@@ -448,6 +463,7 @@ fn a_clock_20_s_off_joins_and_40_s_off_is_refused_with_the_reason_shown() {
 
 #[test]
 fn a_master_host_cut_off_mid_job_loses_its_slaves_and_they_kill_the_jobs() {
+    let _serial = one_at_a_time();
     let Some(lan) = faulty_lan("mcut", 97, 4) else {
         return;
     };

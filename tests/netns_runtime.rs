@@ -703,12 +703,13 @@ fn client_commands_do_not_warn_about_datagrams_they_drop() {
         "eth0",
         "--key-file",
         &ours,
-        "--control",
-        "/nonexistent.sock",
         "--timeout",
         "1s",
     ]);
     assert!(!peers.contains("dropped datagram"), "{peers}");
+    // What was dropped is explained instead, even with no --wait-for.
+    assert!(peers.contains("no peers found; seen: "), "{peers}");
+    assert!(peers.contains("--key-file"), "{peers}");
     let master = stderr_of(&[
         "master",
         "--interface",
@@ -730,4 +731,201 @@ fn client_commands_do_not_warn_about_datagrams_they_drop() {
         "{}",
         lan.log("h1")
     );
+}
+
+#[test]
+fn raw_with_several_matching_slaves_is_an_error_naming_them() {
+    let Some(lan) = Lan::new("rawmany", 86, 3) else {
+        return;
+    };
+    let k = lan.key("k");
+    slave(&lan, 1, &["--key-file", &k, "--tag", "who=one"]);
+    slave(&lan, 2, &["--key-file", &k, "--tag", "who=two"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let marker = lan.dir().join("ran");
+    let script = format!(r"echo x >> {}; printf 'exact\377'", marker.display());
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--key-file", &k, "--wait", "2s"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", &script]);
+        master(&lan, &args)
+    };
+    // Both match: the first to answer must not be picked.
+    let out = run(&["--raw"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("but 2 match"), "{stderr}");
+    assert!(
+        stderr.contains("s1 (") && stderr.contains("s2 ("),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("who=one") && stderr.contains("who=two"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--tag"), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        !marker.exists(),
+        "nothing runs when the selection is ambiguous"
+    );
+    // --slaves 1 does not make it stop at the first either.
+    let out = run(&["--raw", "--slaves", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("but 2 match"));
+    // A tag that selects one: its bytes, exactly.
+    let out = run(&["--raw", "--tag", "who=two"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout, b"exact\xff");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x\n");
+}
+
+/// What `master --json` keeps of one stream (src/main.rs JSON_OUTPUT_CAP).
+const JSON_OUTPUT_CAP: usize = 16 * 1024 * 1024;
+
+#[test]
+fn json_output_over_the_cap_is_truncated_and_says_so() {
+    let Some(lan) = Lan::new("jsoncap", 87, 2) else {
+        return;
+    };
+    let k = lan.key("k");
+    slave(&lan, 1, &["--key-file", &k]);
+    std::thread::sleep(Duration::from_millis(300));
+    // 8-byte lines, 4 MiB more than the cap; a little stderr; exit 3.
+    let total = JSON_OUTPUT_CAP + 4 * 1024 * 1024;
+    let script = format!("yes aaaaaaa | head -c {total}; echo small >&2; exit 3");
+    let out = master(
+        &lan,
+        &[
+            "--key-file",
+            &k,
+            "--slaves",
+            "1",
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let results: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(results.len(), 1);
+    let r = &results[0];
+    assert_eq!(r["exit_code"], 3, "the job's exit code, unchanged");
+    assert_eq!(r["stdout_truncated"], true);
+    let lines = r["stdout"].as_array().expect("stdout lines");
+    assert_eq!(lines.len() * 8, JSON_OUTPUT_CAP, "kept bytes == the cap");
+    assert!(lines.iter().all(|l| l == "aaaaaaa"));
+    assert!(r.get("stdout_base64").is_none(), "the kept lines are exact");
+    assert_eq!(r["stderr"], serde_json::json!(["small"]));
+    assert!(r.get("stderr_truncated").is_none(), "{}", r["stderr"]);
+    assert!(
+        stderr.contains("s1") && stderr.contains("stdout truncated"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("exit code 3"), "{stderr}");
+}
+
+#[test]
+fn connections_over_the_slave_cap_are_closed_at_once_and_the_slave_serves_after() {
+    let Some(lan) = Lan::new("conncap", 88, 2) else {
+        return;
+    };
+    // localnet::runtime::slave::MAX_CONNECTIONS, and some more.
+    let cap = localnet::runtime::slave::MAX_CONNECTIONS;
+    let extra = 8;
+    let k = lan.key("k");
+    let target: std::net::SocketAddr = format!("{}:7001", lan.ip(1)).parse().unwrap();
+    let listen = target.to_string();
+    slave(&lan, 1, &["--key-file", &k, "--listen", &listen]);
+    assert!(
+        eventually(Duration::from_secs(3), || lan
+            .log("s1")
+            .contains("slave listening")),
+        "{}",
+        lan.log("s1")
+    );
+    let opened = std::time::Instant::now();
+    let (held, refused) = lan.within(0, move || {
+        use std::io::Read;
+        let mut conns: Vec<(std::net::TcpStream, Vec<u8>, bool)> = (0..cap + extra)
+            .map(|_| {
+                let c = std::net::TcpStream::connect(target).expect("connect");
+                c.set_nonblocking(true).unwrap();
+                (c, Vec::new(), false)
+            })
+            .collect();
+        // The extra ones are told busy and closed within a second (the others wait in
+        // their handshake, which would last 5 s).
+        eventually(Duration::from_secs(1), || {
+            for (c, got, closed) in conns.iter_mut().filter(|c| !c.2) {
+                let mut buf = [0u8; 16];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => *closed = true,
+                        Ok(n) => {
+                            got.extend_from_slice(&buf[..n]);
+                            continue;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => *closed = true,
+                    }
+                    break;
+                }
+            }
+            conns.iter().filter(|c| c.2).count() >= extra
+        });
+        let refused: Vec<Vec<u8>> = conns.iter().filter(|c| c.2).map(|c| c.1.clone()).collect();
+        let held: Vec<std::net::TcpStream> =
+            conns.into_iter().filter(|c| !c.2).map(|c| c.0).collect();
+        (held, refused)
+    });
+    assert_eq!(refused.len(), extra, "connections over the cap closed");
+    assert_eq!(held.len(), cap, "connections within the cap stay open");
+    assert!(refused.iter().all(|got| got == &[3u8]), "{refused:?}");
+    // While they are held, a master is told why it cannot connect.
+    let out = master(&lan, &["--key-file", &k, "--slaves", "1", "--", "true"]);
+    let stderr = text(&out.stderr);
+    assert!(
+        opened.elapsed() < Duration::from_secs(5),
+        "too slow: the held connections' handshakes may have timed out"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the slave refused the connection: too many connections"),
+        "{stderr}"
+    );
+    // The slave's log says so, at most once a second, with a count.
+    let refusals = || -> Vec<u64> {
+        lan.log("s1")
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split("refused ").nth(1)?;
+                let (n, tail) = rest.split_once(' ')?;
+                tail.starts_with("connection(s): too many connections")
+                    .then(|| n.parse().ok())?
+            })
+            .collect()
+    };
+    let all_logged = eventually(Duration::from_secs(3), || {
+        refusals().iter().sum::<u64>() == extra as u64 + 1
+    });
+    assert!(all_logged, "{}", lan.log("s1"));
+    assert!(refusals().len() <= 3, "rate-limited: {}", lan.log("s1"));
+    // Once they are closed, masters are served again.
+    drop(held);
+    let ok = eventually(Duration::from_secs(3), || {
+        master(
+            &lan,
+            &["--key-file", &k, "--slaves", "1", "--", "echo", "hi"],
+        )
+        .stdout
+        .ends_with(b"s1: hi\n")
+    });
+    assert!(ok, "{}", lan.log("s1"));
 }

@@ -133,8 +133,8 @@ pub struct Transmit {
 /// it carries is shared, not copied, by every peer table that keeps it.
 ///
 /// ```
-/// use localnet::core::{Decoded, Destination};
-/// # use localnet::core::{Config, Discovery, LocalNode};
+/// use localnet::discovery::{Decoded, Destination};
+/// # use localnet::discovery::{Config, Discovery, LocalNode};
 /// # let me = |id: u128| LocalNode {
 /// #     id: uuid::Uuid::from_u128(id), name: format!("n{id}"), incarnation: 1,
 /// #     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
@@ -370,7 +370,7 @@ const TOMBSTONE_MS: Millis = 150_000;
 /// The discovery state machine of one node.
 ///
 /// ```
-/// use localnet::core::{Config, Discovery, LocalNode, Destination};
+/// use localnet::discovery::{Config, Discovery, LocalNode, Destination};
 /// let me = LocalNode {
 ///     id: uuid::Uuid::from_u128(1), name: "a".into(), incarnation: 1,
 ///     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
@@ -917,7 +917,11 @@ impl Discovery {
 
     /// mDNS resolved a node (its address already resolved by the caller).
     pub fn observe_mdns(&mut self, now: Millis, record: NodeRecord) {
-        if record.id == self.me.id || self.leaving || !self.started {
+        if record.id == self.me.id
+            || self.leaving
+            || !self.started
+            || !wire::record_is_printable(&record)
+        {
             return;
         }
         if self

@@ -15,7 +15,7 @@
 //! reports is applied in recipient order, so a run is the same whatever the threads.
 //!
 //! ```
-//! use localnet::sim::{Sim, SimConfig};
+//! use localnet::discovery::sim::{Sim, SimConfig};
 //! let mut sim = Sim::new(SimConfig { nodes: 10, ..SimConfig::default() });
 //! sim.start_all(0, 0);
 //! let converged = sim.run_until_converged(5_000).expect("10 nodes converge");
@@ -278,7 +278,7 @@ impl Sim {
     /// When node `i` started (virtual ms), if it did.
     ///
     /// ```
-    /// # use localnet::sim::{Sim, SimConfig};
+    /// # use localnet::discovery::sim::{Sim, SimConfig};
     /// let mut sim = Sim::new(SimConfig { nodes: 3, ..SimConfig::default() });
     /// sim.start_all(0, 500);
     /// sim.run_until(1_000);

@@ -139,7 +139,7 @@ struct Envelope<'a> {
 /// Fails only when the result would exceed [`MAX_DATAGRAM`].
 ///
 /// ```
-/// use localnet::wire::{decode, encode, Message};
+/// use localnet::discovery::wire::{decode, encode, Message};
 /// let msg = Message::Goodbye { id: uuid::Uuid::nil(), inc: 3 };
 /// let bytes = encode(&msg, None).unwrap();
 /// assert_eq!(decode(&bytes, None).unwrap().0, msg);
@@ -235,16 +235,37 @@ pub fn claimed_sender(bytes: &[u8]) -> Option<(Uuid, Option<String>)> {
         Message::Announce { node }
         | Message::Probe {
             node: Some(node), ..
-        } => Some(node.name.clone()),
+        } => Some(printable(&node.name)),
         _ => None,
     };
     Some((msg.sender(), name))
 }
 
+/// `text` with control characters escaped (`\n`, `\u{1b}`), for showing a name that
+/// came from an unauthenticated datagram.
+fn printable(text: &str) -> String {
+    if text.chars().any(char::is_control) {
+        text.escape_debug().to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// Whether a record's name, role and tags are printable text (no control characters):
+/// they end up in tables, logs and terminals. Records from mDNS are held to it too.
+pub fn record_is_printable(n: &NodeRecord) -> bool {
+    let text_ok = |t: &str| !t.chars().any(char::is_control);
+    text_ok(&n.name) && text_ok(&n.role) && n.tags.iter().all(|(k, v)| text_ok(k) && text_ok(v))
+}
+
 /// Field limits beyond what the size cap already implies.
 fn msg_is_sane(msg: &Message) -> bool {
     let record_ok = |n: &NodeRecord| {
-        !n.name.is_empty() && n.interval_ms > 0 && n.ttl_ms >= n.interval_ms && n.addr.port() != 0
+        !n.name.is_empty()
+            && n.interval_ms > 0
+            && n.ttl_ms >= n.interval_ms
+            && n.addr.port() != 0
+            && record_is_printable(n)
     };
     match msg {
         Message::Announce { node } => record_ok(node),
@@ -407,5 +428,37 @@ mod tests {
         node.ttl_ms = 10; // shorter than the interval
         let bytes = encode(&Message::Announce { node }, None).unwrap();
         assert_eq!(decode(&bytes, None), Err(DecodeError::Malformed));
+    }
+
+    #[test]
+    fn control_characters_in_names_roles_and_tags_are_refused() {
+        let mut fakes = Vec::new();
+        let mut named = record();
+        named.name = "h1\nlocalnet: error: fake".into();
+        fakes.push(named);
+        let mut role = record();
+        role.role = "slave\u{1b}[2J".into();
+        fakes.push(role);
+        let mut tag = record();
+        tag.tags.insert("k".into(), "v\tx".into());
+        fakes.push(tag);
+        for node in fakes {
+            let probe = Message::Probe {
+                from: Uuid::from_u128(9),
+                node: Some(node.clone()),
+                direct: false,
+            };
+            for msg in [Message::Announce { node }, probe] {
+                let bytes = encode(&msg, None).unwrap();
+                assert_eq!(decode(&bytes, None), Err(DecodeError::Malformed));
+            }
+        }
+        let mut bad = record();
+        bad.name = "a\u{7}b".into();
+        let bytes = encode(&Message::Announce { node: bad }, None).unwrap();
+        assert_eq!(
+            claimed_sender(&bytes).unwrap().1.as_deref(),
+            Some("a\\u{7}b")
+        );
     }
 }

@@ -100,6 +100,11 @@ pub enum ControlError {
     Protocol(String),
     #[error("the daemon on {0} closed the connection (it stopped)")]
     Closed(String),
+    #[error(
+        "control socket path {path} is {len} bytes long: Unix sockets take at most \
+         {MAX_SOCKET_PATH}; choose a shorter --control path"
+    )]
+    PathTooLong { path: String, len: usize },
     #[error("the daemon refused: {0}")]
     Refused(String),
 }
@@ -119,6 +124,22 @@ impl Drop for ControlSocket {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// The longest path a Unix socket address holds (`sun_path` less its final NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A socket path that fits in a Unix socket address, else an error that says so.
+fn check_length(path: &Path) -> Result<(), ControlError> {
+    use std::os::unix::ffi::OsStrExt;
+    let len = path.as_os_str().as_bytes().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(ControlError::PathTooLong {
+            path: path.display().to_string(),
+            len,
+        });
+    }
+    Ok(())
 }
 
 /// Device and inode of `path` when it is a socket (not following a symlink).
@@ -158,6 +179,7 @@ impl ControlSocket {
             path: path.display().to_string(),
             source,
         };
+        check_length(path)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io_err)?;
         }
@@ -168,8 +190,12 @@ impl ControlSocket {
                     what: describe_file_type(&meta),
                 });
             }
-            if UnixStream::connect(path).await.is_ok() {
-                return Err(ControlError::InUse(path.display().to_string()));
+            // Only a socket that refuses connections is stale: one we may not connect
+            // to, or whose backlog is full, may still be another daemon's.
+            match UnixStream::connect(path).await {
+                Ok(_) => return Err(ControlError::InUse(path.display().to_string())),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(source) => return Err(io_err(source)),
             }
             std::fs::remove_file(path).map_err(io_err)?;
         }
@@ -245,7 +271,7 @@ pub enum Request {
 /// error is the message sent back to the client.
 ///
 /// ```
-/// use localnet::control::{parse_request, Request};
+/// use localnet::node::control::{parse_request, Request};
 /// assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
 /// assert!(parse_request(b"hello").unwrap_err().starts_with("bad request"));
 /// ```
@@ -346,6 +372,7 @@ pub struct ControlClient {
 impl ControlClient {
     /// Connects; [`ControlError::NoDaemon`] when nothing listens there.
     pub async fn connect(path: &Path) -> Result<Self, ControlError> {
+        check_length(path)?;
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e))
@@ -380,7 +407,19 @@ impl ControlClient {
     }
 
     /// Sends one request and reads one answer line.
+    /// A connection the daemon closed (it closes idle clients after [`IDLE_TIMEOUT`]) is
+    /// opened again once; a daemon that stopped is then [`ControlError::NoDaemon`].
     pub async fn request(&mut self, request: &Value) -> Result<Value, ControlError> {
+        match self.request_once(request).await {
+            Err(ControlError::Closed(_)) | Err(ControlError::Io { .. }) => {
+                *self = Self::connect(&self.path).await?;
+                self.request_once(request).await
+            }
+            answer => answer,
+        }
+    }
+
+    async fn request_once(&mut self, request: &Value) -> Result<Value, ControlError> {
         write_line(&mut self.writer, request)
             .await
             .map_err(|e| self.io_err(e))?;

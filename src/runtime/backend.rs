@@ -478,6 +478,8 @@ pub async fn discover_explained(
     };
     let mut hints = Vec::new();
     if short(&found) {
+        // What is known now, not at the last event: refusals may have come since.
+        let peers = handle.peers().await.unwrap_or(peers);
         let rejections = handle
             .status()
             .await

@@ -298,8 +298,8 @@ pub(crate) fn encode_split(frame: Frame, max: usize) -> Vec<Vec<u8>> {
 /// Standard base64 (RFC 4648, with padding) of `bytes`.
 ///
 /// ```
-/// assert_eq!(localnet::remote::base64_encode(b"a\xffb"), "Yf9i");
-/// assert_eq!(localnet::remote::base64_decode("Yf9i").unwrap(), b"a\xffb");
+/// assert_eq!(localnet::runtime::protocol::base64_encode(b"a\xffb"), "Yf9i");
+/// assert_eq!(localnet::runtime::protocol::base64_decode("Yf9i").unwrap(), b"a\xffb");
 /// ```
 pub fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine;

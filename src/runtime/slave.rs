@@ -54,6 +54,58 @@ pub const MAX_IN_FLIGHT_PER_SESSION: usize = 256;
 /// cluster's LAN can make it hold at once (each is a task and a job table entry).
 pub const MAX_IN_FLIGHT_PER_SLAVE: usize = 1024;
 
+/// Most TCP connections a slave serves at once, in the handshake or in a session: each
+/// costs a task, an outbox of [`OUTBOX`] frames and buffers. A connection beyond it is
+/// told "busy" and closed at once (the master's error says "too many connections"), and
+/// the slave's log says so at most once a second, with a count. A connection still in
+/// its handshake holds its place for at most [`transport::HANDSHAKE_TIMEOUT`].
+pub const MAX_CONNECTIONS: usize = 64;
+/// Shortest time between two log lines about connections refused over [`MAX_CONNECTIONS`].
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts connections refused over [`MAX_CONNECTIONS`] and says when to log them: the
+/// first at once, later ones at most once per [`REFUSAL_LOG_EVERY`], summed.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last_line: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Counts one refused connection at `now`; the number to log now, if a line is due.
+    fn refused(&mut self, now: tokio::time::Instant) -> Option<u64> {
+        self.unlogged += 1;
+        self.due(now)
+    }
+
+    /// The number of refusals to log at `now`, if any wait and a line is due.
+    fn due(&mut self, now: tokio::time::Instant) -> Option<u64> {
+        let ready = self
+            .last_line
+            .is_none_or(|last| now.duration_since(last) >= REFUSAL_LOG_EVERY);
+        if self.unlogged == 0 || !ready {
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+
+    /// When the refusals waiting to be logged may be, if any wait.
+    fn next_line_at(&self) -> Option<tokio::time::Instant> {
+        match (self.unlogged, self.last_line) {
+            (0, _) => None,
+            (_, last) => last.map(|l| l + REFUSAL_LOG_EVERY),
+        }
+    }
+}
+
+fn log_refusals(count: u64) {
+    tracing::warn!(
+        target: LIFECYCLE,
+        "refused {count} connection(s): too many connections (a slave serves at most {MAX_CONNECTIONS} at once)"
+    );
+}
+
 /// The tracing target of a slave's connection and session lifecycle lines (connected,
 /// disconnected, connection dead, terminating). Their local log keeps them even while
 /// log lines are redirected to a master: pair the local layers' filter with it.
@@ -203,11 +255,22 @@ pub async fn serve_until(
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_SLAVE));
     let terminate = Arc::new(Notify::new());
     let sessions = AtomicU64::new(1);
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut refusals = RefusalLog::default();
     loop {
+        let next_refusal_line = refusals.next_line_at();
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = terminate.notified() => break,
             _ = &mut shutdown => break,
+            _ = tokio::time::sleep_until(next_refusal_line.unwrap_or_else(tokio::time::Instant::now)),
+                if next_refusal_line.is_some() =>
+            {
+                if let Some(count) = refusals.due(tokio::time::Instant::now()) {
+                    log_refusals(count);
+                }
+                continue;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -216,6 +279,13 @@ pub async fn serve_until(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Ok(connection) = connections.clone().try_acquire_owned() else {
+            transport::refuse_busy(stream);
+            if let Some(count) = refusals.refused(tokio::time::Instant::now()) {
+                log_refusals(count);
+            }
+            continue;
         };
         let session = Session {
             id: sessions.fetch_add(1, Ordering::Relaxed),
@@ -227,6 +297,8 @@ pub async fn serve_until(
             terminate: terminate.clone(),
         };
         tokio::spawn(async move {
+            // The connection's place among MAX_CONNECTIONS, until it closes.
+            let _connection = connection;
             match transport::accept(stream, session.opts.key.as_ref()).await {
                 Ok((reader, writer)) => session.run(reader, writer, peer).await,
                 Err(err) => tracing::warn!(target: LIFECYCLE, %peer, %err, "refused a connection"),
@@ -634,6 +706,66 @@ mod tests {
             Ok(Some(ExecEvent::Exit(exit))) => exit.error.unwrap_or_default(),
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn refused_connections_are_logged_at_most_once_a_second_with_a_count() {
+        let start = tokio::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut log = RefusalLog::default();
+        assert_eq!(log.next_line_at(), None);
+        assert_eq!(log.refused(at(0)), Some(1), "the first one at once");
+        assert_eq!(log.refused(at(10)), None);
+        assert_eq!(log.refused(at(500)), None);
+        assert_eq!(log.next_line_at(), Some(at(1000)));
+        assert_eq!(log.due(at(999)), None);
+        assert_eq!(log.due(at(1000)), Some(2), "the others summed");
+        assert_eq!(log.next_line_at(), None);
+        assert_eq!(log.due(at(5000)), None, "nothing to say");
+        assert_eq!(log.refused(at(5000)), Some(1));
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_told_busy_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opts = SlaveOptions {
+            name: "full".into(),
+            slots: 1,
+            tags: BTreeMap::new(),
+            key: None,
+            insecure: false,
+            table: RemoteTable::new().register("echo", |v| async move { Ok(v) }),
+        };
+        let server = tokio::spawn(serve(listener, opts));
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let refused = tokio::time::timeout(Duration::from_secs(2), transport::connect(addr, None))
+            .await
+            .expect("refused at once, not after the handshake timeout");
+        assert!(
+            matches!(refused, Err(transport::TransportError::Busy)),
+            "{:?}",
+            refused.err()
+        );
+        drop(held);
+        let master = Master::new("m", None, None);
+        let node = NodeId::new(addr);
+        let answer = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                // The slave sees the held connections close, and frees their places.
+                match master.call(node, "echo", json!(1)).await {
+                    Ok(v) => break v,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await
+        .expect("served again once the held connections closed");
+        assert_eq!(answer, json!(1));
+        server.abort();
     }
 
     #[tokio::test]

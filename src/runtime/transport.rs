@@ -3,7 +3,9 @@
 //! This module owns the bytes of a node-to-node connection:
 //! - a preamble (`LNET1\n` and `P` for plain or `N` for Noise) that the listener answers
 //!   with one status byte, so a client without the key (or with one where none is
-//!   used) gets a clear error before anything else happens;
+//!   used) gets a clear error before anything else happens; a listener serving all the
+//!   connections it may sends the status "busy" at once, without waiting for the
+//!   preamble, and closes ([`refuse_busy`]);
 //! - with a key, a Noise `NNpsk0_25519_ChaChaPoly_BLAKE2s` handshake whose pre-shared key
 //!   is derived from the cluster key: both sides prove they hold it, and every frame
 //!   after it is encrypted and authenticated;
@@ -43,6 +45,7 @@ const NOISE: u8 = b'N';
 const OK: u8 = 0;
 const KEY_REQUIRED: u8 = 1;
 const NO_KEY_HERE: u8 = 2;
+const BUSY: u8 = 3;
 const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 const PROLOGUE: &[u8] = b"localnet/1 transport";
 
@@ -57,6 +60,10 @@ pub enum TransportError {
         "the node runs an open cluster without a key; connect without --key-file, or give the node the key"
     )]
     NoKeyExpected,
+    #[error(
+        "the slave refused the connection: too many connections are open to it; try again when some have closed"
+    )]
+    Busy,
     #[error("the peer is not a localnet node (bad preamble)")]
     BadPreamble,
     #[error("handshake failed: the cluster key does not match the node's")]
@@ -271,6 +278,7 @@ pub async fn connect(
             OK => {}
             KEY_REQUIRED => return Err(TransportError::KeyRequired),
             NO_KEY_HERE => return Err(TransportError::NoKeyExpected),
+            BUSY => return Err(TransportError::Busy),
             _ => return Err(TransportError::BadPreamble),
         }
         let Some(key) = key else {
@@ -281,6 +289,25 @@ pub async fn connect(
     })
     .await
     .map_err(|_| TransportError::HandshakeTimeout)?
+}
+
+/// Refuses an accepted connection because the listener serves all the connections it
+/// may: sends the status "busy" (the client's [`connect`] then fails with
+/// [`TransportError::Busy`]) and closes, at once and without waiting for anything.
+pub fn refuse_busy(stream: TcpStream) {
+    // A fresh socket's send buffer has room for one byte; if not, the client still
+    // sees the connection close.
+    let _ = stream.try_write(&[BUSY]);
+    // Read what already came (the preamble, usually; a few KiB at most): closing with
+    // unread bytes would reset the connection instead of closing it.
+    let mut unread = [0u8; 1024];
+    for _ in 0..4 {
+        match stream.try_read(&mut unread) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
 }
 
 /// Runs the listener's side of the handshake on an accepted connection.
@@ -380,6 +407,25 @@ mod tests {
             "{:?}",
             client.err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_busy_listener_is_a_clear_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            refuse_busy(stream);
+        });
+        let client = connect(addr, None).await;
+        server.await.unwrap();
+        assert!(
+            matches!(client, Err(TransportError::Busy)),
+            "{:?}",
+            client.err()
+        );
+        let text = TransportError::Busy.to_string();
+        assert!(text.contains("too many connections"), "{text}");
     }
 
     #[tokio::test]
