@@ -198,6 +198,6 @@ pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<
 pub mod fuzzing {
     /// Decodes one master–slave session frame as a session does; whether it decoded.
     pub fn decode_session_frame(bytes: &[u8]) -> bool {
-        crate::runtime::protocol::decode(bytes).is_some()
+        crate::runtime::protocol::decode(bytes).is_ok()
     }
 }

@@ -10,5 +10,6 @@
 pub mod backend;
 pub mod master;
 pub mod protocol;
+pub(crate) mod session;
 pub mod slave;
 pub mod transport;

@@ -326,44 +326,14 @@ mod base64_field {
     }
 }
 
-/// Decodes a frame.
-pub(crate) fn decode(bytes: &[u8]) -> Option<Frame> {
-    serde_json::from_slice(bytes).ok()
-}
+/// Why bytes are not a frame: serde's message (what is missing, unknown or mistyped).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DecodeError(#[from] serde_json::Error);
 
-/// Writes queued frames, flushing when the queue is empty; pings when idle.
-///
-/// The keepalive is this task's own timer, so it must get to run: every task that
-/// moves bulk data on a runtime (this writer, the master's reader, output consumers)
-/// yields after each chunk. On a single-threaded runtime, a task that stays busy
-/// across many chunks would otherwise delay timers (and so pings) by seconds, and the
-/// peer would call the connection dead.
-pub(crate) async fn write_frames(
-    mut writer: crate::runtime::transport::FrameWriter,
-    mut outbox: tokio::sync::mpsc::Receiver<Frame>,
-) {
-    loop {
-        let frame =
-            match tokio::time::timeout(crate::runtime::transport::KEEPALIVE_EVERY, outbox.recv())
-                .await
-            {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(_) => Frame::Ping,
-            };
-        for payload in encode_split(frame, crate::runtime::transport::MAX_PAYLOAD) {
-            if let Err(err) = writer.write(&payload).await {
-                tracing::debug!(%err, "writing a frame failed");
-                return;
-            }
-        }
-        if outbox.is_empty() && writer.flush().await.is_err() {
-            return;
-        }
-        // Let the runtime's timers and other connections run between frames.
-        tokio::task::yield_now().await;
-    }
-    let _ = writer.shutdown().await;
+/// Decodes a frame.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
+    Ok(serde_json::from_slice(bytes)?)
 }
 
 #[cfg(test)]
@@ -407,7 +377,8 @@ mod tests {
         for f in frames {
             assert_eq!(decode(&encode(&f)).unwrap(), f);
         }
-        assert!(decode(b"{\"t\":\"nope\"}").is_none());
+        let err = decode(b"{\"t\":\"nope\"}").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `nope`"), "{err}");
     }
 
     #[test]

@@ -21,7 +21,8 @@ use tokio::task::AbortHandle;
 
 use crate::key::ClusterKey;
 use crate::runtime::protocol::{self, Frame, JobExit, RemoteTable, Stream};
-use crate::runtime::transport::{self, DEAD_AFTER, FrameReader, FrameWriter};
+use crate::runtime::session::{Session, SessionError};
+use crate::runtime::transport::{self, DEAD_AFTER};
 
 /// How a slave serves.
 #[derive(Clone, Debug)]
@@ -40,8 +41,6 @@ pub struct SlaveOptions {
     pub table: RemoteTable,
 }
 
-/// Frames queued per connection before writers wait (backpressure).
-const OUTBOX: usize = 64;
 /// Most bytes of job output read from a pipe into one frame.
 const BATCH_BYTES: usize = 32 * 1024;
 /// Log lines waiting to go to a master before they go to the local log instead.
@@ -55,7 +54,7 @@ pub const MAX_IN_FLIGHT_PER_SESSION: usize = 256;
 pub const MAX_IN_FLIGHT_PER_SLAVE: usize = 1024;
 
 /// Most TCP connections a slave serves at once, in the handshake or in a session: each
-/// costs a task, an outbox of [`OUTBOX`] frames and buffers. A connection beyond it is
+/// costs a task, an outbox of [`crate::runtime::session::OUTBOX`] frames and buffers. A connection beyond it is
 /// told "busy" and closed at once (the master's error says "too many connections"), and
 /// the slave's log says so at most once a second, with a count. A connection still in
 /// its handshake holds its place for at most [`transport::HANDSHAKE_TIMEOUT`].
@@ -287,7 +286,7 @@ pub async fn serve_until(
             }
             continue;
         };
-        let session = Session {
+        let session = Served {
             id: sessions.fetch_add(1, Ordering::Relaxed),
             opts: opts.clone(),
             jobs: jobs.clone(),
@@ -300,7 +299,7 @@ pub async fn serve_until(
             // The connection's place among MAX_CONNECTIONS, until it closes.
             let _connection = connection;
             match transport::accept(stream, session.opts.key.as_ref()).await {
-                Ok((reader, writer)) => session.run(reader, writer, peer).await,
+                Ok((reader, writer)) => session.run(Session::start(reader, writer), peer).await,
                 Err(err) => tracing::warn!(target: LIFECYCLE, %peer, %err, "refused a connection"),
             }
         });
@@ -310,7 +309,8 @@ pub async fn serve_until(
     Ok(())
 }
 
-struct Session {
+/// What one connection's task knows: its id, and the slave's shared state.
+struct Served {
     id: u64,
     opts: Arc<SlaveOptions>,
     jobs: Arc<Jobs>,
@@ -325,22 +325,18 @@ struct Session {
 /// What one call or command in flight holds until it is answered.
 type Admission = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
-impl Session {
-    async fn run(self, mut reader: FrameReader, writer: FrameWriter, peer: std::net::SocketAddr) {
-        let (out, outbox) = mpsc::channel::<Frame>(OUTBOX);
-        let writer_task = tokio::spawn(protocol::write_frames(writer, outbox));
+impl Served {
+    async fn run(self, mut connection: Session, peer: std::net::SocketAddr) {
+        let out = connection.sender();
         let mut master = String::from("?");
         // Why the connection ended, logged once redirection is off (below); `None` for a
         // clean close.
         let ended: Option<String> = loop {
-            let frame = match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
-                Ok(Ok(Some(bytes))) => match protocol::decode(&bytes) {
-                    Some(f) => f,
-                    None => break Some("malformed frame; closing the connection".into()),
-                },
-                Ok(Ok(None)) => break None,
-                Ok(Err(err)) => break Some(format!("connection error: {err}")),
-                Err(_) => break Some(format!("master silent for {DEAD_AFTER:?}: connection dead")),
+            let frame = match connection.recv(DEAD_AFTER).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break None,
+                Err(err @ SessionError::Silent(_)) => break Some(format!("master {err}")),
+                Err(err) => break Some(err.to_string()),
             };
             match frame {
                 Frame::Hello { name } => {
@@ -382,7 +378,7 @@ impl Session {
                     drop(out);
                     // Other tasks may still hold the outbox; give the acknowledgement a
                     // moment to leave, then go.
-                    let _ = tokio::time::timeout(Duration::from_millis(500), writer_task).await;
+                    connection.close(Duration::from_millis(500)).await;
                     self.terminate.notify_one();
                     return;
                 }
@@ -403,7 +399,7 @@ impl Session {
             tracing::info!(target: LIFECYCLE, master = %master, "master disconnected");
         }
         drop(out);
-        writer_task.abort();
+        connection.abort();
     }
 
     /// Takes a place for one more call or command in flight, or says why there is none.
