@@ -88,6 +88,22 @@ pub struct JobExit {
 }
 
 impl JobExit {
+    /// A job that could not be run, or whose end is unknown, and why.
+    ///
+    /// ```
+    /// let exit = localnet::JobExit::failed("empty command");
+    /// assert!(!exit.success());
+    /// assert_eq!(exit.describe(), "empty command");
+    /// ```
+    pub fn failed(error: impl Into<String>) -> Self {
+        Self {
+            code: None,
+            signal: None,
+            timed_out: false,
+            error: Some(error.into()),
+        }
+    }
+
     /// Exited with code 0.
     pub fn success(&self) -> bool {
         self.code == Some(0) && self.error.is_none() && !self.timed_out

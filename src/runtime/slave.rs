@@ -495,12 +495,7 @@ impl Served {
     ) {
         let refuse = |error: String| Frame::Exit {
             id,
-            exit: JobExit {
-                code: None,
-                signal: None,
-                timed_out: false,
-                error: Some(error),
-            },
+            exit: JobExit::failed(error),
         };
         if self.opts.key.is_none() && !self.opts.insecure {
             let why = "refused: this slave runs an open cluster (no key) and runs only registered functions. \
@@ -569,12 +564,7 @@ async fn run_command(
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
-            return JobExit {
-                code: None,
-                signal: None,
-                timed_out: false,
-                error: Some(format!("cannot run {}: {e}", argv[0])),
-            };
+            return JobExit::failed(format!("cannot run {}: {e}", argv[0]));
         }
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
@@ -621,10 +611,8 @@ async fn run_command(
             error: None,
         },
         Err(e) => JobExit {
-            code: None,
-            signal: None,
             timed_out,
-            error: Some(format!("waiting for the job failed: {e}")),
+            ..JobExit::failed(format!("waiting for the job failed: {e}"))
         },
     }
 }
