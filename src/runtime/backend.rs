@@ -17,8 +17,9 @@ use crate::discovery::peers::Peer;
 use crate::discovery::{Refusal, Rejection};
 use crate::node::control::{self, ControlClient, ControlError};
 use crate::node::{Node, NodeOptions};
+use crate::runtime::functions::RemoteTable;
 use crate::runtime::master::Master;
-use crate::runtime::protocol::{NodeId, RemoteTable};
+use crate::runtime::protocol::NodeId;
 use crate::runtime::slave::{self, SlaveOptions};
 
 /// Settings of a backend beyond host, port and functions.

@@ -7,20 +7,21 @@
 //! it forwards its own log lines to a master that asked for them; and it kills a
 //! master's jobs when that master goes away, and all jobs when told to terminate.
 
-use std::collections::{BTreeMap, HashMap};
-use std::process::Stdio;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::task::AbortHandle;
 
 use crate::key::ClusterKey;
-use crate::runtime::protocol::{self, Frame, JobExit, RemoteTable, Stream};
+use crate::runtime::functions::{self, RemoteTable};
+use crate::runtime::jobs::{self, Job, Jobs};
+use crate::runtime::logs::{self, LOG_QUEUE};
+pub use crate::runtime::logs::{LIFECYCLE, RedirectLayer, forward_log_line, logs_redirected};
+use crate::runtime::protocol::{Frame, JobExit};
 use crate::runtime::session::{Session, SessionError};
 use crate::runtime::transport::{self, DEAD_AFTER};
 
@@ -41,10 +42,6 @@ pub struct SlaveOptions {
     pub table: RemoteTable,
 }
 
-/// Most bytes of job output read from a pipe into one frame.
-const BATCH_BYTES: usize = 32 * 1024;
-/// Log lines waiting to go to a master before they go to the local log instead.
-const LOG_QUEUE: usize = 4096;
 /// Most calls and commands one connection may have in flight on a slave (running, or
 /// commands waiting for a job slot). Beyond it, requests are refused with an error that
 /// says so; a master that needs more waits for answers first.
@@ -103,136 +100,6 @@ fn log_refusals(count: u64) {
         target: LIFECYCLE,
         "refused {count} connection(s): too many connections (a slave serves at most {MAX_CONNECTIONS} at once)"
     );
-}
-
-/// The tracing target of a slave's connection and session lifecycle lines (connected,
-/// disconnected, connection dead, terminating). Their local log keeps them even while
-/// log lines are redirected to a master: pair the local layers' filter with it.
-pub const LIFECYCLE: &str = "localnet::lifecycle";
-
-/// What a slave knows about the jobs it runs, across connections.
-#[derive(Default)]
-struct Jobs {
-    running: Mutex<HashMap<(u64, u64), Job>>,
-}
-
-enum Job {
-    Process(i32),
-    Task(AbortHandle),
-}
-
-impl Job {
-    fn kill(&self) {
-        match self {
-            // SAFETY: killpg only sends a signal; a stale group id fails with ESRCH.
-            Job::Process(pgid) => unsafe {
-                libc::killpg(*pgid, libc::SIGKILL);
-            },
-            Job::Task(handle) => handle.abort(),
-        }
-    }
-}
-
-impl Jobs {
-    fn insert(&self, key: (u64, u64), job: Job) {
-        if let Ok(mut map) = self.running.lock() {
-            map.insert(key, job);
-        }
-    }
-    fn remove(&self, key: (u64, u64)) {
-        if let Ok(mut map) = self.running.lock() {
-            map.remove(&key);
-        }
-    }
-    fn kill(&self, key: (u64, u64)) {
-        if let Ok(map) = self.running.lock()
-            && let Some(job) = map.get(&key)
-        {
-            job.kill();
-        }
-    }
-    /// Kills the jobs of one connection, or all of them; returns how many.
-    fn kill_where(&self, session: Option<u64>) -> usize {
-        let Ok(map) = self.running.lock() else {
-            return 0;
-        };
-        let mut n = 0;
-        for ((s, _), job) in map.iter() {
-            if session.is_none_or(|want| want == *s) {
-                job.kill();
-                n += 1;
-            }
-        }
-        n
-    }
-}
-
-/// Where the slave's own log lines go while a master has asked for them.
-static LOG_TARGET: Mutex<Option<(u64, mpsc::Sender<String>)>> = Mutex::new(None);
-
-/// Whether log lines are being redirected to a master right now.
-pub fn logs_redirected() -> bool {
-    LOG_TARGET.lock().map(|t| t.is_some()).unwrap_or(false)
-}
-
-/// Sends one formatted log line to the master that asked for logs. Returns false when
-/// no master asked or its queue is full; the caller then logs the line locally.
-pub fn forward_log_line(line: String) -> bool {
-    let Ok(target) = LOG_TARGET.lock() else {
-        return false;
-    };
-    match &*target {
-        Some((_, tx)) => tx.try_send(line).is_ok(),
-        None => false,
-    }
-}
-
-fn set_log_target(session: u64, tx: Option<mpsc::Sender<String>>) {
-    if let Ok(mut target) = LOG_TARGET.lock() {
-        match tx {
-            Some(tx) => *target = Some((session, tx)),
-            None => {
-                if target.as_ref().is_some_and(|(s, _)| *s == session) {
-                    *target = None;
-                }
-            }
-        }
-    }
-}
-
-/// A tracing layer that sends the slave's log events to a master that redirected them
-/// (pair it with a local layer filtered by `!logs_redirected()`).
-pub struct RedirectLayer;
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RedirectLayer {
-    fn on_event(
-        &self,
-        event: &tracing::Event<'_>,
-        _ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        if !logs_redirected() {
-            return;
-        }
-        let mut text = format!("{} ", event.metadata().level());
-        event.record(&mut LineVisitor(&mut text));
-        // Lifecycle lines are logged locally as well (by the local layers).
-        if !forward_log_line(text.clone()) && event.metadata().target() != LIFECYCLE {
-            crate::stdio::log_line(&text);
-        }
-    }
-}
-
-struct LineVisitor<'a>(&'a mut String);
-
-impl tracing::field::Visit for LineVisitor<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        use std::fmt::Write;
-        if field.name() == "message" {
-            let _ = write!(self.0, "{value:?}");
-        } else {
-            let _ = write!(self.0, " {}={value:?}", field.name());
-        }
-    }
 }
 
 /// Serves masters on `listener` until one of them says terminate; kills every job before
@@ -363,15 +230,15 @@ impl Served {
                 Frame::RedirectLogs { on } => {
                     if on {
                         let (tx, rx) = mpsc::channel(LOG_QUEUE);
-                        tokio::spawn(forward_logs(rx, out.clone()));
-                        set_log_target(self.id, Some(tx));
+                        tokio::spawn(logs::forward_logs(rx, out.clone()));
+                        logs::set_log_target(self.id, Some(tx));
                         tracing::info!(target: LIFECYCLE, master = %master, "logs redirected to the master");
                     } else {
-                        set_log_target(self.id, None);
+                        logs::set_log_target(self.id, None);
                     }
                 }
                 Frame::Terminate => {
-                    set_log_target(self.id, None);
+                    logs::set_log_target(self.id, None);
                     tracing::info!(target: LIFECYCLE, master = %master, "terminate requested");
                     self.jobs.kill_where(None);
                     let _ = out.send(Frame::Terminating).await;
@@ -388,7 +255,7 @@ impl Served {
         };
         // Stop redirecting first: what happened to the connection belongs in this
         // slave's own log, not in a queue towards the master that is gone.
-        set_log_target(self.id, None);
+        logs::set_log_target(self.id, None);
         if let Some(why) = ended {
             tracing::warn!(target: LIFECYCLE, %peer, master = %master, "{why}");
         }
@@ -459,7 +326,7 @@ impl Served {
                 Ok(Err(e)) => Frame::Result {
                     id,
                     ok: None,
-                    err: Some(protocol::error_text(e.as_ref())),
+                    err: Some(functions::error_text(e.as_ref())),
                 },
                 Err(e) if e.is_panic() => {
                     let payload = e.into_panic();
@@ -529,141 +396,9 @@ impl Served {
             if out.is_closed() {
                 return; // the master went away while the job waited for a slot
             }
-            let exit = run_command(session, id, &argv, timeout_ms, &jobs, &out).await;
+            let exit = jobs::run_command(session, id, &argv, timeout_ms, &jobs, &out).await;
             let _ = out.send(Frame::Exit { id, exit }).await;
         });
-    }
-}
-
-async fn run_command(
-    session: u64,
-    id: u64,
-    argv: &[String],
-    timeout_ms: Option<u64>,
-    jobs: &Jobs,
-    out: &mpsc::Sender<Frame>,
-) -> JobExit {
-    let mut command = tokio::process::Command::new(&argv[0]);
-    command
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    for var in crate::service::SERVICE_ENV {
-        command.env_remove(var);
-    }
-    // SAFETY: prctl is async-signal-safe; it makes the job die if the slave dies.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = match command.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            return JobExit::failed(format!("cannot run {}: {e}", argv[0]));
-        }
-    };
-    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    jobs.insert((session, id), Job::Process(pgid));
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let pumps = async {
-        tokio::join!(
-            pump(stdout, Stream::Stdout, id, out.clone()),
-            pump(stderr, Stream::Stderr, id, out.clone())
-        )
-    };
-    let waited = async {
-        let status = child.wait().await;
-        // The leader is gone: end whatever it left in its group, so that nothing is
-        // orphaned and the pipes reach end-of-file.
-        // SAFETY: killpg only sends a signal.
-        unsafe {
-            libc::killpg(pgid, libc::SIGKILL);
-        }
-        status
-    };
-    let run = async { tokio::join!(waited, pumps).0 };
-    let (status, timed_out) = match timeout_ms {
-        Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), run).await {
-            Ok(status) => (status, false),
-            Err(_) => {
-                // SAFETY: killpg only sends a signal.
-                unsafe {
-                    libc::killpg(pgid, libc::SIGKILL);
-                }
-                (child.wait().await, true)
-            }
-        },
-        None => (run.await, false),
-    };
-    jobs.remove((session, id));
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => JobExit {
-            code: s.code(),
-            signal: s.signal(),
-            timed_out,
-            error: None,
-        },
-        Err(e) => JobExit {
-            timed_out,
-            ..JobExit::failed(format!("waiting for the job failed: {e}"))
-        },
-    }
-}
-
-/// Reads a job's pipe and sends what it wrote, as it comes, in chunks of at most
-/// [`BATCH_BYTES`], bytes untouched. When the connection is gone, the output goes to
-/// the slave's own log instead.
-async fn pump(
-    pipe: Option<impl AsyncRead + Unpin>,
-    stream: Stream,
-    id: u64,
-    out: mpsc::Sender<Frame>,
-) {
-    let Some(mut pipe) = pipe else { return };
-    let mut buf = vec![0u8; BATCH_BYTES];
-    loop {
-        let n = match pipe.read(&mut buf).await {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(err) => {
-                tracing::warn!(%err, job = id, "reading job output failed");
-                return;
-            }
-        };
-        let data = buf[..n].to_vec();
-        if let Err(mpsc::error::SendError(Frame::Output { data, .. })) =
-            out.send(Frame::Output { id, stream, data }).await
-        {
-            tracing::info!(job = id, ?stream, "{}", String::from_utf8_lossy(&data));
-        }
-        tokio::task::yield_now().await; // timers and keepalives first (see write_frames)
-    }
-}
-
-async fn forward_logs(mut rx: mpsc::Receiver<String>, out: mpsc::Sender<Frame>) {
-    while let Some(first) = rx.recv().await {
-        let mut lines = vec![first];
-        while lines.len() < 256 {
-            match rx.try_recv() {
-                Ok(l) => lines.push(l),
-                Err(_) => break,
-            }
-        }
-        if let Err(mpsc::error::SendError(Frame::Log { lines })) =
-            out.send(Frame::Log { lines }).await
-        {
-            for l in lines {
-                crate::stdio::log_line(&l);
-            }
-            return;
-        }
     }
 }
 
