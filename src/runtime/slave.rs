@@ -20,7 +20,7 @@ use crate::key::ClusterKey;
 use crate::runtime::functions::{self, RemoteTable};
 use crate::runtime::jobs::{self, Job, Jobs};
 use crate::runtime::logs::{self, LOG_QUEUE};
-pub use crate::runtime::logs::{LIFECYCLE, RedirectLayer, forward_log_line, logs_redirected};
+pub use crate::runtime::logs::{LIFECYCLE, LogTargets, RedirectLayer};
 use crate::runtime::protocol::{Frame, JobExit};
 use crate::runtime::session::{Session, SessionError};
 use crate::runtime::transport::{self, DEAD_AFTER};
@@ -40,6 +40,11 @@ pub struct SlaveOptions {
     pub insecure: bool,
     /// The functions masters may call.
     pub table: RemoteTable,
+    /// Where log lines go when a master redirects them; `None`: the targets of the
+    /// [`RedirectLayer`] in the tracing subscriber current when the slave starts (so a
+    /// program that put one there needs nothing more), else targets of its own (which
+    /// no layer feeds: a master that asks then gets no lines).
+    pub logs: Option<Arc<LogTargets>>,
 }
 
 /// Most calls and commands one connection may have in flight on a slave (running, or
@@ -51,7 +56,7 @@ pub const MAX_IN_FLIGHT_PER_SESSION: usize = 256;
 pub const MAX_IN_FLIGHT_PER_SLAVE: usize = 1024;
 
 /// Most TCP connections a slave serves at once, in the handshake or in a session: each
-/// costs a task, an outbox of [`crate::runtime::session::OUTBOX`] frames and buffers. A connection beyond it is
+/// costs a task, an outbox of 64 frames and buffers. A connection beyond it is
 /// told "busy" and closed at once (the master's error says "too many connections"), and
 /// the slave's log says so at most once a second, with a count. A connection still in
 /// its handshake holds its place for at most [`transport::HANDSHAKE_TIMEOUT`].
@@ -114,6 +119,11 @@ pub async fn serve_until(
     opts: SlaveOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let logs = opts
+        .logs
+        .clone()
+        .or_else(LogTargets::of_current_subscriber)
+        .unwrap_or_default();
     let opts = Arc::new(opts);
     let mut shutdown = std::pin::pin!(shutdown);
     let jobs = Arc::new(Jobs::default());
@@ -161,6 +171,7 @@ pub async fn serve_until(
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_SESSION)),
             slave_in_flight: in_flight.clone(),
             terminate: terminate.clone(),
+            logs: logs.clone(),
         };
         tokio::spawn(async move {
             // The connection's place among MAX_CONNECTIONS, until it closes.
@@ -187,6 +198,8 @@ struct Served {
     /// Places for the calls and commands of all connections.
     slave_in_flight: Arc<Semaphore>,
     terminate: Arc<Notify>,
+    /// Where this slave's log lines go when a master asks for them.
+    logs: Arc<LogTargets>,
 }
 
 /// What one call or command in flight holds until it is answered.
@@ -196,6 +209,8 @@ impl Served {
     async fn run(self, mut connection: Session, peer: std::net::SocketAddr) {
         let out = connection.sender();
         let mut master = String::from("?");
+        // This connection's redirection of the slave's log lines, while it lasts.
+        let mut redirected: Option<u64> = None;
         // Why the connection ended, logged once redirection is off (below); `None` for a
         // clean close.
         let ended: Option<String> = loop {
@@ -231,14 +246,14 @@ impl Served {
                     if on {
                         let (tx, rx) = mpsc::channel(LOG_QUEUE);
                         tokio::spawn(logs::forward_logs(rx, out.clone()));
-                        logs::set_log_target(self.id, Some(tx));
+                        redirected = Some(self.logs.redirect_to(tx));
                         tracing::info!(target: LIFECYCLE, master = %master, "logs redirected to the master");
                     } else {
-                        logs::set_log_target(self.id, None);
+                        self.stop_redirecting(&mut redirected);
                     }
                 }
                 Frame::Terminate => {
-                    logs::set_log_target(self.id, None);
+                    self.stop_redirecting(&mut redirected);
                     tracing::info!(target: LIFECYCLE, master = %master, "terminate requested");
                     self.jobs.kill_where(None);
                     let _ = out.send(Frame::Terminating).await;
@@ -255,7 +270,7 @@ impl Served {
         };
         // Stop redirecting first: what happened to the connection belongs in this
         // slave's own log, not in a queue towards the master that is gone.
-        logs::set_log_target(self.id, None);
+        self.stop_redirecting(&mut redirected);
         if let Some(why) = ended {
             tracing::warn!(target: LIFECYCLE, %peer, master = %master, "{why}");
         }
@@ -267,6 +282,13 @@ impl Served {
         }
         drop(out);
         connection.abort();
+    }
+
+    /// Ends this connection's redirection of log lines, if it has one.
+    fn stop_redirecting(&self, redirected: &mut Option<u64>) {
+        if let Some(token) = redirected.take() {
+            self.logs.stop(token);
+        }
     }
 
     /// Takes a place for one more call or command in flight, or says why there is none.
@@ -455,6 +477,7 @@ mod tests {
             key: None,
             insecure: false,
             table: RemoteTable::new().register("echo", |v| async move { Ok(v) }),
+            logs: None,
         };
         let server = tokio::spawn(serve(listener, opts));
         let mut held = Vec::new();
@@ -508,6 +531,7 @@ mod tests {
             key: None,
             insecure: true,
             table,
+            logs: None,
         };
         let server = tokio::spawn(serve(listener, opts));
         // Four connections fill the slave's places, 256 each; one more on each is
