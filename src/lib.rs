@@ -39,10 +39,11 @@ pub use discovery::peers::{Peer, PeerEvent, PeerState};
 pub use key::ClusterKey;
 pub use node::{Node, NodeHandle, NodeOptions};
 pub use runtime::backend::{Backend, BackendError, BackendOptions, Discovered};
+pub use runtime::functions::{RemoteError, RemoteResult, RemoteTable};
 pub use runtime::master::{
     CommandJob, ExecEvent, LineSplitter, Master, MasterError, TerminateReport,
 };
-pub use runtime::protocol::{JobExit, NodeId, RemoteError, RemoteResult, RemoteTable, Stream};
+pub use runtime::protocol::{JobExit, NodeId, Stream};
 
 /// Every Rust block of README.md, compiled as a doctest so that the README's examples
 /// stay true.
@@ -198,6 +199,6 @@ pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<
 pub mod fuzzing {
     /// Decodes one master–slave session frame as a session does; whether it decoded.
     pub fn decode_session_frame(bytes: &[u8]) -> bool {
-        crate::runtime::protocol::decode(bytes).is_some()
+        crate::runtime::protocol::decode(bytes).is_ok()
     }
 }

@@ -389,10 +389,11 @@ fn init_logging(quiet: bool, slave: bool) {
     });
     // A slave's log lines go to the master that redirected them, else to the local log;
     // its connection lifecycle lines always stay in the local log too.
+    let logs = std::sync::Arc::new(localnet::runtime::slave::LogTargets::default());
     let not_redirected = || {
-        filter_fn(|meta| {
-            !localnet::runtime::slave::logs_redirected()
-                || meta.target() == localnet::runtime::slave::LIFECYCLE
+        let logs = logs.clone();
+        filter_fn(move |meta| {
+            !logs.redirected() || meta.target() == localnet::runtime::slave::LIFECYCLE
         })
     };
     tracing_subscriber::registry()
@@ -400,7 +401,7 @@ fn init_logging(quiet: bool, slave: bool) {
         .with(journald.with_filter(not_redirected()))
         .with(stream.with_filter(not_redirected()))
         .with(local.with_filter(not_redirected()))
-        .with(slave.then_some(localnet::runtime::slave::RedirectLayer))
+        .with(slave.then(|| logs.layer()))
         .init();
 }
 

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -17,8 +18,10 @@ use crate::discovery::peers::Peer;
 use crate::discovery::{Refusal, Rejection};
 use crate::node::control::{self, ControlClient, ControlError};
 use crate::node::{Node, NodeOptions};
+use crate::runtime::functions::RemoteTable;
+use crate::runtime::logs::LogTargets;
 use crate::runtime::master::Master;
-use crate::runtime::protocol::{NodeId, RemoteTable};
+use crate::runtime::protocol::NodeId;
 use crate::runtime::slave::{self, SlaveOptions};
 
 /// Settings of a backend beyond host, port and functions.
@@ -36,6 +39,9 @@ pub struct BackendOptions {
     pub insecure: bool,
     /// The local daemon's control socket, asked first when finding slaves.
     pub control: Option<PathBuf>,
+    /// Where a slave's log lines go when a master redirects them; default: the targets
+    /// of the [`crate::runtime::logs::RedirectLayer`] in the current tracing subscriber.
+    pub logs: Option<Arc<LogTargets>>,
 }
 
 /// Errors of the backend.
@@ -175,6 +181,7 @@ impl Backend {
             key: discovery.key.clone(),
             insecure: self.opts.insecure,
             table: self.table,
+            logs: self.opts.logs.clone(),
         };
         if opts.key.is_none() && opts.insecure {
             tracing::warn!("--insecure: any host on the LAN can run commands on this slave");

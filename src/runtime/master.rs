@@ -14,7 +14,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::key::ClusterKey;
-use crate::runtime::protocol::{self, Frame, JobExit, NodeId, Stream};
+use crate::runtime::protocol::{Frame, JobExit, NodeId, Stream};
+use crate::runtime::session::Session as Connection;
 use crate::runtime::transport::{self, DEAD_AFTER, TransportError};
 
 /// Errors of master operations.
@@ -240,37 +241,37 @@ impl Master {
         {
             return Ok(s.clone());
         }
-        let (mut reader, writer) = transport::connect(node.addr(), self.inner.key.as_ref())
+        let (reader, writer) = transport::connect(node.addr(), self.inner.key.as_ref())
             .await
             .map_err(|source| MasterError::Connect { node, source })?;
-        let (out, outbox) = mpsc::channel(64);
-        tokio::spawn(protocol::write_frames(writer, outbox));
-        let _ = out
+        let mut connection = Connection::start(reader, writer);
+        let _ = connection
             .send(Frame::Hello {
                 name: self.inner.name.clone(),
             })
             .await;
         let (name, tags) = loop {
-            match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
-                Ok(Ok(Some(bytes))) => match protocol::decode(&bytes) {
-                    Some(Frame::Welcome { name, tags, .. }) => break (name, tags),
-                    Some(Frame::Ping) => continue,
-                    _ => return Err(MasterError::NoWelcome { node }),
-                },
-                _ => return Err(MasterError::NoWelcome { node }),
+            match connection.recv(DEAD_AFTER).await {
+                Ok(Some(Frame::Welcome { name, tags, .. })) => break (name, tags),
+                Ok(Some(Frame::Ping)) => continue,
+                Ok(_) => return Err(MasterError::NoWelcome { node }),
+                Err(err) => {
+                    tracing::debug!(%node, %err, "no greeting from the slave");
+                    return Err(MasterError::NoWelcome { node });
+                }
             }
         };
         let session = Arc::new(Session {
             node,
             name,
             tags,
-            out,
+            out: connection.sender(),
             pending: Arc::new(Mutex::new(HashMap::new())),
             terminating: Mutex::new(None),
             next_id: AtomicU64::new(1),
         });
         tokio::spawn(read_loop(
-            reader,
+            connection,
             session.clone(),
             self.inner.log_sink.clone(),
         ));
@@ -447,14 +448,15 @@ impl CommandJob {
     }
 }
 
-async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, log_sink: LogSink) {
+async fn read_loop(mut connection: Connection, session: Arc<Session>, log_sink: LogSink) {
     loop {
-        let frame = match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
-            Ok(Ok(Some(bytes))) => match protocol::decode(&bytes) {
-                Some(f) => f,
-                None => break,
-            },
-            _ => break,
+        let frame = match connection.recv(DEAD_AFTER).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(err) => {
+                tracing::debug!(node = %session.node, name = %session.name, "slave {err}");
+                break;
+            }
         };
         match frame {
             Frame::Result { id, ok, err } => {
@@ -477,7 +479,7 @@ async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, lo
                 };
                 // Waits when the consumer is slow: backpressure reaches the slave's pipe.
                 let _ = tx.send(ExecEvent::Output(stream, data)).await;
-                // Timers and keepalives first (see remote::write_frames).
+                // Timers and keepalives first (see the session's writer).
                 tokio::task::yield_now().await;
             }
             Frame::Exit { id, exit } => {
@@ -511,12 +513,7 @@ async fn read_loop(mut reader: transport::FrameReader, session: Arc<Session>, lo
                 let _ = tx.send(Err("connection to the slave lost".into()));
             }
             Pending::Exec(tx) => {
-                let exit = JobExit {
-                    code: None,
-                    signal: None,
-                    timed_out: false,
-                    error: Some("connection to the slave lost".into()),
-                };
+                let exit = JobExit::failed("connection to the slave lost");
                 let _ = tx.send(ExecEvent::Exit(exit)).await;
             }
         }

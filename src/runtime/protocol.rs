@@ -1,16 +1,13 @@
-//! What masters and slaves say to each other, and the table of callable functions.
+//! What masters and slaves say to each other.
 //!
 //! This module owns the session protocol carried in transport frames (one JSON
-//! [`Frame`] per transport frame), node ids (`nid://host:port`), and [`RemoteTable`]:
-//! the named async functions a slave runs for a master.
+//! [`Frame`] per transport frame), node ids (`nid://host:port`), how jobs end
+//! ([`JobExit`]) and which stream their output came from ([`Stream`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -88,6 +85,22 @@ pub struct JobExit {
 }
 
 impl JobExit {
+    /// A job that could not be run, or whose end is unknown, and why.
+    ///
+    /// ```
+    /// let exit = localnet::JobExit::failed("empty command");
+    /// assert!(!exit.success());
+    /// assert_eq!(exit.describe(), "empty command");
+    /// ```
+    pub fn failed(error: impl Into<String>) -> Self {
+        Self {
+            code: None,
+            signal: None,
+            timed_out: false,
+            error: Some(error.into()),
+        }
+    }
+
     /// Exited with code 0.
     pub fn success(&self) -> bool {
         self.code == Some(0) && self.error.is_none() && !self.timed_out
@@ -154,94 +167,6 @@ pub enum Frame {
     Terminating,
     /// Either way: I am alive.
     Ping,
-}
-
-/// The error of a remote function: any error type converts into it with `?` (`anyhow`'s
-/// included), and so does a message (`Err("why".into())`). The master receives its text
-/// with its causes.
-pub type RemoteError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The result type of remote functions.
-pub type RemoteResult = Result<Value, RemoteError>;
-
-/// An error and its causes on one line (`outer: cause: root cause`), each cause once.
-pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        let part = c.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        cause = c.source();
-    }
-    text
-}
-type BoxedFn =
-    Arc<dyn Fn(Value) -> Pin<Box<dyn Future<Output = RemoteResult> + Send>> + Send + Sync>;
-
-/// Named async functions a slave can run for a master.
-///
-/// ```
-/// use localnet::RemoteTable;
-/// use serde_json::{json, Value};
-/// let table = RemoteTable::new().register("square", |x: Value| async move {
-///     let n = x.as_i64().ok_or("square wants an integer")?;
-///     Ok(json!(n * n))
-/// });
-/// assert!(table.contains("square"));
-/// ```
-#[derive(Clone, Default)]
-pub struct RemoteTable {
-    functions: HashMap<String, BoxedFn>,
-}
-
-impl RemoteTable {
-    /// An empty table.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Registers `f` under `name` (replacing any earlier one).
-    pub fn register<F, Fut>(mut self, name: &str, f: F) -> Self
-    where
-        F: Fn(Value) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = RemoteResult> + Send + 'static,
-    {
-        self.functions
-            .insert(name.to_string(), Arc::new(move |v| Box::pin(f(v))));
-        self
-    }
-
-    /// Whether `name` is registered.
-    pub fn contains(&self, name: &str) -> bool {
-        self.functions.contains_key(name)
-    }
-
-    /// The registered names, sorted.
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.functions.keys().cloned().collect();
-        names.sort();
-        names
-    }
-
-    /// Starts `name(arg)`; `None` if no such function.
-    pub(crate) fn start(
-        &self,
-        name: &str,
-        arg: Value,
-    ) -> Option<Pin<Box<dyn Future<Output = RemoteResult> + Send>>> {
-        self.functions.get(name).map(|f| f(arg))
-    }
-}
-
-impl fmt::Debug for RemoteTable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteTable")
-            .field("functions", &self.names())
-            .finish()
-    }
 }
 
 /// Encodes a frame as JSON.
@@ -326,44 +251,14 @@ mod base64_field {
     }
 }
 
-/// Decodes a frame.
-pub(crate) fn decode(bytes: &[u8]) -> Option<Frame> {
-    serde_json::from_slice(bytes).ok()
-}
+/// Why bytes are not a frame: serde's message (what is missing, unknown or mistyped).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DecodeError(#[from] serde_json::Error);
 
-/// Writes queued frames, flushing when the queue is empty; pings when idle.
-///
-/// The keepalive is this task's own timer, so it must get to run: every task that
-/// moves bulk data on a runtime (this writer, the master's reader, output consumers)
-/// yields after each chunk. On a single-threaded runtime, a task that stays busy
-/// across many chunks would otherwise delay timers (and so pings) by seconds, and the
-/// peer would call the connection dead.
-pub(crate) async fn write_frames(
-    mut writer: crate::runtime::transport::FrameWriter,
-    mut outbox: tokio::sync::mpsc::Receiver<Frame>,
-) {
-    loop {
-        let frame =
-            match tokio::time::timeout(crate::runtime::transport::KEEPALIVE_EVERY, outbox.recv())
-                .await
-            {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(_) => Frame::Ping,
-            };
-        for payload in encode_split(frame, crate::runtime::transport::MAX_PAYLOAD) {
-            if let Err(err) = writer.write(&payload).await {
-                tracing::debug!(%err, "writing a frame failed");
-                return;
-            }
-        }
-        if outbox.is_empty() && writer.flush().await.is_err() {
-            return;
-        }
-        // Let the runtime's timers and other connections run between frames.
-        tokio::task::yield_now().await;
-    }
-    let _ = writer.shutdown().await;
+/// Decodes a frame.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
+    Ok(serde_json::from_slice(bytes)?)
 }
 
 #[cfg(test)]
@@ -407,7 +302,8 @@ mod tests {
         for f in frames {
             assert_eq!(decode(&encode(&f)).unwrap(), f);
         }
-        assert!(decode(b"{\"t\":\"nope\"}").is_none());
+        let err = decode(b"{\"t\":\"nope\"}").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `nope`"), "{err}");
     }
 
     #[test]
@@ -456,38 +352,5 @@ mod tests {
         for bad in ["Zm8", "Zm=8", "Z===", "Zm8=Zm8=", "Zm9v!mFy"] {
             assert!(base64_decode(bad).is_none(), "{bad}");
         }
-    }
-
-    #[tokio::test]
-    async fn remote_functions_need_no_anyhow_and_errors_keep_their_causes() {
-        let table = RemoteTable::new()
-            .register("parse", |v: Value| async move {
-                let text = v.as_str().ok_or("parse wants a string")?;
-                Ok(json!(text.parse::<i64>()?))
-            })
-            .register("wrapped", |_| async move {
-                let inner = std::io::Error::other("disk on fire");
-                Err(anyhow::Error::new(inner).context("saving the result"))?
-            });
-        let run = |name: &str, arg: Value| table.start(name, arg).unwrap();
-        assert_eq!(run("parse", json!("42")).await.unwrap(), json!(42));
-        let err = run("parse", json!(1)).await.unwrap_err();
-        assert_eq!(error_text(err.as_ref()), "parse wants a string");
-        let err = run("parse", json!("x")).await.unwrap_err();
-        assert_eq!(error_text(err.as_ref()), "invalid digit found in string");
-        let err = run("wrapped", Value::Null).await.unwrap_err();
-        assert_eq!(error_text(err.as_ref()), "saving the result: disk on fire");
-    }
-
-    #[tokio::test]
-    async fn table_runs_functions() {
-        let table = RemoteTable::new().register("double", |v: Value| async move {
-            Ok(json!(v.as_i64().unwrap_or(0) * 2))
-        });
-        assert_eq!(
-            table.start("double", json!(21)).unwrap().await.unwrap(),
-            json!(42)
-        );
-        assert!(table.start("missing", json!(0)).is_none());
     }
 }

@@ -7,21 +7,23 @@
 //! it forwards its own log lines to a master that asked for them; and it kills a
 //! master's jobs when that master goes away, and all jobs when told to terminate.
 
-use std::collections::{BTreeMap, HashMap};
-use std::process::Stdio;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::task::AbortHandle;
 
 use crate::key::ClusterKey;
-use crate::runtime::protocol::{self, Frame, JobExit, RemoteTable, Stream};
-use crate::runtime::transport::{self, DEAD_AFTER, FrameReader, FrameWriter};
+use crate::runtime::functions::{self, RemoteTable};
+use crate::runtime::jobs::{self, Job, Jobs};
+use crate::runtime::logs::{self, LOG_QUEUE};
+pub use crate::runtime::logs::{LIFECYCLE, LogTargets, RedirectLayer};
+use crate::runtime::protocol::{Frame, JobExit};
+use crate::runtime::session::{Session, SessionError};
+use crate::runtime::transport::{self, DEAD_AFTER};
 
 /// How a slave serves.
 #[derive(Clone, Debug)]
@@ -38,14 +40,13 @@ pub struct SlaveOptions {
     pub insecure: bool,
     /// The functions masters may call.
     pub table: RemoteTable,
+    /// Where log lines go when a master redirects them; `None`: the targets of the
+    /// [`RedirectLayer`] in the tracing subscriber current when the slave starts (so a
+    /// program that put one there needs nothing more), else targets of its own (which
+    /// no layer feeds: a master that asks then gets no lines).
+    pub logs: Option<Arc<LogTargets>>,
 }
 
-/// Frames queued per connection before writers wait (backpressure).
-const OUTBOX: usize = 64;
-/// Most bytes of job output read from a pipe into one frame.
-const BATCH_BYTES: usize = 32 * 1024;
-/// Log lines waiting to go to a master before they go to the local log instead.
-const LOG_QUEUE: usize = 4096;
 /// Most calls and commands one connection may have in flight on a slave (running, or
 /// commands waiting for a job slot). Beyond it, requests are refused with an error that
 /// says so; a master that needs more waits for answers first.
@@ -55,7 +56,7 @@ pub const MAX_IN_FLIGHT_PER_SESSION: usize = 256;
 pub const MAX_IN_FLIGHT_PER_SLAVE: usize = 1024;
 
 /// Most TCP connections a slave serves at once, in the handshake or in a session: each
-/// costs a task, an outbox of [`OUTBOX`] frames and buffers. A connection beyond it is
+/// costs a task, an outbox of 64 frames and buffers. A connection beyond it is
 /// told "busy" and closed at once (the master's error says "too many connections"), and
 /// the slave's log says so at most once a second, with a count. A connection still in
 /// its handshake holds its place for at most [`transport::HANDSHAKE_TIMEOUT`].
@@ -106,136 +107,6 @@ fn log_refusals(count: u64) {
     );
 }
 
-/// The tracing target of a slave's connection and session lifecycle lines (connected,
-/// disconnected, connection dead, terminating). Their local log keeps them even while
-/// log lines are redirected to a master: pair the local layers' filter with it.
-pub const LIFECYCLE: &str = "localnet::lifecycle";
-
-/// What a slave knows about the jobs it runs, across connections.
-#[derive(Default)]
-struct Jobs {
-    running: Mutex<HashMap<(u64, u64), Job>>,
-}
-
-enum Job {
-    Process(i32),
-    Task(AbortHandle),
-}
-
-impl Job {
-    fn kill(&self) {
-        match self {
-            // SAFETY: killpg only sends a signal; a stale group id fails with ESRCH.
-            Job::Process(pgid) => unsafe {
-                libc::killpg(*pgid, libc::SIGKILL);
-            },
-            Job::Task(handle) => handle.abort(),
-        }
-    }
-}
-
-impl Jobs {
-    fn insert(&self, key: (u64, u64), job: Job) {
-        if let Ok(mut map) = self.running.lock() {
-            map.insert(key, job);
-        }
-    }
-    fn remove(&self, key: (u64, u64)) {
-        if let Ok(mut map) = self.running.lock() {
-            map.remove(&key);
-        }
-    }
-    fn kill(&self, key: (u64, u64)) {
-        if let Ok(map) = self.running.lock()
-            && let Some(job) = map.get(&key)
-        {
-            job.kill();
-        }
-    }
-    /// Kills the jobs of one connection, or all of them; returns how many.
-    fn kill_where(&self, session: Option<u64>) -> usize {
-        let Ok(map) = self.running.lock() else {
-            return 0;
-        };
-        let mut n = 0;
-        for ((s, _), job) in map.iter() {
-            if session.is_none_or(|want| want == *s) {
-                job.kill();
-                n += 1;
-            }
-        }
-        n
-    }
-}
-
-/// Where the slave's own log lines go while a master has asked for them.
-static LOG_TARGET: Mutex<Option<(u64, mpsc::Sender<String>)>> = Mutex::new(None);
-
-/// Whether log lines are being redirected to a master right now.
-pub fn logs_redirected() -> bool {
-    LOG_TARGET.lock().map(|t| t.is_some()).unwrap_or(false)
-}
-
-/// Sends one formatted log line to the master that asked for logs. Returns false when
-/// no master asked or its queue is full; the caller then logs the line locally.
-pub fn forward_log_line(line: String) -> bool {
-    let Ok(target) = LOG_TARGET.lock() else {
-        return false;
-    };
-    match &*target {
-        Some((_, tx)) => tx.try_send(line).is_ok(),
-        None => false,
-    }
-}
-
-fn set_log_target(session: u64, tx: Option<mpsc::Sender<String>>) {
-    if let Ok(mut target) = LOG_TARGET.lock() {
-        match tx {
-            Some(tx) => *target = Some((session, tx)),
-            None => {
-                if target.as_ref().is_some_and(|(s, _)| *s == session) {
-                    *target = None;
-                }
-            }
-        }
-    }
-}
-
-/// A tracing layer that sends the slave's log events to a master that redirected them
-/// (pair it with a local layer filtered by `!logs_redirected()`).
-pub struct RedirectLayer;
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RedirectLayer {
-    fn on_event(
-        &self,
-        event: &tracing::Event<'_>,
-        _ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        if !logs_redirected() {
-            return;
-        }
-        let mut text = format!("{} ", event.metadata().level());
-        event.record(&mut LineVisitor(&mut text));
-        // Lifecycle lines are logged locally as well (by the local layers).
-        if !forward_log_line(text.clone()) && event.metadata().target() != LIFECYCLE {
-            crate::stdio::log_line(&text);
-        }
-    }
-}
-
-struct LineVisitor<'a>(&'a mut String);
-
-impl tracing::field::Visit for LineVisitor<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        use std::fmt::Write;
-        if field.name() == "message" {
-            let _ = write!(self.0, "{value:?}");
-        } else {
-            let _ = write!(self.0, " {}={value:?}", field.name());
-        }
-    }
-}
-
 /// Serves masters on `listener` until one of them says terminate; kills every job before
 /// returning.
 pub async fn serve(listener: TcpListener, opts: SlaveOptions) -> std::io::Result<()> {
@@ -248,6 +119,11 @@ pub async fn serve_until(
     opts: SlaveOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let logs = opts
+        .logs
+        .clone()
+        .or_else(LogTargets::of_current_subscriber)
+        .unwrap_or_default();
     let opts = Arc::new(opts);
     let mut shutdown = std::pin::pin!(shutdown);
     let jobs = Arc::new(Jobs::default());
@@ -287,7 +163,7 @@ pub async fn serve_until(
             }
             continue;
         };
-        let session = Session {
+        let session = Served {
             id: sessions.fetch_add(1, Ordering::Relaxed),
             opts: opts.clone(),
             jobs: jobs.clone(),
@@ -295,12 +171,13 @@ pub async fn serve_until(
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_SESSION)),
             slave_in_flight: in_flight.clone(),
             terminate: terminate.clone(),
+            logs: logs.clone(),
         };
         tokio::spawn(async move {
             // The connection's place among MAX_CONNECTIONS, until it closes.
             let _connection = connection;
             match transport::accept(stream, session.opts.key.as_ref()).await {
-                Ok((reader, writer)) => session.run(reader, writer, peer).await,
+                Ok((reader, writer)) => session.run(Session::start(reader, writer), peer).await,
                 Err(err) => tracing::warn!(target: LIFECYCLE, %peer, %err, "refused a connection"),
             }
         });
@@ -310,7 +187,8 @@ pub async fn serve_until(
     Ok(())
 }
 
-struct Session {
+/// What one connection's task knows: its id, and the slave's shared state.
+struct Served {
     id: u64,
     opts: Arc<SlaveOptions>,
     jobs: Arc<Jobs>,
@@ -320,27 +198,27 @@ struct Session {
     /// Places for the calls and commands of all connections.
     slave_in_flight: Arc<Semaphore>,
     terminate: Arc<Notify>,
+    /// Where this slave's log lines go when a master asks for them.
+    logs: Arc<LogTargets>,
 }
 
 /// What one call or command in flight holds until it is answered.
 type Admission = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
-impl Session {
-    async fn run(self, mut reader: FrameReader, writer: FrameWriter, peer: std::net::SocketAddr) {
-        let (out, outbox) = mpsc::channel::<Frame>(OUTBOX);
-        let writer_task = tokio::spawn(protocol::write_frames(writer, outbox));
+impl Served {
+    async fn run(self, mut connection: Session, peer: std::net::SocketAddr) {
+        let out = connection.sender();
         let mut master = String::from("?");
+        // This connection's redirection of the slave's log lines, while it lasts.
+        let mut redirected: Option<u64> = None;
         // Why the connection ended, logged once redirection is off (below); `None` for a
         // clean close.
         let ended: Option<String> = loop {
-            let frame = match tokio::time::timeout(DEAD_AFTER, reader.read()).await {
-                Ok(Ok(Some(bytes))) => match protocol::decode(&bytes) {
-                    Some(f) => f,
-                    None => break Some("malformed frame; closing the connection".into()),
-                },
-                Ok(Ok(None)) => break None,
-                Ok(Err(err)) => break Some(format!("connection error: {err}")),
-                Err(_) => break Some(format!("master silent for {DEAD_AFTER:?}: connection dead")),
+            let frame = match connection.recv(DEAD_AFTER).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break None,
+                Err(err @ SessionError::Silent(_)) => break Some(format!("master {err}")),
+                Err(err) => break Some(err.to_string()),
             };
             match frame {
                 Frame::Hello { name } => {
@@ -367,22 +245,22 @@ impl Session {
                 Frame::RedirectLogs { on } => {
                     if on {
                         let (tx, rx) = mpsc::channel(LOG_QUEUE);
-                        tokio::spawn(forward_logs(rx, out.clone()));
-                        set_log_target(self.id, Some(tx));
+                        tokio::spawn(logs::forward_logs(rx, out.clone()));
+                        redirected = Some(self.logs.redirect_to(tx));
                         tracing::info!(target: LIFECYCLE, master = %master, "logs redirected to the master");
                     } else {
-                        set_log_target(self.id, None);
+                        self.stop_redirecting(&mut redirected);
                     }
                 }
                 Frame::Terminate => {
-                    set_log_target(self.id, None);
+                    self.stop_redirecting(&mut redirected);
                     tracing::info!(target: LIFECYCLE, master = %master, "terminate requested");
                     self.jobs.kill_where(None);
                     let _ = out.send(Frame::Terminating).await;
                     drop(out);
                     // Other tasks may still hold the outbox; give the acknowledgement a
                     // moment to leave, then go.
-                    let _ = tokio::time::timeout(Duration::from_millis(500), writer_task).await;
+                    connection.close(Duration::from_millis(500)).await;
                     self.terminate.notify_one();
                     return;
                 }
@@ -392,7 +270,7 @@ impl Session {
         };
         // Stop redirecting first: what happened to the connection belongs in this
         // slave's own log, not in a queue towards the master that is gone.
-        set_log_target(self.id, None);
+        self.stop_redirecting(&mut redirected);
         if let Some(why) = ended {
             tracing::warn!(target: LIFECYCLE, %peer, master = %master, "{why}");
         }
@@ -403,7 +281,14 @@ impl Session {
             tracing::info!(target: LIFECYCLE, master = %master, "master disconnected");
         }
         drop(out);
-        writer_task.abort();
+        connection.abort();
+    }
+
+    /// Ends this connection's redirection of log lines, if it has one.
+    fn stop_redirecting(&self, redirected: &mut Option<u64>) {
+        if let Some(token) = redirected.take() {
+            self.logs.stop(token);
+        }
     }
 
     /// Takes a place for one more call or command in flight, or says why there is none.
@@ -463,7 +348,7 @@ impl Session {
                 Ok(Err(e)) => Frame::Result {
                     id,
                     ok: None,
-                    err: Some(protocol::error_text(e.as_ref())),
+                    err: Some(functions::error_text(e.as_ref())),
                 },
                 Err(e) if e.is_panic() => {
                     let payload = e.into_panic();
@@ -499,12 +384,7 @@ impl Session {
     ) {
         let refuse = |error: String| Frame::Exit {
             id,
-            exit: JobExit {
-                code: None,
-                signal: None,
-                timed_out: false,
-                error: Some(error),
-            },
+            exit: JobExit::failed(error),
         };
         if self.opts.key.is_none() && !self.opts.insecure {
             let why = "refused: this slave runs an open cluster (no key) and runs only registered functions. \
@@ -538,148 +418,9 @@ impl Session {
             if out.is_closed() {
                 return; // the master went away while the job waited for a slot
             }
-            let exit = run_command(session, id, &argv, timeout_ms, &jobs, &out).await;
+            let exit = jobs::run_command(session, id, &argv, timeout_ms, &jobs, &out).await;
             let _ = out.send(Frame::Exit { id, exit }).await;
         });
-    }
-}
-
-async fn run_command(
-    session: u64,
-    id: u64,
-    argv: &[String],
-    timeout_ms: Option<u64>,
-    jobs: &Jobs,
-    out: &mpsc::Sender<Frame>,
-) -> JobExit {
-    let mut command = tokio::process::Command::new(&argv[0]);
-    command
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    for var in crate::service::SERVICE_ENV {
-        command.env_remove(var);
-    }
-    // SAFETY: prctl is async-signal-safe; it makes the job die if the slave dies.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = match command.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            return JobExit {
-                code: None,
-                signal: None,
-                timed_out: false,
-                error: Some(format!("cannot run {}: {e}", argv[0])),
-            };
-        }
-    };
-    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    jobs.insert((session, id), Job::Process(pgid));
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let pumps = async {
-        tokio::join!(
-            pump(stdout, Stream::Stdout, id, out.clone()),
-            pump(stderr, Stream::Stderr, id, out.clone())
-        )
-    };
-    let waited = async {
-        let status = child.wait().await;
-        // The leader is gone: end whatever it left in its group, so that nothing is
-        // orphaned and the pipes reach end-of-file.
-        // SAFETY: killpg only sends a signal.
-        unsafe {
-            libc::killpg(pgid, libc::SIGKILL);
-        }
-        status
-    };
-    let run = async { tokio::join!(waited, pumps).0 };
-    let (status, timed_out) = match timeout_ms {
-        Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), run).await {
-            Ok(status) => (status, false),
-            Err(_) => {
-                // SAFETY: killpg only sends a signal.
-                unsafe {
-                    libc::killpg(pgid, libc::SIGKILL);
-                }
-                (child.wait().await, true)
-            }
-        },
-        None => (run.await, false),
-    };
-    jobs.remove((session, id));
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => JobExit {
-            code: s.code(),
-            signal: s.signal(),
-            timed_out,
-            error: None,
-        },
-        Err(e) => JobExit {
-            code: None,
-            signal: None,
-            timed_out,
-            error: Some(format!("waiting for the job failed: {e}")),
-        },
-    }
-}
-
-/// Reads a job's pipe and sends what it wrote, as it comes, in chunks of at most
-/// [`BATCH_BYTES`], bytes untouched. When the connection is gone, the output goes to
-/// the slave's own log instead.
-async fn pump(
-    pipe: Option<impl AsyncRead + Unpin>,
-    stream: Stream,
-    id: u64,
-    out: mpsc::Sender<Frame>,
-) {
-    let Some(mut pipe) = pipe else { return };
-    let mut buf = vec![0u8; BATCH_BYTES];
-    loop {
-        let n = match pipe.read(&mut buf).await {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(err) => {
-                tracing::warn!(%err, job = id, "reading job output failed");
-                return;
-            }
-        };
-        let data = buf[..n].to_vec();
-        if let Err(mpsc::error::SendError(Frame::Output { data, .. })) =
-            out.send(Frame::Output { id, stream, data }).await
-        {
-            tracing::info!(job = id, ?stream, "{}", String::from_utf8_lossy(&data));
-        }
-        tokio::task::yield_now().await; // timers and keepalives first (see write_frames)
-    }
-}
-
-async fn forward_logs(mut rx: mpsc::Receiver<String>, out: mpsc::Sender<Frame>) {
-    while let Some(first) = rx.recv().await {
-        let mut lines = vec![first];
-        while lines.len() < 256 {
-            match rx.try_recv() {
-                Ok(l) => lines.push(l),
-                Err(_) => break,
-            }
-        }
-        if let Err(mpsc::error::SendError(Frame::Log { lines })) =
-            out.send(Frame::Log { lines }).await
-        {
-            for l in lines {
-                crate::stdio::log_line(&l);
-            }
-            return;
-        }
     }
 }
 
@@ -736,6 +477,7 @@ mod tests {
             key: None,
             insecure: false,
             table: RemoteTable::new().register("echo", |v| async move { Ok(v) }),
+            logs: None,
         };
         let server = tokio::spawn(serve(listener, opts));
         let mut held = Vec::new();
@@ -789,6 +531,7 @@ mod tests {
             key: None,
             insecure: true,
             table,
+            logs: None,
         };
         let server = tokio::spawn(serve(listener, opts));
         // Four connections fill the slave's places, 256 each; one more on each is
