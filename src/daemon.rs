@@ -38,6 +38,19 @@ pub enum DaemonError {
     Node(#[from] NodeError),
 }
 
+/// A future that ends at the first SIGINT or SIGTERM, and logs which it was; the
+/// SIGTERM handler is installed now (SIGTERM's default action would end the process
+/// before anyone says goodbye).
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: leaving"),
+            _ = sigterm.recv() => tracing::info!("SIGTERM: leaving"),
+        }
+    })
+}
+
 /// Runs a discovery daemon until SIGINT or SIGTERM (or until the node stops), then
 /// leaves: peers get a goodbye, and the control socket's file is removed.
 ///
@@ -47,7 +60,7 @@ pub enum DaemonError {
 pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let path = opts.control;
     let control = ControlSocket::bind(&path).await?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let shutdown = shutdown_signal().map_err(DaemonError::Signal)?;
     let node = Node::start(opts.node).await?;
     let handle = node.handle();
     let status = handle.status().await?;
@@ -69,16 +82,10 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let mut events = handle.subscribe();
     let watchdog = service::watchdog_interval();
     let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("SIGINT: leaving");
-                break;
-            }
-            _ = sigterm.recv() => {
-                tracing::info!("SIGTERM: leaving");
-                break;
-            }
+            () = &mut shutdown => break,
             event = events.recv() => match event {
                 Ok(_) | Err(RecvError::Lagged(_)) => {
                     if let Ok(s) = handle.status().await {

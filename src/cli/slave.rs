@@ -17,17 +17,11 @@ pub async fn run(args: SlaveArgs) -> Result<()> {
     opts.insecure = args.insecure;
     let backend = Backend::initialize_with(&host, port, builtin_functions(), opts).await?;
     let node = backend.node_id();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
+    let signalled =
+        localnet::daemon::shutdown_signal().context("cannot install the SIGTERM handler")?;
     tracing::info!(%node, "slave listening");
     // On a signal the slave kills its jobs and says goodbye before it exits, so that
     // peers see it leave rather than fail.
-    let signalled = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: leaving"),
-            _ = sigterm.recv() => tracing::info!("SIGTERM: leaving"),
-        }
-    };
     backend.start_slave_until(signalled).await?;
     Ok(())
 }
