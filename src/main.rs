@@ -53,6 +53,8 @@ fn error_chain(e: &anyhow::Error) -> String {
     text
 }
 
+/// Logging to stderr or the journal, filtered by `$LOCALNET_LOG` (default: warnings
+/// only when `quiet`); a slave's lines can be redirected to its master.
 fn init_logging(quiet: bool, slave: bool) {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, filter::filter_fn};
@@ -93,6 +95,7 @@ fn init_logging(quiet: bool, slave: bool) {
         .init();
 }
 
+/// Runs the subcommand.
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Daemon(args) => cli::daemon::run(args).await,
