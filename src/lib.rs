@@ -11,6 +11,7 @@
 //!   daemon's control socket.
 //! - [`runtime`]: the SimpleLocalnet-style master/slave runtime: framed, optionally
 //!   Noise-encrypted TCP, the master–slave protocol, [`RemoteTable`], slaves and masters.
+//! - [`daemon`]: the discovery daemon's loop (control socket, signals, systemd).
 //! - [`service`]: systemd integration; [`stdio`]: output that never blocks the runtime.
 //!
 //! ```no_run
@@ -22,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod daemon;
 pub mod discovery;
 pub mod key;
 pub mod node;

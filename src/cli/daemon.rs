@@ -1,0 +1,20 @@
+//! `localnet daemon`: the daemon's options from the arguments; the loop itself is
+//! [`localnet::daemon::run`].
+
+use anyhow::Result;
+use localnet::daemon::DaemonOptions;
+use localnet::node::control;
+
+use super::args::DaemonArgs;
+
+/// Runs the discovery daemon in the foreground until SIGINT or SIGTERM.
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    let mut node = super::node_options_with_default_key(&args.net)?;
+    node.name = args.name;
+    node.tags = args.tags.into_iter().collect();
+    node.state_dir = args.state_dir;
+    node.protocol.min_interval_ms = args.heartbeat.as_millis() as u64;
+    let control = args.control.unwrap_or_else(control::default_path);
+    localnet::daemon::run(DaemonOptions { node, control }).await?;
+    Ok(())
+}

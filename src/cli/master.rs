@@ -1,0 +1,214 @@
+//! `localnet master`: runs a command on slaves and shows their output, prefixed by
+//! the slave's name, byte for byte (--raw) or as one JSON object per slave (--json).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use localnet::{ExecEvent, JobExit, LineSplitter, Master, NodeId, Stream};
+
+use super::args::{Cli, MasterArgs};
+use super::output::{CappedOutput, describe_matches, hint_text, job_result};
+
+/// Finds slaves, runs the command on each and reports those that failed; any failure
+/// is an error.
+pub async fn run(args: MasterArgs) -> Result<()> {
+    if args.raw && args.slaves.is_some_and(|n| n != 1) {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--raw runs the command on exactly one slave: leave out --slaves or give --slaves 1",
+            )
+            .exit();
+    }
+    let mode = match (args.raw, args.json) {
+        (true, _) => OutputMode::Raw,
+        (_, true) => OutputMode::Json,
+        _ => OutputMode::Prefixed,
+    };
+    let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
+    // --raw must know that the selection matches one slave only: it looks for the whole
+    // --wait (or takes the daemon's whole list) instead of stopping at the first answer.
+    let wanted = if args.raw { None } else { args.slaves };
+    // The key is loaded once (a warning about its mode is said once).
+    let opts = super::backend_options(&args.net, args.control.clone())?;
+    let localnet::Discovered { slaves, hints } =
+        super::find_slaves(&opts, wanted, args.wait, &tags).await?;
+    if args.raw && slaves.len() > 1 {
+        bail!(
+            "--raw runs the command on exactly one slave, but {} match: {}; select one with --tag KEY=VALUE",
+            slaves.len(),
+            describe_matches(&slaves)
+        );
+    }
+    if let Some(n) = args.slaves
+        && slaves.len() < n
+    {
+        match hints.is_empty() {
+            true => bail!(
+                "found only {} of {n} slaves within {} (check that they run with the same --group, --port and key, \
+                 and `localnet peers` lists them)",
+                slaves.len(),
+                humantime::format_duration(args.wait)
+            ),
+            false => bail!(
+                "found only {} of {n} slaves within {}{}",
+                slaves.len(),
+                humantime::format_duration(args.wait),
+                hint_text(&hints)
+            ),
+        }
+    }
+    if slaves.is_empty() {
+        match hints.is_empty() {
+            true => bail!(
+                "no slaves found within {}; start some with `localnet slave`",
+                humantime::format_duration(args.wait)
+            ),
+            false => bail!(
+                "no slaves found within {}{}",
+                humantime::format_duration(args.wait),
+                hint_text(&hints)
+            ),
+        }
+    }
+    let master = Master::new(&localnet::node::host_name(), opts.discovery.key, None);
+    let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
+    master.add_known(&nodes);
+    let mut jobs = Vec::new();
+    for peer in &slaves {
+        let master = master.clone();
+        let node = NodeId::new(peer.addr);
+        let name = peer.name.clone();
+        let argv = args.command.clone();
+        let timeout = args.timeout;
+        let slave_logs = args.slave_logs;
+        jobs.push(tokio::spawn(async move {
+            let outcome = run_on_slave(&master, node, &name, argv, timeout, mode, slave_logs).await;
+            (name, node, outcome)
+        }));
+    }
+    let mut failures = Vec::new();
+    for job in jobs {
+        let Ok((name, node, outcome)) = job.await else {
+            continue;
+        };
+        match outcome {
+            Ok(exit) if exit.success() => {}
+            Ok(exit) => failures.push(format!("{name} ({node}): {}", exit.describe())),
+            Err(e) => failures.push(format!("{name} ({node}): {e:#}")),
+        }
+    }
+    // Job output first (it is written by another thread), then the verdict.
+    localnet::stdio::flush(localnet::stdio::Target::Stdout).await;
+    let verdict: String = failures
+        .iter()
+        .map(|f| format!("localnet: failed: {f}\n"))
+        .collect();
+    localnet::stdio::write(localnet::stdio::Target::Stderr, verdict.into_bytes()).await?;
+    localnet::stdio::flush(localnet::stdio::Target::Stderr).await;
+    if !failures.is_empty() {
+        bail!("{} of {} slaves failed", failures.len(), slaves.len());
+    }
+    Ok(())
+}
+
+/// How `localnet master` shows a job's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutputMode {
+    /// Every line as `name: line` (stderr lines on stderr).
+    Prefixed,
+    /// The job's bytes, exactly (one slave).
+    Raw,
+    /// One JSON object per slave at the end.
+    Json,
+}
+
+/// Runs the command on one slave, writing its output as it comes (or, in JSON mode, one
+/// object at the end). Output is written by the stdio threads: a slow reader of our
+/// stdout slows the job down (backpressure) but never stops the connection's keepalives.
+async fn run_on_slave(
+    master: &Master,
+    node: NodeId,
+    name: &str,
+    argv: Vec<String>,
+    timeout: Option<Duration>,
+    mode: OutputMode,
+    slave_logs: bool,
+) -> Result<JobExit> {
+    use localnet::stdio::{self, Target};
+    if slave_logs {
+        master.redirect_logs_here(&[node]).await?;
+    }
+    let mut job = master.exec(node, argv, timeout).await?;
+    let target = |stream| match stream {
+        Stream::Stdout => Target::Stdout,
+        Stream::Stderr => Target::Stderr,
+    };
+    let index = |stream| match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    };
+    let prefixed = |lines: Vec<Vec<u8>>| {
+        let mut text = Vec::with_capacity(lines.iter().map(|l| l.len() + name.len() + 3).sum());
+        for line in lines {
+            text.extend_from_slice(name.as_bytes());
+            text.extend_from_slice(b": ");
+            text.extend_from_slice(&line);
+            text.push(b'\n');
+        }
+        text
+    };
+    let mut captured = [CappedOutput::default(), CappedOutput::default()];
+    let mut splitters = [LineSplitter::default(), LineSplitter::default()];
+    let exit = loop {
+        match job.next().await {
+            Some(ExecEvent::Output(stream, data)) => {
+                match mode {
+                    OutputMode::Json => captured[index(stream)].push(&data),
+                    OutputMode::Raw => stdio::write(target(stream), data)
+                        .await
+                        .context("writing output")?,
+                    OutputMode::Prefixed => {
+                        let lines = splitters[index(stream)].push(&data);
+                        stdio::write(target(stream), prefixed(lines))
+                            .await
+                            .context("writing output")?;
+                    }
+                }
+                // Timers and keepalives first (see localnet::runtime::protocol::write_frames).
+                tokio::task::yield_now().await;
+            }
+            Some(ExecEvent::Exit(exit)) => break exit,
+            None => bail!("connection to the slave lost"),
+        }
+    };
+    match mode {
+        OutputMode::Prefixed => {
+            // A last line without a newline gets one: the prefix format needs it.
+            for stream in [Stream::Stdout, Stream::Stderr] {
+                if let Some(last) = splitters[index(stream)].finish() {
+                    stdio::write(target(stream), prefixed(vec![last]))
+                        .await
+                        .context("writing output")?;
+                }
+            }
+        }
+        OutputMode::Json => {
+            let (object, notes) = job_result(name, node, &exit, &captured);
+            let mut line = serde_json::to_vec(&object)?;
+            line.push(b'\n');
+            stdio::write(Target::Stdout, line)
+                .await
+                .context("writing output")?;
+            if !notes.is_empty() {
+                stdio::write(Target::Stderr, notes.into_bytes())
+                    .await
+                    .context("writing output")?;
+            }
+        }
+        OutputMode::Raw => {}
+    }
+    Ok(exit)
+}
