@@ -27,6 +27,7 @@
 mod admission;
 pub mod peers;
 pub mod sim;
+mod timer;
 pub mod wire;
 
 use std::cmp::Reverse;
@@ -40,6 +41,7 @@ use uuid::Uuid;
 
 use self::admission::{Freshness, LogGate, RateLimiter, RateVerdict, Rejections, ReplayGuard};
 pub use self::admission::{MAX_REJECTIONS, Refusal, Rejection};
+use self::timer::{Timer, TimerTable};
 use self::wire::{Auth, DecodeError, HEADER_OVERHEAD, Message, NodeRecord};
 use crate::discovery::peers::{Heard, Observed, PeerState, PeerTable};
 pub use crate::discovery::peers::{Millis, Peer, PeerEvent};
@@ -312,15 +314,14 @@ pub struct Discovery {
     last_ctr: u64,
     table: PeerTable,
     /// One live item per peer: (deadline, id); stale items are skipped when popped.
-    timers: BinaryHeap<Reverse<(Millis, Uuid)>>,
+    peer_timers: BinaryHeap<Reverse<(Millis, Uuid)>>,
+    /// The node-wide timers (second probe, reply, announcement, garbage collection).
+    timers: TimerTable,
     started: bool,
     leaving: bool,
-    second_probe_at: Option<Millis>,
-    next_announce: Option<Millis>,
     last_announce: Option<Millis>,
     /// Probes waiting for our answer.
     pending_replies: Pending,
-    reply_at: Option<Millis>,
     /// Mean size of an announcement on the wire, headers included (RTCP's avg_rtcp_size).
     avg_size: f64,
     rng: fastrand::Rng,
@@ -328,7 +329,6 @@ pub struct Discovery {
     replay: ReplayGuard,
     /// Nodes (id, incarnation) that failed or left, with when to forget them.
     tombstones: HashMap<Uuid, (u64, Millis)>,
-    next_gc: Millis,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
     stats: Stats,
@@ -375,26 +375,25 @@ impl Discovery {
         let limiter =
             RateLimiter::new(cfg.rate_per_source, cfg.burst_per_source, 2 * cfg.max_peers);
         let replay = ReplayGuard::new(cfg.replay_window_ms, 2 * cfg.max_peers);
+        let mut timers = TimerTable::default();
+        timers.set(Timer::Gc, now + GC_EVERY_MS);
         let mut node = Self {
             table: PeerTable::new(cfg.max_peers),
             cfg,
             me,
             key,
             last_ctr: now.saturating_mul(1000),
-            timers: BinaryHeap::new(),
+            peer_timers: BinaryHeap::new(),
+            timers,
             started: false,
             leaving: false,
-            second_probe_at: None,
-            next_announce: None,
             last_announce: None,
             pending_replies: Pending::Nobody,
-            reply_at: None,
             avg_size: 0.0,
             rng: fastrand::Rng::with_seed(seed),
             limiter,
             replay,
             tombstones: HashMap::default(),
-            next_gc: now + GC_EVERY_MS,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
@@ -479,7 +478,7 @@ impl Discovery {
     pub fn footprint(&self) -> Footprint {
         Footprint {
             peers: self.table.len(),
-            timers: self.timers.len(),
+            timers: self.peer_timers.len(),
             limiter: self.limiter.len(),
             replay: self.replay.len(),
             tombstones: self.tombstones.len(),
@@ -499,10 +498,12 @@ impl Discovery {
             return;
         }
         self.send_probe(now);
-        self.second_probe_at = Some(now + self.cfg.second_probe_ms);
+        self.timers
+            .set(Timer::SecondProbe, now + self.cfg.second_probe_ms);
         if !self.cfg.observer {
             let interval = self.compute_interval();
-            self.next_announce = Some(now + self.jittered(interval));
+            let at = now + self.jittered(interval);
+            self.timers.set(Timer::Announce, at);
         }
     }
 
@@ -512,9 +513,9 @@ impl Discovery {
             return;
         }
         self.leaving = true;
-        self.second_probe_at = None;
-        self.next_announce = None;
-        self.reply_at = None;
+        self.timers.stop(Timer::SecondProbe);
+        self.timers.stop(Timer::Announce);
+        self.timers.stop(Timer::Reply);
         self.pending_replies = Pending::Nobody;
         if self.started && !self.cfg.observer && self.cfg.multicast {
             let bye = Message::Goodbye {
@@ -558,16 +559,11 @@ impl Discovery {
         if !self.started || self.leaving {
             return None;
         }
-        [
-            self.second_probe_at,
-            self.next_announce,
-            self.reply_at,
-            self.timers.peek().map(|Reverse((t, _))| *t),
-            Some(self.next_gc),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        let next_peer = self.peer_timers.peek().map(|Reverse((t, _))| *t);
+        [self.timers.next_timeout(), next_peer]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Runs whatever timers are due at `now`.
@@ -575,26 +571,26 @@ impl Discovery {
         if !self.started || self.leaving {
             return;
         }
-        if self.second_probe_at.is_some_and(|t| t <= now) {
-            self.second_probe_at = None;
+        if self.timers.is_expired(Timer::SecondProbe, now) {
+            self.timers.stop(Timer::SecondProbe);
             self.send_probe(now);
         }
-        if self.reply_at.is_some_and(|t| t <= now) {
-            self.reply_at = None;
+        if self.timers.is_expired(Timer::Reply, now) {
+            self.timers.stop(Timer::Reply);
             self.answer_probes(now);
         }
-        if let Some(due) = self.next_announce.filter(|t| *t <= now) {
+        if let Some(due) = self.timers.get(Timer::Announce).filter(|t| *t <= now) {
             self.announce_timer(now, due);
         }
-        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+        while let Some(Reverse((t, id))) = self.peer_timers.peek().copied() {
             if t > now {
                 break;
             }
-            self.timers.pop();
+            self.peer_timers.pop();
             self.peer_timer(now, t, id);
         }
-        if now >= self.next_gc {
-            self.next_gc = now + GC_EVERY_MS;
+        if self.timers.is_expired(Timer::Gc, now) {
+            self.timers.set(Timer::Gc, now + GC_EVERY_MS);
             self.collect_garbage(now);
         }
     }
@@ -792,13 +788,13 @@ impl Discovery {
         let (observed, unarmed) = self.table.observe(heard, now);
         self.report(now, id, observed);
         // A new peer, or one first seen through mDNS, gets its multicast timer now.
-        if unarmed && self.timers.len() >= 2 * self.table.len() + 64 {
+        if unarmed && self.peer_timers.len() >= 2 * self.table.len() + 64 {
             self.compact_timers();
         }
         if unarmed && let Some(entry) = self.table.get_mut(&id) {
             let deadline = suspect_at(entry.last_heard, entry.record().ttl_ms);
             entry.armed_at = deadline;
-            arm(&mut self.timers, deadline, id);
+            arm(&mut self.peer_timers, deadline, id);
         }
     }
 
@@ -852,7 +848,7 @@ impl Discovery {
         if now < suspect {
             entry.state = PeerState::Alive;
             entry.armed_at = suspect;
-            arm(&mut self.timers, suspect, id);
+            arm(&mut self.peer_timers, suspect, id);
             return;
         }
         if entry.state == PeerState::Alive {
@@ -866,7 +862,7 @@ impl Discovery {
         }
         let next = entry.next_probe.min(expires);
         entry.armed_at = next;
-        arm(&mut self.timers, next, id);
+        arm(&mut self.peer_timers, next, id);
         if let Some(dest) = probe_to {
             let probe = Message::Probe {
                 from: self.me.id,
@@ -885,7 +881,7 @@ impl Discovery {
     /// O(1) per new peer, and changes nothing else.
     fn compact_timers(&mut self) {
         let table = &self.table;
-        self.timers
+        self.peer_timers
             .retain(|Reverse((t, id))| table.get(id).is_some_and(|e| e.armed_at == *t));
     }
 
@@ -899,7 +895,8 @@ impl Discovery {
             let reconsidered = last + interval;
             let before_suspicion = last + self.me.ttl_ms * 2 / 5;
             if reconsidered > now && reconsidered > due && now < before_suspicion {
-                self.next_announce = Some(reconsidered.min(before_suspicion));
+                self.timers
+                    .set(Timer::Announce, reconsidered.min(before_suspicion));
                 return;
             }
         }
@@ -913,7 +910,8 @@ impl Discovery {
             self.me.interval_ms = interval;
             self.me.ttl_ms = ttl_for(interval);
             self.last_announce = Some(now);
-            self.next_announce = Some(now + self.jittered(interval));
+            let at = now + self.jittered(interval);
+            self.timers.set(Timer::Announce, at);
         }
         let msg = Message::Announce {
             node: self.me.clone(),
@@ -940,14 +938,15 @@ impl Discovery {
             Pending::One(one) if one == to => return,
             Pending::One(_) | Pending::Several => Pending::Several,
         };
-        if self.reply_at.is_none() {
+        if self.timers.get(Timer::Reply).is_none() {
             // Spread the group's answers so that, all together, they would fit in a
             // quarter second of budget... at four times the budget: fast for small
             // groups, bounded for large ones.
             let n = self.table.len() as f64 + 1.0;
             let spread = n * self.avg_size * 1000.0 / (4.0 * self.cfg.budget_bytes_per_sec as f64);
             let spread = (spread as u64).clamp(2, 1000);
-            self.reply_at = Some(now + self.rng.u64(0..=spread));
+            let at = now + self.rng.u64(0..=spread);
+            self.timers.set(Timer::Reply, at);
         }
     }
 
@@ -960,7 +959,7 @@ impl Discovery {
         {
             let earliest = last + self.compute_interval() / 2;
             if now < earliest {
-                self.reply_at = Some(earliest);
+                self.timers.set(Timer::Reply, earliest);
                 return;
             }
         }
