@@ -26,6 +26,8 @@
 
 mod admission;
 pub mod peers;
+// The simulated LAN: only with the `sim` cargo feature, which tests and benches turn on.
+#[cfg(feature = "sim")]
 pub mod sim;
 mod timer;
 pub mod wire;
