@@ -24,21 +24,26 @@
 //!   replay check: the sender's microsecond counter must be within the replay window of
 //!   our clock and not seen before.
 
+mod admission;
 pub mod peers;
+// The simulated LAN: only with the `sim` cargo feature, which tests and benches turn on.
+#[cfg(feature = "sim")]
 pub mod sim;
+mod timer;
 pub mod wire;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
-use std::hash::BuildHasher;
-use std::net::{SocketAddr, SocketAddrV6};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use foldhash::HashMap;
-use hashbrown::HashTable;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use uuid::Uuid;
 
+use self::admission::{Freshness, LogGate, RateLimiter, RateVerdict, Rejections, ReplayGuard};
+pub use self::admission::{MAX_REJECTIONS, Refusal, Rejection};
+use self::timer::{Timer, TimerTable};
 use self::wire::{Auth, DecodeError, HEADER_OVERHEAD, Message, NodeRecord};
 use crate::discovery::peers::{Heard, Observed, PeerState, PeerTable};
 pub use crate::discovery::peers::{Millis, Peer, PeerEvent};
@@ -252,79 +257,6 @@ pub struct Stats {
     pub dropped_table_full: u64,
 }
 
-/// Why datagrams from a source were refused: what `localnet peers` and the messages of
-/// a search that found too few nodes tell about it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Refusal {
-    /// Authenticated with our key, but the sender's clock is `offset_ms` from ours
-    /// (positive: ahead), beyond the replay window.
-    ClockOff {
-        /// The sender's clock minus ours, in ms.
-        offset_ms: i64,
-    },
-    /// Authenticated, but with a counter seen before: a replay (or a duplicate).
-    Replayed,
-    /// Authenticated with another cluster key.
-    OtherKey,
-    /// The sender has a cluster key and this node has none.
-    SenderKeyed,
-    /// The sender has no cluster key and this node has one.
-    SenderUnkeyed,
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::ClockOff { offset_ms } => {
-                let secs = (offset_ms.unsigned_abs() + 500) / 1000;
-                let way = if *offset_ms > 0 { "ahead" } else { "behind" };
-                write!(f, "clock off by {secs} s ({way})")
-            }
-            Refusal::Replayed => write!(f, "replayed datagrams"),
-            Refusal::OtherKey => write!(f, "key mismatch (another cluster key)"),
-            Refusal::SenderKeyed => {
-                write!(f, "key mismatch (it has a cluster key, this node has none)")
-            }
-            Refusal::SenderUnkeyed => {
-                write!(f, "key mismatch (it has no cluster key, this node has one)")
-            }
-        }
-    }
-}
-
-/// Datagrams refused from one source, as [`Discovery::rejections`] lists them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rejection {
-    /// Where they came from.
-    pub source: SocketAddr,
-    /// The node id they claim (not authenticated when the key did not match).
-    pub id: Option<Uuid>,
-    /// The node name they claim, when they carried a record.
-    pub name: Option<String>,
-    /// Why the latest one was refused.
-    pub reason: Refusal,
-    /// How many were refused.
-    pub count: u64,
-    /// Milliseconds since the latest one.
-    pub last_ms_ago: u64,
-}
-
-/// Most sources whose refusals are remembered; the least recent is forgotten first.
-pub const MAX_REJECTIONS: usize = 32;
-/// How long a source's refusals are remembered after the last one.
-const REJECTION_MEMORY_MS: Millis = 60_000;
-
-#[derive(Clone, Debug)]
-struct RejectionEntry {
-    source: SocketAddr,
-    id: Option<Uuid>,
-    name: Option<String>,
-    reason: Refusal,
-    count: u64,
-    last_at: Millis,
-}
-
 /// How big a core's internal collections are: all are bounded, which the fuzz tests check.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Footprint {
@@ -359,10 +291,6 @@ pub enum ConfigError {
 }
 
 const GC_EVERY_MS: Millis = 10_000;
-const LOG_EVERY_MS: Millis = 10_000;
-/// How far behind the newest counter of a sender a reordered datagram may be (µs).
-const REORDER_US: u64 = 1_000_000;
-const RECENT_COUNTERS: usize = 64;
 /// How long mDNS reports of a node that multicast saw fail or leave are ignored: about
 /// an mDNS cache lifetime (RFC 6762 §10: 120 s for address records).
 const TOMBSTONE_MS: Millis = 150_000;
@@ -388,29 +316,27 @@ pub struct Discovery {
     last_ctr: u64,
     table: PeerTable,
     /// One live item per peer: (deadline, id); stale items are skipped when popped.
-    timers: BinaryHeap<Reverse<(Millis, Uuid)>>,
+    peer_timers: BinaryHeap<Reverse<(Millis, Uuid)>>,
+    /// The node-wide timers (second probe, reply, announcement, garbage collection).
+    timers: TimerTable,
     started: bool,
     leaving: bool,
-    second_probe_at: Option<Millis>,
-    next_announce: Option<Millis>,
     last_announce: Option<Millis>,
     /// Probes waiting for our answer.
     pending_replies: Pending,
-    reply_at: Option<Millis>,
     /// Mean size of an announcement on the wire, headers included (RTCP's avg_rtcp_size).
     avg_size: f64,
     rng: fastrand::Rng,
-    limiter: Limiter,
-    replay: HashMap<Uuid, ReplayState>,
+    limiter: RateLimiter,
+    replay: ReplayGuard,
     /// Nodes (id, incarnation) that failed or left, with when to forget them.
     tombstones: HashMap<Uuid, (u64, Millis)>,
-    next_gc: Millis,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
     stats: Stats,
     log_gate: LogGate,
     /// Why datagrams were refused, per source (at most [`MAX_REJECTIONS`]).
-    rejections: Vec<RejectionEntry>,
+    rejections: Rejections,
 }
 
 /// Who waits for an answer to a probe. Only this matters: one newcomer gets a unicast
@@ -421,103 +347,6 @@ enum Pending {
     Nobody,
     One(SocketAddr),
     Several,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Millis,
-}
-
-/// The token buckets of the per-source rate limit. Every datagram looks its source up
-/// here, so an IPv4 source is one `u64` and a lookup is one probe.
-struct Limiter {
-    v4: HashTable<(u64, Bucket)>,
-    v6: HashMap<SocketAddrV6, Bucket>,
-    hasher: foldhash::fast::RandomState,
-    /// How many sources it holds before its full buckets are forgotten.
-    sweep_at: usize,
-}
-
-impl Default for Limiter {
-    fn default() -> Self {
-        Self {
-            v4: HashTable::new(),
-            v6: HashMap::default(),
-            hasher: foldhash::fast::RandomState::default(),
-            sweep_at: 64,
-        }
-    }
-}
-
-impl Limiter {
-    fn key(addr: &std::net::SocketAddrV4) -> u64 {
-        (u64::from(addr.ip().to_bits()) << 16) | u64::from(addr.port())
-    }
-
-    fn len(&self) -> usize {
-        self.v4.len() + self.v6.len()
-    }
-
-    fn contains(&self, source: &SocketAddr) -> bool {
-        match source {
-            SocketAddr::V4(a) => {
-                let key = Self::key(a);
-                self.v4
-                    .find(self.hasher.hash_one(key), |(k, _)| *k == key)
-                    .is_some()
-            }
-            SocketAddr::V6(a) => self.v6.contains_key(a),
-        }
-    }
-
-    /// The bucket of `source`, made as `new` if it has none.
-    fn bucket(&mut self, source: SocketAddr, new: Bucket) -> &mut Bucket {
-        match source {
-            SocketAddr::V4(a) => {
-                let key = Self::key(&a);
-                let hasher = &self.hasher;
-                let entry = self.v4.entry(
-                    hasher.hash_one(key),
-                    |(k, _)| *k == key,
-                    |(k, _)| hasher.hash_one(*k),
-                );
-                &mut entry.or_insert((key, new)).into_mut().1
-            }
-            SocketAddr::V6(a) => self.v6.entry(a).or_insert(new),
-        }
-    }
-
-    fn retain(&mut self, mut keep: impl FnMut(&Bucket) -> bool) {
-        self.v4.retain(|(_, b)| keep(b));
-        self.v6.retain(|_, b| keep(b));
-    }
-}
-
-#[derive(Clone, Debug)]
-struct ReplayState {
-    newest: u64,
-    recent: VecDeque<u64>,
-    heard: Millis,
-}
-
-/// Lets one warning through per period and counts the rest.
-#[derive(Debug, Default)]
-struct LogGate {
-    next: Millis,
-    suppressed: u64,
-}
-
-impl LogGate {
-    fn allow(&mut self, now: Millis) -> Option<u64> {
-        if now >= self.next {
-            self.next = now + LOG_EVERY_MS;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
 }
 
 impl Discovery {
@@ -544,31 +373,34 @@ impl Discovery {
             interval_ms: cfg.min_interval_ms,
             ttl_ms: ttl_for(cfg.min_interval_ms),
         };
+        // Sources and senders are tracked up to twice the peers kept.
+        let limiter =
+            RateLimiter::new(cfg.rate_per_source, cfg.burst_per_source, 2 * cfg.max_peers);
+        let replay = ReplayGuard::new(cfg.replay_window_ms, 2 * cfg.max_peers);
+        let mut timers = TimerTable::default();
+        timers.set(Timer::Gc, now + GC_EVERY_MS);
         let mut node = Self {
             table: PeerTable::new(cfg.max_peers),
             cfg,
             me,
             key,
             last_ctr: now.saturating_mul(1000),
-            timers: BinaryHeap::new(),
+            peer_timers: BinaryHeap::new(),
+            timers,
             started: false,
             leaving: false,
-            second_probe_at: None,
-            next_announce: None,
             last_announce: None,
             pending_replies: Pending::Nobody,
-            reply_at: None,
             avg_size: 0.0,
             rng: fastrand::Rng::with_seed(seed),
-            limiter: Limiter::default(),
-            replay: HashMap::default(),
+            limiter,
+            replay,
             tombstones: HashMap::default(),
-            next_gc: now + GC_EVERY_MS,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
             log_gate: LogGate::default(),
-            rejections: Vec::new(),
+            rejections: Rejections::default(),
         };
         // Check the largest form of our record now rather than fail later.
         let size = node.largest_announcement()?;
@@ -633,41 +465,22 @@ impl Discovery {
 
     /// Why `peer` is not verified: what was refused from it, by its id or else its IP.
     fn why_unverified(&self, peer: &Peer) -> String {
-        let by_id = self.rejections.iter().find(|r| r.id == Some(peer.id));
-        let by_ip = || {
-            self.rejections
-                .iter()
-                .find(|r| r.source.ip() == peer.addr.ip())
-        };
-        match by_id.or_else(by_ip) {
-            Some(r) => r.reason.to_string(),
+        match self.rejections.reason_for(peer.id, peer.addr) {
+            Some(reason) => reason.to_string(),
             None => "known only through mDNS; no authenticated datagram heard from it".into(),
         }
     }
 
     /// Sources whose datagrams were refused lately, and why; most recent first.
     pub fn rejections(&self, now: Millis) -> Vec<Rejection> {
-        let mut out: Vec<Rejection> = self
-            .rejections
-            .iter()
-            .map(|r| Rejection {
-                source: r.source,
-                id: r.id,
-                name: r.name.clone(),
-                reason: r.reason,
-                count: r.count,
-                last_ms_ago: now.saturating_sub(r.last_at),
-            })
-            .collect();
-        out.sort_by_key(|r| r.last_ms_ago);
-        out
+        self.rejections.list(now)
     }
 
     /// The sizes of the internal collections (all bounded).
     pub fn footprint(&self) -> Footprint {
         Footprint {
             peers: self.table.len(),
-            timers: self.timers.len(),
+            timers: self.peer_timers.len(),
             limiter: self.limiter.len(),
             replay: self.replay.len(),
             tombstones: self.tombstones.len(),
@@ -687,10 +500,12 @@ impl Discovery {
             return;
         }
         self.send_probe(now);
-        self.second_probe_at = Some(now + self.cfg.second_probe_ms);
+        self.timers
+            .set(Timer::SecondProbe, now + self.cfg.second_probe_ms);
         if !self.cfg.observer {
             let interval = self.compute_interval();
-            self.next_announce = Some(now + self.jittered(interval));
+            let at = now + self.jittered(interval);
+            self.timers.set(Timer::Announce, at);
         }
     }
 
@@ -700,9 +515,9 @@ impl Discovery {
             return;
         }
         self.leaving = true;
-        self.second_probe_at = None;
-        self.next_announce = None;
-        self.reply_at = None;
+        self.timers.stop(Timer::SecondProbe);
+        self.timers.stop(Timer::Announce);
+        self.timers.stop(Timer::Reply);
         self.pending_replies = Pending::Nobody;
         if self.started && !self.cfg.observer && self.cfg.multicast {
             let bye = Message::Goodbye {
@@ -746,16 +561,11 @@ impl Discovery {
         if !self.started || self.leaving {
             return None;
         }
-        [
-            self.second_probe_at,
-            self.next_announce,
-            self.reply_at,
-            self.timers.peek().map(|Reverse((t, _))| *t),
-            Some(self.next_gc),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        let next_peer = self.peer_timers.peek().map(|Reverse((t, _))| *t);
+        [self.timers.next_timeout(), next_peer]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Runs whatever timers are due at `now`.
@@ -763,26 +573,26 @@ impl Discovery {
         if !self.started || self.leaving {
             return;
         }
-        if self.second_probe_at.is_some_and(|t| t <= now) {
-            self.second_probe_at = None;
+        if self.timers.is_expired(Timer::SecondProbe, now) {
+            self.timers.stop(Timer::SecondProbe);
             self.send_probe(now);
         }
-        if self.reply_at.is_some_and(|t| t <= now) {
-            self.reply_at = None;
+        if self.timers.is_expired(Timer::Reply, now) {
+            self.timers.stop(Timer::Reply);
             self.answer_probes(now);
         }
-        if let Some(due) = self.next_announce.filter(|t| *t <= now) {
+        if let Some(due) = self.timers.get(Timer::Announce).filter(|t| *t <= now) {
             self.announce_timer(now, due);
         }
-        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+        while let Some(Reverse((t, id))) = self.peer_timers.peek().copied() {
             if t > now {
                 break;
             }
-            self.timers.pop();
+            self.peer_timers.pop();
             self.peer_timer(now, t, id);
         }
-        if now >= self.next_gc {
-            self.next_gc = now + GC_EVERY_MS;
+        if self.timers.is_expired(Timer::Gc, now) {
+            self.timers.set(Timer::Gc, now + GC_EVERY_MS);
             self.collect_garbage(now);
         }
     }
@@ -801,7 +611,8 @@ impl Discovery {
                         wire::KeyMismatch::SenderKeyed => Refusal::SenderKeyed,
                         wire::KeyMismatch::SenderUnkeyed => Refusal::SenderUnkeyed,
                     };
-                    self.record_refusal(now, source, why, || wire::claimed_sender(bytes));
+                    self.rejections
+                        .record(now, source, why, || wire::claimed_sender(bytes));
                 }
                 self.dropped(now, source, err)
             }
@@ -822,7 +633,7 @@ impl Discovery {
                 (None, Some(_)) => Refusal::SenderUnkeyed,
                 _ => Refusal::OtherKey,
             };
-            self.record_refusal(now, decoded.source, why, || {
+            self.rejections.record(now, decoded.source, why, || {
                 Some((decoded.sender(), decoded.claimed_name()))
             });
             self.dropped(now, decoded.source, DecodeError::Auth);
@@ -838,7 +649,12 @@ impl Discovery {
         }
         self.stats.received += 1;
         self.stats.received_bytes += size as u64;
-        if !self.rate_allows(now, source) {
+        let mut verdict = self.limiter.allow(now, source);
+        if verdict == RateVerdict::Crowded {
+            self.collect_garbage(now);
+            verdict = self.limiter.allow(now, source);
+        }
+        if verdict != RateVerdict::Allowed {
             self.stats.dropped_rate += 1;
             self.warn(now, source, "rate limit exceeded");
             return false;
@@ -866,19 +682,32 @@ impl Discovery {
         if sender == self.me.id {
             return; // our own multicast, looped back
         }
-        if let Some(auth) = decoded.auth
-            && let Err(refused) = self.replay_allows(now, sender, auth)
-        {
-            self.stats.dropped_replay += 1;
-            if let Some(why) = refused {
-                self.record_refusal(now, source, why, || Some((sender, decoded.claimed_name())));
-                if let Refusal::ClockOff { .. } = why {
-                    self.warn(now, source, &format!("stale datagram: sender's {why}"));
-                    return;
-                }
+        if let Some(auth) = decoded.auth {
+            let mut freshness = self.replay.check(now, sender, auth);
+            if freshness == Freshness::Crowded {
+                self.collect_garbage(now);
+                freshness = self.replay.check(now, sender, auth);
             }
-            self.warn(now, source, "replayed or stale datagram");
-            return;
+            let why = match freshness {
+                Freshness::Fresh => None,
+                Freshness::ClockOff { offset_ms } => Some(Some(Refusal::ClockOff { offset_ms })),
+                Freshness::Replayed => Some(Some(Refusal::Replayed)),
+                // No room to track its sender.
+                Freshness::Crowded => Some(None),
+            };
+            if let Some(refused) = why {
+                self.stats.dropped_replay += 1;
+                if let Some(why) = refused {
+                    self.rejections
+                        .record(now, source, why, || Some((sender, decoded.claimed_name())));
+                    if let Refusal::ClockOff { .. } = why {
+                        self.warn(now, source, &format!("stale datagram: sender's {why}"));
+                        return;
+                    }
+                }
+                self.warn(now, source, "replayed or stale datagram");
+                return;
+            }
         }
         match &decoded.body {
             Body::Announce(heard) => {
@@ -961,13 +790,13 @@ impl Discovery {
         let (observed, unarmed) = self.table.observe(heard, now);
         self.report(now, id, observed);
         // A new peer, or one first seen through mDNS, gets its multicast timer now.
-        if unarmed && self.timers.len() >= 2 * self.table.len() + 64 {
+        if unarmed && self.peer_timers.len() >= 2 * self.table.len() + 64 {
             self.compact_timers();
         }
         if unarmed && let Some(entry) = self.table.get_mut(&id) {
             let deadline = suspect_at(entry.last_heard, entry.record().ttl_ms);
             entry.armed_at = deadline;
-            arm(&mut self.timers, deadline, id);
+            arm(&mut self.peer_timers, deadline, id);
         }
     }
 
@@ -1021,7 +850,7 @@ impl Discovery {
         if now < suspect {
             entry.state = PeerState::Alive;
             entry.armed_at = suspect;
-            arm(&mut self.timers, suspect, id);
+            arm(&mut self.peer_timers, suspect, id);
             return;
         }
         if entry.state == PeerState::Alive {
@@ -1035,7 +864,7 @@ impl Discovery {
         }
         let next = entry.next_probe.min(expires);
         entry.armed_at = next;
-        arm(&mut self.timers, next, id);
+        arm(&mut self.peer_timers, next, id);
         if let Some(dest) = probe_to {
             let probe = Message::Probe {
                 from: self.me.id,
@@ -1054,7 +883,7 @@ impl Discovery {
     /// O(1) per new peer, and changes nothing else.
     fn compact_timers(&mut self) {
         let table = &self.table;
-        self.timers
+        self.peer_timers
             .retain(|Reverse((t, id))| table.get(id).is_some_and(|e| e.armed_at == *t));
     }
 
@@ -1068,7 +897,8 @@ impl Discovery {
             let reconsidered = last + interval;
             let before_suspicion = last + self.me.ttl_ms * 2 / 5;
             if reconsidered > now && reconsidered > due && now < before_suspicion {
-                self.next_announce = Some(reconsidered.min(before_suspicion));
+                self.timers
+                    .set(Timer::Announce, reconsidered.min(before_suspicion));
                 return;
             }
         }
@@ -1082,7 +912,8 @@ impl Discovery {
             self.me.interval_ms = interval;
             self.me.ttl_ms = ttl_for(interval);
             self.last_announce = Some(now);
-            self.next_announce = Some(now + self.jittered(interval));
+            let at = now + self.jittered(interval);
+            self.timers.set(Timer::Announce, at);
         }
         let msg = Message::Announce {
             node: self.me.clone(),
@@ -1109,14 +940,15 @@ impl Discovery {
             Pending::One(one) if one == to => return,
             Pending::One(_) | Pending::Several => Pending::Several,
         };
-        if self.reply_at.is_none() {
+        if self.timers.get(Timer::Reply).is_none() {
             // Spread the group's answers so that, all together, they would fit in a
             // quarter second of budget... at four times the budget: fast for small
             // groups, bounded for large ones.
             let n = self.table.len() as f64 + 1.0;
             let spread = n * self.avg_size * 1000.0 / (4.0 * self.cfg.budget_bytes_per_sec as f64);
             let spread = (spread as u64).clamp(2, 1000);
-            self.reply_at = Some(now + self.rng.u64(0..=spread));
+            let at = now + self.rng.u64(0..=spread);
+            self.timers.set(Timer::Reply, at);
         }
     }
 
@@ -1129,7 +961,7 @@ impl Discovery {
         {
             let earliest = last + self.compute_interval() / 2;
             if now < earliest {
-                self.reply_at = Some(earliest);
+                self.timers.set(Timer::Reply, earliest);
                 return;
             }
         }
@@ -1177,151 +1009,12 @@ impl Discovery {
         }
     }
 
-    fn rate_allows(&mut self, now: Millis, source: SocketAddr) -> bool {
-        let (rate, burst) = (
-            self.cfg.rate_per_source as f64,
-            self.cfg.burst_per_source as f64,
-        );
-        let take = |bucket: &mut Bucket| {
-            let elapsed = now.saturating_sub(bucket.at) as f64 / 1000.0;
-            bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
-            bucket.at = now;
-            if bucket.tokens >= 1.0 {
-                bucket.tokens -= 1.0;
-                true
-            } else {
-                false
-            }
-        };
-        let full = Bucket {
-            tokens: burst,
-            at: now,
-        };
-        let len = self.limiter.len();
-        let crowded = len >= 2 * self.cfg.max_peers || len >= self.limiter.sweep_at;
-        if !crowded || self.limiter.contains(&source) {
-            // A source without a bucket has a full one.
-            return take(self.limiter.bucket(source, full));
-        }
-        if self.limiter.len() >= 2 * self.cfg.max_peers {
-            self.collect_garbage(now);
-            if self.limiter.len() >= 2 * self.cfg.max_peers {
-                return false;
-            }
-        }
-        if self.limiter.len() >= self.limiter.sweep_at {
-            // Forget full buckets rather than grow. Still more than half the threshold:
-            // raise it, so that these sweeps stay amortised O(1) per datagram.
-            self.sweep_limiter(now);
-            if self.limiter.len() > self.limiter.sweep_at / 2 {
-                self.limiter.sweep_at *= 2;
-            }
-        }
-        take(self.limiter.bucket(source, full))
-    }
-
-    /// Whether an authenticated datagram is fresh; when not, why (`None`: no room to
-    /// track its sender).
-    fn replay_allows(
-        &mut self,
-        now: Millis,
-        sender: Uuid,
-        auth: Auth,
-    ) -> Result<(), Option<Refusal>> {
-        if auth.timestamp_ms().abs_diff(now) > self.cfg.replay_window_ms {
-            let offset = i128::from(auth.timestamp_ms()) - i128::from(now);
-            let offset_ms = offset.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
-            return Err(Some(Refusal::ClockOff { offset_ms }));
-        }
-        if !self.replay.contains_key(&sender) && self.replay.len() >= 2 * self.cfg.max_peers {
-            self.collect_garbage(now);
-            if self.replay.len() >= 2 * self.cfg.max_peers {
-                return Err(None);
-            }
-        }
-        let state = self.replay.entry(sender).or_insert(ReplayState {
-            newest: 0,
-            recent: VecDeque::new(),
-            heard: now,
-        });
-        if auth.ctr.saturating_add(REORDER_US) <= state.newest || state.recent.contains(&auth.ctr) {
-            return Err(Some(Refusal::Replayed));
-        }
-        state.newest = state.newest.max(auth.ctr);
-        state.heard = now;
-        if state.recent.len() == RECENT_COUNTERS {
-            state.recent.pop_front();
-        }
-        state.recent.push_back(auth.ctr);
-        Ok(())
-    }
-
-    /// Remembers that a datagram from `source` was refused for `why`. `claimed` gives
-    /// the id and name it claims; it is asked only for a source not known yet.
-    fn record_refusal(
-        &mut self,
-        now: Millis,
-        source: SocketAddr,
-        why: Refusal,
-        claimed: impl FnOnce() -> Option<(Uuid, Option<String>)>,
-    ) {
-        if let Some(entry) = self.rejections.iter_mut().find(|r| r.source == source) {
-            entry.reason = why;
-            entry.count += 1;
-            entry.last_at = now;
-            if entry.name.is_none()
-                && let Some((id, name)) = claimed()
-            {
-                entry.id = Some(id);
-                entry.name = name;
-            }
-            return;
-        }
-        if self.rejections.len() >= MAX_REJECTIONS
-            && let Some(oldest) = self
-                .rejections
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, r)| r.last_at)
-                .map(|(i, _)| i)
-        {
-            self.rejections.swap_remove(oldest);
-        }
-        let (id, name) = claimed().map_or((None, None), |(id, name)| (Some(id), name));
-        self.rejections.push(RejectionEntry {
-            source,
-            id,
-            name,
-            reason: why,
-            count: 1,
-            last_at: now,
-        });
-    }
-
-    /// Forgets the buckets that would be full again: a missing bucket is a full one, so
-    /// this changes no decision. Run whenever the limiter reaches its threshold, it keeps
-    /// the limiter at the sources heard in the last couple of seconds instead of every
-    /// source heard since the last garbage collection (every node, for each node, after
-    /// a simultaneous start).
-    fn sweep_limiter(&mut self, now: Millis) {
-        let (rate, burst) = (
-            self.cfg.rate_per_source as f64,
-            self.cfg.burst_per_source as f64,
-        );
-        self.limiter
-            .retain(|b| b.tokens + now.saturating_sub(b.at) as f64 / 1000.0 * rate < burst);
-    }
-
     fn collect_garbage(&mut self, now: Millis) {
         // A bucket that would be full again carries no information.
-        self.sweep_limiter(now);
-        // Counters older than the replay window are refused by the clock check anyway.
-        let window = self.cfg.replay_window_ms;
-        self.replay
-            .retain(|_, s| now.saturating_sub(s.heard) <= window);
+        self.limiter.forget_full(now);
+        self.replay.forget_stale(now);
         self.tombstones.retain(|_, (_, until)| now < *until);
-        self.rejections
-            .retain(|r| now.saturating_sub(r.last_at) <= REJECTION_MEMORY_MS);
+        self.rejections.forget_stale(now);
     }
 
     fn warn(&mut self, now: Millis, source: SocketAddr, why: &str) {
