@@ -5,8 +5,8 @@
 //! ARCHITECTURE.md for the map):
 //!
 //! - [`discovery`]: the discovery protocol as a pure state machine (no I/O, no clock),
-//!   its wire format, its peer table and a simulated LAN for it; [`key`]: the optional
-//!   cluster key.
+//!   its wire format, its peer table, admission and timers, and (with the `sim` feature) a
+//!   simulated LAN for it; [`key`]: the optional cluster key.
 //! - [`node`]: the discovery core driven by tokio: interfaces and sockets, mDNS, the
 //!   daemon's control socket.
 //! - [`runtime`]: the SimpleLocalnet-style master/slave runtime: framed, optionally
