@@ -37,22 +37,37 @@ impl fmt::Debug for ClusterKey {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read key file {path}: {source}")]
+    /// The key file could not be read.
     Read {
+        /// The key file's path.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
     #[error("cannot write key file {path}: {source}")]
+    /// The key file could not be written.
     Write {
+        /// The key file's path.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
     #[error("key file {path} exists already; remove it first or choose another path")]
-    Exists { path: String },
+    /// A new key file would overwrite an existing file.
+    Exists {
+        /// The existing file's path.
+        path: String,
+    },
     #[error(
         "invalid key{where_}: expected 64 hexadecimal characters (a 256-bit key, as written by `localnet key generate`)"
     )]
-    Invalid { where_: String },
+    /// The key text is not 64 hexadecimal digits.
+    Invalid {
+        /// Where the key came from (` in <path>` for a key file), or empty.
+        where_: String,
+    },
     #[error("the system random number generator failed: {0}")]
+    /// The system random number generator failed while generating a key; holds its error.
     Random(String),
 }
 

@@ -23,6 +23,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod daemon;
 pub mod discovery;
 pub mod key;
@@ -57,10 +59,13 @@ pub struct ReadmeDoctests;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
+    /// A node (for a discovery of its own) could not start or stopped.
     Node(#[from] node::NodeError),
     #[error(transparent)]
+    /// Talking to the daemon's control socket failed.
     Control(#[from] control::ControlError),
     #[error(transparent)]
+    /// The cluster key could not be read.
     Key(#[from] key::KeyError),
 }
 

@@ -244,16 +244,27 @@ impl Decoded {
 /// Counters, as `localnet` status shows them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
+    /// Datagrams received (counted before the rate limit).
     pub received: u64,
+    /// Bytes of the datagrams received, without IP and UDP headers.
     pub received_bytes: u64,
+    /// Datagrams queued for sending.
     pub sent: u64,
+    /// Bytes of the datagrams queued for sending, without IP and UDP headers.
     pub sent_bytes: u64,
+    /// Datagrams dropped because they did not decode (not valid JSON or not a message).
     pub dropped_malformed: u64,
+    /// Datagrams dropped because they were over [`wire::MAX_DATAGRAM`] bytes.
     pub dropped_oversize: u64,
+    /// Datagrams dropped because they carried another protocol version.
     pub dropped_version: u64,
+    /// Datagrams dropped because they were not authenticated with this cluster's key.
     pub dropped_auth: u64,
+    /// Authenticated datagrams dropped as replayed, too far off our clock, or from a sender with no room to track.
     pub dropped_replay: u64,
+    /// Datagrams dropped because their source exceeded the per-source rate limit.
     pub dropped_rate: u64,
+    /// Announcements of new peers ignored because the peer table was full.
     pub dropped_table_full: u64,
 }
 
@@ -285,8 +296,10 @@ pub enum ConfigError {
         "this node's announcement would be {0} bytes, over the {max} byte limit: use fewer or shorter tags or a shorter name",
         max = wire::MAX_DATAGRAM
     )]
+    /// The node's announcement would be this many bytes, over [`wire::MAX_DATAGRAM`].
     RecordTooLarge(usize),
     #[error("the node name must not be empty")]
+    /// The node's name is empty.
     EmptyName,
 }
 

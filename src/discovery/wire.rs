@@ -70,19 +70,30 @@ pub struct NodeRecord {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Message {
     /// "I am here": sent periodically to the group, and unicast in reply to probes.
-    Announce { node: NodeRecord },
+    Announce {
+        /// The sender's record.
+        node: NodeRecord,
+    },
     /// "Who is there?": a newcomer asks the group (`direct: false`, answered after a
     /// random delay), or a node checks one suspect peer (`direct: true`, answered at once).
     /// `node` is absent when the sender only observes and wants no place in tables.
     Probe {
+        /// The sender's node id.
         from: Uuid,
         #[serde(default)]
+        /// The sender's record, when it wants a place in tables; absent for observers.
         node: Option<NodeRecord>,
         #[serde(default)]
+        /// Whether this checks one suspect peer (answered at once) rather than asking the group.
         direct: bool,
     },
     /// "I am leaving": remove me now.
-    Goodbye { id: Uuid, inc: u64 },
+    Goodbye {
+        /// The leaving node's id.
+        id: Uuid,
+        /// The incarnation that is leaving (a newer one is not removed).
+        inc: u64,
+    },
 }
 
 impl Message {
@@ -114,12 +125,16 @@ impl Auth {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("datagram larger than {MAX_DATAGRAM} bytes")]
+    /// The datagram is over [`MAX_DATAGRAM`] bytes.
     Oversize,
     #[error("malformed datagram")]
+    /// The datagram is not valid JSON or not a known message.
     Malformed,
     #[error("unsupported protocol version")]
+    /// The datagram carries a protocol version other than [`VERSION`].
     Version,
     #[error("datagram not authenticated with this cluster's key")]
+    /// The datagram lacks a valid MAC for this cluster's key, or carries one when none is expected.
     Auth,
 }
 

@@ -80,32 +80,56 @@ pub async fn connect_named(path: &Path) -> Result<ControlClient, ControlError> {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("no daemon answers on {0}")]
+    /// No daemon answers on the default control socket (path held).
     NoDaemon(String),
     #[error(
         "no daemon answers on {0}, the control socket that was named (--control or \
          $LOCALNET_CONTROL); start one with `localnet daemon --control {0}`, or name no socket \
          to discover without a daemon"
     )]
+    /// No daemon answers on a control socket that was named explicitly (path held).
     NamedNotAnswering(String),
     #[error("another localnet daemon is already serving {0}")]
+    /// Another daemon already serves this control socket (path held).
     InUse(String),
     #[error("control socket {path}: {source}")]
-    Io { path: String, source: io::Error },
+    /// An I/O error on the control socket.
+    Io {
+        /// The control socket's path.
+        path: String,
+        /// The I/O error.
+        source: io::Error,
+    },
     #[error(
         "{path} is {what}, not a control socket; it was left as it is. \
          Choose another path with --control (or $LOCALNET_CONTROL), or move that file away"
     )]
-    NotASocket { path: String, what: &'static str },
+    /// The control socket's path holds a file that is not a socket; it is left alone.
+    NotASocket {
+        /// The path.
+        path: String,
+        /// What the file is (a regular file, a directory, ...).
+        what: &'static str,
+    },
     #[error("the daemon answered something unexpected: {0}")]
+    /// The daemon's answer could not be understood (error held).
     Protocol(String),
     #[error("the daemon on {0} closed the connection (it stopped)")]
+    /// The daemon closed the connection, e.g. because it stopped (path held).
     Closed(String),
     #[error(
         "control socket path {path} is {len} bytes long: Unix sockets take at most \
          {MAX_SOCKET_PATH}; choose a shorter --control path"
     )]
-    PathTooLong { path: String, len: usize },
+    /// The control socket's path is too long for a Unix socket address.
+    PathTooLong {
+        /// The path.
+        path: String,
+        /// Its length in bytes.
+        len: usize,
+    },
     #[error("the daemon refused: {0}")]
+    /// The daemon answered the request with an error (its message held).
     Refused(String),
 }
 
@@ -257,8 +281,10 @@ pub enum Request {
     /// The peers; with `wait_for`, once that many are known or after `timeout_ms`.
     Peers {
         #[serde(default)]
+        /// Answer once this many peers are known (else at the timeout).
         wait_for: Option<usize>,
         #[serde(default)]
+        /// The longest wait, in milliseconds.
         timeout_ms: Option<u64>,
     },
     /// Status and counters.

@@ -54,11 +54,17 @@ pub struct Mdns {
 /// What a node publishes about itself.
 #[derive(Clone, Debug)]
 pub struct Publish {
+    /// Stable node id.
     pub id: Uuid,
+    /// Human name.
     pub name: String,
+    /// Incarnation: grows each time the node restarts.
     pub inc: u64,
+    /// Role: `daemon`, `slave`, `master`, ...
     pub role: String,
+    /// Free-form tags.
     pub tags: BTreeMap<String, String>,
+    /// The node's transport (TCP) port.
     pub port: u16,
 }
 

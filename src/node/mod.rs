@@ -111,40 +111,65 @@ impl Default for NodeOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
+    /// The network could not be used (interfaces, sockets, multicast).
     Net(#[from] NetError),
     #[error(transparent)]
+    /// The node's own record cannot be announced.
     Config(#[from] ConfigError),
     #[error("state directory {path}: {source}")]
+    /// The state directory could not be read or written.
     State {
+        /// The state directory's path.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
     #[error("state directory {path}: node-id file holds no valid id; remove it to get a new one")]
-    BadState { path: String },
+    /// The state directory's node-id file holds no valid id.
+    BadState {
+        /// The state directory's path.
+        path: String,
+    },
     #[error("the node has stopped")]
+    /// The node's task has stopped, so it cannot answer.
     Stopped,
     #[error("{0}")]
+    /// mDNS could not start, or failed when it was the only discovery mode (reason held).
     Mdns(String),
 }
 
 /// A node's status, as `localnet status` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
+    /// Stable node id.
     pub id: Uuid,
+    /// Human name.
     pub name: String,
+    /// Role: `daemon`, `slave`, `master`, ...
     pub role: String,
+    /// Incarnation: grows each time the node restarts.
     pub incarnation: u64,
+    /// Number of peers known.
     pub peers: usize,
+    /// The current announcement interval, in milliseconds.
     pub interval_ms: u64,
+    /// The unicast addresses the node's sockets are bound to.
     pub unicast: Vec<SocketAddr>,
+    /// The multicast group address (`ip:port`), or empty when no sockets are open.
     pub group: String,
+    /// Names of the interfaces discovery runs on.
     pub interfaces: Vec<String>,
+    /// Whether datagrams are authenticated with a cluster key.
     pub keyed: bool,
     /// The cluster key's public tag (as mDNS announces it), when keyed.
     pub cluster: Option<String>,
+    /// Which discovery paths run (multicast, mDNS or both).
     pub discovery: DiscoveryMode,
+    /// Whether mDNS is running.
     pub mdns: bool,
+    /// Time since the node started, in milliseconds.
     pub uptime_ms: u64,
+    /// Counters of the discovery core.
     pub stats: Stats,
     /// Datagrams dropped because the node could not keep up.
     pub dropped_overload: u64,

@@ -40,28 +40,47 @@ impl Interface {
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("cannot list network interfaces: {0}")]
+    /// The network interfaces could not be listed.
     List(io::Error),
     #[error(
         "no interface named {name} with an IPv4 address (interfaces with IPv4: {available}); \
          check `ip addr` and the --interface option"
     )]
-    NoSuchInterface { name: String, available: String },
+    /// No interface has the requested name and an IPv4 address.
+    NoSuchInterface {
+        /// The requested interface name.
+        name: String,
+        /// The interfaces that have IPv4, comma-separated.
+        available: String,
+    },
     #[error(
         "no multicast-capable network interface is up with an IPv4 address. Check `ip addr` \
          (an interface that is UP, has an IPv4 address and the MULTICAST flag), or pass \
          `--interface lo` to discover nodes on this machine only"
     )]
+    /// No multicast-capable interface with IPv4 is up.
     NoInterface,
     #[error("cannot open {what}: {source}")]
-    Socket { what: String, source: io::Error },
+    /// A socket could not be opened.
+    Socket {
+        /// Which socket (e.g. the multicast socket on an interface).
+        what: String,
+        /// The I/O error.
+        source: io::Error,
+    },
     #[error(
         "cannot join multicast group {group} on {iface} ({ip}): {source}. Check that the \
          interface is up and multicast-capable (`ip link show {iface}`)"
     )]
+    /// The multicast group could not be joined on an interface.
     Join {
+        /// The multicast group.
         group: Ipv4Addr,
+        /// The interface's name.
         iface: String,
+        /// The interface's IPv4 address.
         ip: Ipv4Addr,
+        /// The I/O error.
         source: io::Error,
     },
     #[error(
@@ -70,10 +89,16 @@ pub enum NetError {
          or a default route), that the interface is up, and that no firewall drops UDP port \
          {port}; on a single machine use `--interface lo`"
     )]
+    /// The first probe reached the multicast group on no interface (usually: no route);
+    /// this is the first failure.
     Send {
+        /// The multicast group.
         group: Ipv4Addr,
+        /// The UDP port.
         port: u16,
+        /// The interface's name.
         iface: String,
+        /// The I/O error.
         source: io::Error,
     },
 }

@@ -48,15 +48,21 @@ pub struct BackendOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot listen on {addr}: {source}")]
+    /// The slave's TCP listener could not be bound.
     Listen {
+        /// The address it was to listen on.
         addr: String,
+        /// The I/O error.
         source: std::io::Error,
     },
     #[error(transparent)]
+    /// The discovery node could not start.
     Node(#[from] crate::node::NodeError),
     #[error(transparent)]
+    /// Talking to the local daemon's control socket failed.
     Control(#[from] ControlError),
     #[error("slave: {0}")]
+    /// The slave failed while serving (I/O error held).
     Slave(std::io::Error),
 }
 

@@ -22,16 +22,30 @@ use crate::runtime::transport::{self, DEAD_AFTER, TransportError};
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     #[error("cannot connect to {node}: {source}")]
+    /// No session to a slave could be opened.
     Connect {
+        /// The slave.
         node: NodeId,
+        /// Why the connection failed.
         source: TransportError,
     },
     #[error("{node}: {error}")]
-    Remote { node: NodeId, error: String },
+    /// The slave answered with an error.
+    Remote {
+        /// The slave.
+        node: NodeId,
+        /// The slave's error message.
+        error: String,
+    },
     #[error("connection to {0} lost")]
+    /// The session to the slave (held) ended before the answer.
     Lost(NodeId),
     #[error("{node} did not answer the greeting")]
-    NoWelcome { node: NodeId },
+    /// The slave did not answer the master's `Hello` with a `Welcome`.
+    NoWelcome {
+        /// The slave.
+        node: NodeId,
+    },
 }
 
 /// What the master does with a slave's log line: `(slave name, line)`. It is called on

@@ -67,7 +67,9 @@ impl TryFrom<String> for NodeId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
+    /// The job's standard output.
     Stdout,
+    /// The job's standard error.
     Stderr,
 }
 
@@ -125,42 +127,78 @@ impl JobExit {
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Frame {
     /// Master → slave, first frame: who is asking.
-    Hello { name: String },
+    Hello {
+        /// The master's name.
+        name: String,
+    },
     /// Slave → master, answer to `Hello`.
     Welcome {
+        /// The slave's name.
         name: String,
+        /// How many jobs the slave runs at once.
         slots: usize,
+        /// The slave's tags.
         tags: BTreeMap<String, String>,
     },
     /// Master → slave: call a registered function and answer with `Result`.
-    Call { id: u64, name: String, arg: Value },
+    Call {
+        /// The request id, echoed in the `Result`.
+        id: u64,
+        /// The registered function's name.
+        name: String,
+        /// The function's argument.
+        arg: Value,
+    },
     /// Master → slave: run a command; answered with `Output` frames, then `Exit`.
     Exec {
+        /// The job id, echoed in its `Output` and `Exit` frames.
         id: u64,
+        /// The program and its arguments.
         argv: Vec<String>,
+        /// Kill the command after this many milliseconds; none: no limit.
         timeout_ms: Option<u64>,
     },
     /// Master → slave: kill a running call or command.
-    Kill { id: u64 },
+    Kill {
+        /// The id of the call or command.
+        id: u64,
+    },
     /// Slave → master: the outcome of a `Call`.
     Result {
+        /// The `Call`'s id.
         id: u64,
+        /// The function's value, when it succeeded.
         ok: Option<Value>,
+        /// The function's error, when it failed.
         err: Option<String>,
     },
     /// Slave → master: bytes a command wrote, exactly as written (base64 in the JSON).
     Output {
+        /// The `Exec`'s id.
         id: u64,
+        /// Which stream the bytes came from.
         stream: Stream,
         #[serde(with = "base64_field")]
+        /// The bytes.
         data: Vec<u8>,
     },
     /// Slave → master: a command ended.
-    Exit { id: u64, exit: JobExit },
+    Exit {
+        /// The `Exec`'s id.
+        id: u64,
+        /// How the command ended.
+        exit: JobExit,
+    },
     /// Master → slave: send your own log lines here (or stop).
-    RedirectLogs { on: bool },
+    RedirectLogs {
+        /// Whether to send log lines (`true`) or stop (`false`).
+        on: bool,
+    },
     /// Slave → master: the slave's own log lines.
-    Log { lines: Vec<String> },
+    Log {
+        /// The log lines, formatted.
+        lines: Vec<String>,
+    },
     /// Master → slave: kill your jobs, say goodbye and exit.
     Terminate,
     /// Slave → master: terminating.

@@ -53,26 +53,35 @@ const PROLOGUE: &[u8] = b"localnet/1 transport";
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("{0}")]
+    /// An I/O error on the connection.
     Io(#[from] io::Error),
     #[error("the node requires the cluster key; pass --key-file with the cluster's key")]
+    /// The node requires the cluster key, and none was given.
     KeyRequired,
     #[error(
         "the node runs an open cluster without a key; connect without --key-file, or give the node the key"
     )]
+    /// A key was given, but the node runs an open cluster.
     NoKeyExpected,
     #[error(
         "the slave refused the connection: too many connections are open to it; try again when some have closed"
     )]
+    /// The slave has too many connections open and refused this one.
     Busy,
     #[error("the peer is not a localnet node (bad preamble)")]
+    /// The peer did not send localnet's preamble: not a localnet node.
     BadPreamble,
     #[error("handshake failed: the cluster key does not match the node's")]
+    /// The Noise handshake failed: the cluster keys differ.
     Handshake,
     #[error("handshake timed out")]
+    /// The handshake did not finish in time.
     HandshakeTimeout,
     #[error("frame of {0} bytes is over the {MAX_FRAME} byte limit")]
+    /// A frame's length (held, in bytes) is over [`MAX_FRAME`].
     FrameTooLarge(usize),
     #[error("a frame failed authentication")]
+    /// A frame did not decrypt: it was corrupted or forged.
     Decrypt,
 }
 
