@@ -43,6 +43,7 @@ pub use discovery::peers::{Peer, PeerEvent, PeerState};
 pub use key::ClusterKey;
 pub use node::{Node, NodeHandle, NodeOptions};
 pub use runtime::backend::{Backend, BackendError, BackendOptions, Discovered};
+pub use runtime::functions::error_text;
 pub use runtime::functions::{RemoteError, RemoteResult, RemoteTable};
 pub use runtime::master::{
     CommandJob, ExecEvent, LineSplitter, Master, MasterError, TerminateReport,

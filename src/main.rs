@@ -30,27 +30,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("localnet: error: {}", error_chain(&e));
+            eprintln!("localnet: error: {}", localnet::error_text(e.as_ref()));
             ExitCode::from(1)
         }
     }
-}
-
-/// An error and its causes on one line, each cause once: errors that already print
-/// their source (`cannot read F: No such file…`) are not followed by it again.
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let part = cause.to_string();
-        if text.contains(&part) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
 }
 
 /// Logging to stderr or the journal, filtered by `$LOCALNET_LOG` (default: warnings

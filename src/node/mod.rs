@@ -193,19 +193,19 @@ pub struct NodeHandle {
 impl NodeHandle {
     /// The known peers.
     pub async fn peers(&self) -> Result<Vec<Peer>, NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Peers(tx))
-            .await
-            .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)
+        self.ask(Command::Peers).await
     }
 
     /// Status and counters.
     pub async fn status(&self) -> Result<Status, NodeError> {
+        self.ask(Command::Status).await
+    }
+
+    /// Sends the driver a command and waits for its answer.
+    async fn ask<T>(&self, command: fn(oneshot::Sender<T>) -> Command) -> Result<T, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.commands
-            .send(Command::Status(tx))
+            .send(command(tx))
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
@@ -219,7 +219,7 @@ impl NodeHandle {
     /// Waits until at least `n` peers are known or `timeout` passes; returns the peers
     /// known then.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Result<Vec<Peer>, NodeError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut events = self.subscribe();
         loop {
             let peers = self.peers().await?;
@@ -398,6 +398,15 @@ impl Node {
         }
         let _ = self.task.await;
     }
+}
+
+/// The instant `timeout` from now; a timeout too long to add is a deadline a century
+/// away (a library caller's `Duration::MAX` must not panic).
+pub(crate) fn deadline_after(timeout: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 /// Unix time in ms that never goes backwards: the wall clock at start plus a monotonic
@@ -671,6 +680,14 @@ pub fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_too_far_to_add_does_not_panic() {
+        let now = tokio::time::Instant::now();
+        assert!(deadline_after(Duration::MAX) > now + Duration::from_secs(3600 * 24 * 365));
+        let soon = deadline_after(Duration::from_millis(5));
+        assert!(soon >= now + Duration::from_millis(5));
+    }
 
     #[test]
     fn node_id_persists() {

@@ -424,7 +424,7 @@ pub async fn discover_explained(
     let want = wait_for.unwrap_or(usize::MAX);
     let short = |found: &[Peer]| found.is_empty() || wait_for.is_some_and(|n| found.len() < n);
     let keyed = opts.discovery.key.is_some();
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::node::deadline_after(timeout);
     // The local daemon already knows the slaves, when it discovers the same way: ask it
     // if named explicitly (then it must answer), or when discovery is the default one
     // (all interfaces, no key) and a daemon answers on the default socket.

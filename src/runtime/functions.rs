@@ -20,8 +20,15 @@ pub type RemoteError = Box<dyn std::error::Error + Send + Sync>;
 /// The result type of remote functions.
 pub type RemoteResult = Result<Value, RemoteError>;
 
-/// An error and its causes on one line (`outer: cause: root cause`), each cause once.
-pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its causes on one line (`outer: cause: root cause`), each cause once:
+/// a cause whose text the line already holds (an error that prints its source) is not
+/// repeated.
+///
+/// ```
+/// let e = std::io::Error::other("disk on fire");
+/// assert_eq!(localnet::error_text(&e), "disk on fire");
+/// ```
+pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(c) = cause {
