@@ -127,6 +127,9 @@ struct Session {
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     terminating: Mutex<Option<oneshot::Sender<()>>>,
     next_id: AtomicU64,
+    /// Its reader ended (the slave closed, went silent or sent a bad frame): the next
+    /// request opens a new connection instead of queueing on one nobody reads.
+    lost: std::sync::atomic::AtomicBool,
 }
 
 /// Connections to slaves, and what runs on them.
@@ -252,6 +255,7 @@ impl Master {
         let mut slot = slot.lock().await;
         if let Some(s) = slot.as_ref()
             && !s.out.is_closed()
+            && !s.lost.load(Ordering::Acquire)
         {
             return Ok(s.clone());
         }
@@ -283,6 +287,7 @@ impl Master {
             pending: Arc::new(Mutex::new(HashMap::new())),
             terminating: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            lost: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(read_loop(
             connection,
@@ -515,7 +520,10 @@ async fn read_loop(mut connection: Connection, session: Arc<Session>, log_sink: 
             _ => {}
         }
     }
-    // The connection is gone: fail whatever still waits on it.
+    // The connection is gone: no new request goes on it, its writer stops, and
+    // whatever still waits on it fails.
+    session.lost.store(true, Ordering::Release);
+    connection.abort();
     let pending: Vec<Pending> = session
         .pending
         .lock()
@@ -539,6 +547,60 @@ async fn read_loop(mut connection: Connection, session: Arc<Session>, log_sink: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slave of our own on loopback: its first connection greets, then sends a frame
+    /// that does not decode (the master's reader ends, its writer would go on); the
+    /// second greets and answers one call.
+    #[tokio::test]
+    async fn a_connection_whose_reader_ended_is_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = NodeId::new(listener.local_addr().unwrap());
+        let slave = tokio::spawn(async move {
+            let welcome = || Frame::Welcome {
+                name: "fake".into(),
+                slots: 1,
+                tags: BTreeMap::new(),
+            };
+            let (stream, _) = listener.accept().await.unwrap();
+            let (reader, mut writer) = transport::accept(stream, None).await.unwrap();
+            let bytes = crate::runtime::protocol::encode(&welcome());
+            writer.write(&bytes).await.unwrap();
+            writer.write(b"{\"t\":\"nonsense\"}").await.unwrap();
+            writer.flush().await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            let (reader2, writer2) = transport::accept(stream, None).await.unwrap();
+            let mut second = Connection::start(reader2, writer2);
+            second.send(welcome()).await.unwrap();
+            loop {
+                match second.recv(Duration::from_secs(5)).await {
+                    Ok(Some(Frame::Call { id, arg, .. })) => {
+                        let answer = Frame::Result {
+                            id,
+                            ok: Some(arg),
+                            err: None,
+                        };
+                        second.send(answer).await.unwrap();
+                    }
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+            drop(reader);
+        });
+        let master = Master::new("m", None, None);
+        master.connect(node).await.unwrap();
+        // The bad frame ends the first session's reader.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(3),
+            master.call(node, "echo", serde_json::json!(7)),
+        )
+        .await
+        .expect("a call on a half-dead connection would never be answered");
+        assert_eq!(answer.unwrap(), serde_json::json!(7));
+        drop(master);
+        slave.abort();
+    }
 
     #[test]
     fn line_splitter_keeps_every_byte_whatever_the_chunks() {
