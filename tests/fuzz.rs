@@ -122,7 +122,7 @@ fn record() -> impl Strategy<Value = NodeRecord> {
         .prop_map(|(id, name, inc, ivl, ttl_factor, tags, port)| NodeRecord {
             id: Uuid::from_u128(id + 2),
             name,
-            inc: inc % 8,
+            incarnation: inc % 8,
             addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
             role: "daemon".into(),
             tags,
@@ -144,7 +144,7 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (0u128..64, 0u64..8).prop_map(|(id, inc)| Message::Goodbye {
             id: Uuid::from_u128(id + 2),
-            inc
+            incarnation: inc
         }),
     ]
 }
@@ -333,7 +333,7 @@ fn joining_and_leaving_forever_stays_bounded() {
             let node = NodeRecord {
                 id,
                 name: format!("n{i}"),
-                inc: 1,
+                incarnation: 1,
                 addr: "0.0.0.0:7000".parse().unwrap(),
                 role: "daemon".into(),
                 tags: BTreeMap::new(),
@@ -343,7 +343,11 @@ fn joining_and_leaving_forever_stays_bounded() {
             let source = SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 7000));
             let sign = |ctr| key.as_ref().map(|k| (k, Auth { ctr }));
             let hello = wire::encode(&Message::Announce { node }, sign(now * 1000)).unwrap();
-            let bye = wire::encode(&Message::Goodbye { id, inc: 1 }, sign(now * 1000 + 1)).unwrap();
+            let bye = wire::encode(
+                &Message::Goodbye { id, incarnation: 1 },
+                sign(now * 1000 + 1),
+            )
+            .unwrap();
             core.handle_datagram(now, source, &hello);
             core.handle_datagram(now, source, &bye);
             if core.poll_timeout().is_some_and(|t| t <= now) {

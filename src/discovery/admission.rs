@@ -8,6 +8,7 @@
 //! says so ([`RateVerdict::Crowded`], [`Freshness::Crowded`]), and the core forgets what
 //! is stale everywhere before asking again.
 
+use crate::discovery::MemberId;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -15,7 +16,6 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use foldhash::HashMap;
 use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use super::Millis;
 use super::wire::Auth;
@@ -183,7 +183,7 @@ struct SenderCounters {
 /// The replay check of authenticated datagrams: a sender's microsecond counter must be
 /// within the replay window of our clock and not seen before.
 pub(crate) struct ReplayGuard {
-    senders: HashMap<Uuid, SenderCounters>,
+    senders: HashMap<MemberId, SenderCounters>,
     window_ms: u64,
     /// Most senders tracked.
     cap: usize,
@@ -205,7 +205,7 @@ impl ReplayGuard {
     }
 
     /// Checks, and if fresh records, a datagram of `sender` at `now`.
-    pub(crate) fn check(&mut self, now: Millis, sender: Uuid, auth: Auth) -> Freshness {
+    pub(crate) fn check(&mut self, now: Millis, sender: MemberId, auth: Auth) -> Freshness {
         if auth.timestamp_ms().abs_diff(now) > self.window_ms {
             let offset = i128::from(auth.timestamp_ms()) - i128::from(now);
             let offset_ms = offset.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
@@ -312,7 +312,7 @@ pub struct Rejection {
     /// Where they came from.
     pub source: SocketAddr,
     /// The node id they claim (not authenticated when the key did not match).
-    pub id: Option<Uuid>,
+    pub id: Option<MemberId>,
     /// The node name they claim, when they carried a record.
     pub name: Option<String>,
     /// Why the latest one was refused.
@@ -331,7 +331,7 @@ const REJECTION_MEMORY_MS: Millis = 60_000;
 #[derive(Clone, Debug)]
 struct RejectionEntry {
     source: SocketAddr,
-    id: Option<Uuid>,
+    id: Option<MemberId>,
     name: Option<String>,
     reason: Refusal,
     count: u64,
@@ -359,7 +359,7 @@ impl Rejections {
         now: Millis,
         source: SocketAddr,
         why: Refusal,
-        claimed: impl FnOnce() -> Option<(Uuid, Option<String>)>,
+        claimed: impl FnOnce() -> Option<(MemberId, Option<String>)>,
     ) {
         if let Some(entry) = self.entries.iter_mut().find(|r| r.source == source) {
             entry.reason = why;
@@ -395,7 +395,7 @@ impl Rejections {
     }
 
     /// Why datagrams of the node `id` at `addr` were refused: by its id, else its IP.
-    pub(crate) fn reason_for(&self, id: Uuid, addr: SocketAddr) -> Option<Refusal> {
+    pub(crate) fn reason_for(&self, id: MemberId, addr: SocketAddr) -> Option<Refusal> {
         let by_id = self.entries.iter().find(|r| r.id == Some(id));
         let by_ip = || self.entries.iter().find(|r| r.source.ip() == addr.ip());
         by_id.or_else(by_ip).map(|r| r.reason)
@@ -484,7 +484,7 @@ mod tests {
     #[test]
     fn the_replay_guard_refuses_repeats_old_counters_and_far_clocks() {
         let mut guard = ReplayGuard::new(30_000, 10);
-        let a = Uuid::from_u128(1);
+        let a = MemberId::from_u128(1);
         let t = 1_000_000;
         assert_eq!(guard.check(t, a, auth_at(t, 5)), Freshness::Fresh);
         assert_eq!(guard.check(t, a, auth_at(t, 5)), Freshness::Replayed);
@@ -497,7 +497,7 @@ mod tests {
         assert_eq!(guard.check(t + 2000, a, auth_at(t, 2)), Freshness::Replayed);
         // Another sender's counters are its own.
         assert_eq!(
-            guard.check(t, Uuid::from_u128(2), auth_at(t, 5)),
+            guard.check(t, MemberId::from_u128(2), auth_at(t, 5)),
             Freshness::Fresh
         );
         assert_eq!(
@@ -516,11 +516,11 @@ mod tests {
         let t = 1_000_000;
         for id in 1..=2 {
             assert_eq!(
-                guard.check(t, Uuid::from_u128(id), auth_at(t, 0)),
+                guard.check(t, MemberId::from_u128(id), auth_at(t, 0)),
                 Freshness::Fresh
             );
         }
-        let third = Uuid::from_u128(3);
+        let third = MemberId::from_u128(3);
         assert_eq!(guard.check(t, third, auth_at(t, 0)), Freshness::Crowded);
         guard.forget_stale(t + 30_000);
         assert_eq!(guard.len(), 2);
@@ -546,7 +546,7 @@ mod tests {
     #[test]
     fn rejections_keep_the_latest_reason_per_source_and_are_bounded() {
         let mut memory = Rejections::default();
-        let id = Uuid::from_u128(9);
+        let id = MemberId::from_u128(9);
         memory.record(0, v4(1), Refusal::OtherKey, || None);
         // A name learnt later is kept; the reason is the latest one.
         memory.record(10, v4(1), Refusal::Replayed, || {
@@ -559,11 +559,11 @@ mod tests {
         assert_eq!(list[0].name.as_deref(), Some("n9"));
         assert_eq!(memory.reason_for(id, v4(7)), Some(Refusal::Replayed));
         assert_eq!(
-            memory.reason_for(Uuid::from_u128(8), SocketAddr::from(([10, 0, 0, 1], 1))),
+            memory.reason_for(MemberId::from_u128(8), SocketAddr::from(([10, 0, 0, 1], 1))),
             Some(Refusal::Replayed),
             "found by IP"
         );
-        assert_eq!(memory.reason_for(Uuid::from_u128(8), v4(2)), None);
+        assert_eq!(memory.reason_for(MemberId::from_u128(8), v4(2)), None);
         for i in 2..=(MAX_REJECTIONS as u32 + 1) {
             memory.record(100 + u64::from(i), v4(i), Refusal::OtherKey, || None);
         }

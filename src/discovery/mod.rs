@@ -23,6 +23,18 @@
 //! - Every datagram passes a per-source rate limit, then decoding, then (with a key) the
 //!   replay check: the sender's microsecond counter must be within the replay window of
 //!   our clock and not seen before.
+//!
+//! Names for a node, so that a reader can tell them apart:
+//! - [`MemberId`] (a UUID): *who* a discovery participant is; kept across restarts with
+//!   `--state-dir`. Its **incarnation** (a number that grows on every restart) tells
+//!   the lives of one member apart. Every id in this module is a `MemberId`.
+//! - [`LocalNode`]: our own description, before it is sent; [`wire::NodeRecord`]: the
+//!   description as it travels (a `LocalNode` plus the interval and TTL); the mDNS
+//!   shell publishes the same as a `node::mdns::MdnsAdvert`.
+//! - [`Peer`]: what we know about *another* member (its record plus state, last
+//!   seen, paths, verified); [`PeerEvent`]: how that knowledge changes.
+//! - `NodeId` (in the runtime, `nid://ip:port`) is *where* a slave's transport listens:
+//!   an address, not an identity. It is what Cloud Haskell's SimpleLocalnet calls a node id.
 
 mod admission;
 pub mod peers;
@@ -39,7 +51,10 @@ use std::sync::Arc;
 
 use foldhash::HashMap;
 use serde::Serialize;
-use uuid::Uuid;
+
+/// Who a discovery participant is: a UUID, stable across restarts with `--state-dir`
+/// (see the module comment for the other names of a node).
+pub type MemberId = uuid::Uuid;
 
 use self::admission::{Freshness, LogGate, RateLimiter, RateVerdict, Rejections, ReplayGuard};
 pub use self::admission::{MAX_REJECTIONS, Refusal, Rejection};
@@ -97,7 +112,7 @@ impl Default for Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalNode {
     /// Stable id.
-    pub id: Uuid,
+    pub id: MemberId,
     /// Name shown to others.
     pub name: String,
     /// Grows on every restart (the daemon uses its start time in ms).
@@ -141,7 +156,7 @@ pub struct Transmit {
 /// use localnet::discovery::{Decoded, Destination};
 /// # use localnet::discovery::{Config, Discovery, LocalNode};
 /// # let me = |id: u128| LocalNode {
-/// #     id: uuid::Uuid::from_u128(id), name: format!("n{id}"), incarnation: 1,
+/// #     id: MemberId::from_u128(id), name: format!("n{id}"), incarnation: 1,
 /// #     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
 /// # };
 /// let mut a = Discovery::new(Config::default(), me(1), None, 1, 0).unwrap();
@@ -172,13 +187,13 @@ pub struct Decoded {
 enum Body {
     Announce(Arc<Heard>),
     Probe {
-        from: Uuid,
+        from: MemberId,
         node: Option<Arc<Heard>>,
         direct: bool,
     },
     Goodbye {
-        id: Uuid,
-        inc: u64,
+        id: MemberId,
+        incarnation: u64,
     },
 }
 
@@ -199,7 +214,7 @@ impl Decoded {
                 node: node.map(heard),
                 direct,
             },
-            Message::Goodbye { id, inc } => Body::Goodbye { id, inc },
+            Message::Goodbye { id, incarnation } => Body::Goodbye { id, incarnation },
         };
         Ok(Self {
             source,
@@ -232,7 +247,7 @@ impl Decoded {
     }
 
     /// The node id of the sender.
-    pub fn sender(&self) -> Uuid {
+    pub fn sender(&self) -> MemberId {
         match &self.body {
             Body::Announce(heard) => heard.record.id,
             Body::Probe { from, .. } => *from,
@@ -313,7 +328,7 @@ const TOMBSTONE_MS: Millis = 150_000;
 /// ```
 /// use localnet::discovery::{Config, Discovery, LocalNode, Destination};
 /// let me = LocalNode {
-///     id: uuid::Uuid::from_u128(1), name: "a".into(), incarnation: 1,
+///     id: MemberId::from_u128(1), name: "a".into(), incarnation: 1,
 ///     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
 /// };
 /// let mut node = Discovery::new(Config::default(), me, None, 1, 0).unwrap();
@@ -329,7 +344,7 @@ pub struct Discovery {
     last_ctr: u64,
     table: PeerTable,
     /// One live item per peer: (deadline, id); stale items are skipped when popped.
-    peer_timers: BinaryHeap<Reverse<(Millis, Uuid)>>,
+    peer_timers: BinaryHeap<Reverse<(Millis, MemberId)>>,
     /// The node-wide timers (second probe, reply, announcement, garbage collection).
     timers: TimerTable,
     started: bool,
@@ -343,7 +358,7 @@ pub struct Discovery {
     limiter: RateLimiter,
     replay: ReplayGuard,
     /// Nodes (id, incarnation) that failed or left, with when to forget them.
-    tombstones: HashMap<Uuid, (u64, Millis)>,
+    tombstones: HashMap<MemberId, (u64, Millis)>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
     stats: Stats,
@@ -379,7 +394,7 @@ impl Discovery {
         let me = NodeRecord {
             id: me.id,
             name: me.name,
-            inc: me.incarnation,
+            incarnation: me.incarnation,
             addr: me.addr,
             role: me.role,
             tags: me.tags,
@@ -442,13 +457,13 @@ impl Discovery {
     }
 
     /// This node's id.
-    pub fn id(&self) -> Uuid {
+    pub fn id(&self) -> MemberId {
         self.me.id
     }
 
     /// This node's incarnation.
     pub fn incarnation(&self) -> u64 {
-        self.me.inc
+        self.me.incarnation
     }
 
     /// The announcement interval in force.
@@ -535,7 +550,7 @@ impl Discovery {
         if self.started && !self.cfg.observer && self.cfg.multicast {
             let bye = Message::Goodbye {
                 id: self.me.id,
-                inc: self.me.inc,
+                incarnation: self.me.incarnation,
             };
             self.send(now, Destination::Group, &bye);
             self.send(now, Destination::Group, &bye);
@@ -746,11 +761,14 @@ impl Discovery {
                     self.queue_reply(now, source);
                 }
             }
-            &Body::Goodbye { id, inc } => {
-                if self.table.get(&id).is_some_and(|e| e.record().inc <= inc)
+            &Body::Goodbye { id, incarnation } => {
+                if self
+                    .table
+                    .get(&id)
+                    .is_some_and(|e| e.record().incarnation <= incarnation)
                     && let Some(entry) = self.table.remove(&id)
                 {
-                    self.bury(now, id, entry.record().inc);
+                    self.bury(now, id, entry.record().incarnation);
                     self.events.push_back(PeerEvent::Left(entry.snapshot(now)));
                 }
             }
@@ -769,7 +787,7 @@ impl Discovery {
         if self
             .tombstones
             .get(&record.id)
-            .is_some_and(|(inc, until)| record.inc <= *inc && now < *until)
+            .is_some_and(|(incarnation, until)| record.incarnation <= *incarnation && now < *until)
         {
             return;
         }
@@ -780,7 +798,7 @@ impl Discovery {
     }
 
     /// mDNS says a node is gone. It leaves the table unless multicast still hears it.
-    pub fn mdns_removed(&mut self, now: Millis, id: Uuid) {
+    pub fn mdns_removed(&mut self, now: Millis, id: MemberId) {
         let Some(entry) = self.table.get_mut(&id) else {
             return;
         };
@@ -792,9 +810,10 @@ impl Discovery {
         }
     }
 
-    fn bury(&mut self, now: Millis, id: Uuid, inc: u64) {
+    fn bury(&mut self, now: Millis, id: MemberId, incarnation: u64) {
         if self.tombstones.len() < 2 * self.cfg.max_peers {
-            self.tombstones.insert(id, (inc, now + TOMBSTONE_MS));
+            self.tombstones
+                .insert(id, (incarnation, now + TOMBSTONE_MS));
         }
     }
 
@@ -813,7 +832,7 @@ impl Discovery {
         }
     }
 
-    fn report(&mut self, now: Millis, id: Uuid, observed: Observed) {
+    fn report(&mut self, now: Millis, id: MemberId, observed: Observed) {
         match observed {
             Observed::Joined => {
                 if let Some(entry) = self.table.get(&id) {
@@ -842,7 +861,7 @@ impl Discovery {
     }
 
     /// A peer's timer fired: re-arm it if it was heard since, else suspect, probe or fail it.
-    fn peer_timer(&mut self, now: Millis, fired: Millis, id: Uuid) {
+    fn peer_timer(&mut self, now: Millis, fired: Millis, id: MemberId) {
         let Some(entry) = self.table.get_mut(&id) else {
             return;
         };
@@ -853,7 +872,7 @@ impl Discovery {
         let expires = entry.last_heard + ttl;
         if now >= expires {
             if let Some(entry) = self.table.remove(&id) {
-                self.bury(now, id, entry.record().inc);
+                self.bury(now, id, entry.record().incarnation);
                 self.events
                     .push_back(PeerEvent::Failed(entry.snapshot(now)));
             }
@@ -1046,7 +1065,7 @@ impl Discovery {
 /// Queues a peer's timer. The heap holds one item per peer, so it grows by a quarter
 /// rather than doubling: with thousands of peers (and a simulator running thousands of
 /// nodes) the slack of doubling is most of its memory.
-fn arm(timers: &mut BinaryHeap<Reverse<(Millis, Uuid)>>, at: Millis, id: Uuid) {
+fn arm(timers: &mut BinaryHeap<Reverse<(Millis, MemberId)>>, at: Millis, id: MemberId) {
     if timers.len() == timers.capacity() {
         timers.reserve_exact((timers.capacity() / 4).max(16));
     }

@@ -10,6 +10,7 @@
 //! keeps the same datagram, and the table is keyed through that record's id rather than
 //! a copy of it. An entry is 40 bytes plus the hash table's slack.
 
+use crate::discovery::MemberId;
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
@@ -19,7 +20,6 @@ use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as Slot;
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use crate::discovery::wire::NodeRecord;
 
@@ -49,7 +49,7 @@ pub enum PeerState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
     /// Stable node id.
-    pub id: Uuid,
+    pub id: MemberId,
     /// Node name.
     pub name: String,
     /// Transport address (`ip:port`).
@@ -184,7 +184,7 @@ impl Entry {
             state: self.state,
             tags: r.tags.clone(),
             last_seen_ms: now.saturating_sub(self.last_heard),
-            incarnation: r.inc,
+            incarnation: r.incarnation,
             source: self.heard.source,
             interval_ms: r.interval_ms,
             ttl_ms: r.ttl_ms,
@@ -204,7 +204,7 @@ fn changes_what_users_see(old: &NodeRecord, new: &NodeRecord) -> bool {
     if std::ptr::eq(old, new) {
         return false; // one shared record: nothing to compare
     }
-    new.inc != old.inc
+    new.incarnation != old.incarnation
         || new.name != old.name
         || new.addr != old.addr
         || new.role != old.role
@@ -243,12 +243,12 @@ impl PeerTable {
         }
     }
 
-    fn hash(&self, id: &Uuid) -> u64 {
+    fn hash(&self, id: &MemberId) -> u64 {
         self.hasher.hash_one(id)
     }
 
     /// The entry of `id`, or where it would go.
-    fn slot(&mut self, id: &Uuid) -> Slot<'_, Entry> {
+    fn slot(&mut self, id: &MemberId) -> Slot<'_, Entry> {
         let hasher = &self.hasher;
         self.entries.entry(
             hasher.hash_one(id),
@@ -261,16 +261,16 @@ impl PeerTable {
         self.entries.len()
     }
 
-    pub fn get(&self, id: &Uuid) -> Option<&Entry> {
+    pub fn get(&self, id: &MemberId) -> Option<&Entry> {
         self.entries.find(self.hash(id), |e| e.record().id == *id)
     }
 
-    pub fn get_mut(&mut self, id: &Uuid) -> Option<&mut Entry> {
+    pub fn get_mut(&mut self, id: &MemberId) -> Option<&mut Entry> {
         self.entries
             .find_mut(self.hasher.hash_one(id), |e| e.record().id == *id)
     }
 
-    pub fn remove(&mut self, id: &Uuid) -> Option<Entry> {
+    pub fn remove(&mut self, id: &MemberId) -> Option<Entry> {
         match self.slot(id) {
             Slot::Occupied(slot) => Some(slot.remove().0),
             Slot::Vacant(_) => None,
@@ -291,7 +291,7 @@ impl PeerTable {
             Slot::Occupied(mut slot) => {
                 let entry = slot.get_mut();
                 let unarmed = |e: &Entry| e.via_multicast && e.armed_at == 0;
-                if heard.record.inc < entry.record().inc {
+                if heard.record.incarnation < entry.record().incarnation {
                     return (Observed::Stale, unarmed(entry));
                 }
                 let visible_change = changes_what_users_see(entry.record(), &heard.record);
@@ -336,7 +336,7 @@ impl PeerTable {
                 let entry = slot.get_mut();
                 entry.via_mdns = true;
                 let may_change = trusted || !entry.verified;
-                if !may_change || record.inc < entry.record().inc {
+                if !may_change || record.incarnation < entry.record().incarnation {
                     return Observed::Refreshed;
                 }
                 let visible_change = changes_what_users_see(entry.record(), &record);
@@ -377,11 +377,11 @@ impl PeerTable {
 mod tests {
     use super::*;
 
-    fn rec(id: u128, inc: u64) -> NodeRecord {
+    fn rec(id: u128, incarnation: u64) -> NodeRecord {
         NodeRecord {
-            id: Uuid::from_u128(id),
+            id: MemberId::from_u128(id),
             name: format!("n{id}"),
-            inc,
+            incarnation,
             addr: "0.0.0.0:5000".parse().unwrap(),
             role: "daemon".into(),
             tags: BTreeMap::new(),
@@ -405,7 +405,7 @@ mod tests {
             t.observe(heard(rec(1, 1), src(9000)), 5).0,
             Observed::Joined
         );
-        let e = t.get(&Uuid::from_u128(1)).unwrap();
+        let e = t.get(&MemberId::from_u128(1)).unwrap();
         assert_eq!(e.record().addr, "10.0.0.1:5000".parse().unwrap());
         assert_eq!(e.snapshot(25).last_seen_ms, 20);
         assert_eq!(
@@ -423,7 +423,10 @@ mod tests {
             t.observe(heard(slower, src(9000)), 12).0,
             Observed::Refreshed
         );
-        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record().ttl_ms, 1800);
+        assert_eq!(
+            t.get(&MemberId::from_u128(1)).unwrap().record().ttl_ms,
+            1800
+        );
         assert_eq!(t.len(), 1);
     }
 
@@ -432,13 +435,16 @@ mod tests {
         let mut t = PeerTable::new(10);
         t.observe(heard(rec(1, 5), src(9000)), 0);
         assert_eq!(t.observe(heard(rec(1, 4), src(9000)), 1).0, Observed::Stale);
-        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record().inc, 5);
+        assert_eq!(
+            t.get(&MemberId::from_u128(1)).unwrap().record().incarnation,
+            5
+        );
         assert_eq!(
             t.observe(heard(rec(1, 6), src(9100)), 2).0,
             Observed::Updated
         );
-        let e = t.get(&Uuid::from_u128(1)).unwrap();
-        assert_eq!((e.record().inc, e.source()), (6, src(9100)));
+        let e = t.get(&MemberId::from_u128(1)).unwrap();
+        assert_eq!((e.record().incarnation, e.source()), (6, src(9100)));
         assert_eq!(t.len(), 1);
     }
 
@@ -458,7 +464,7 @@ mod tests {
             t.observe(heard(rec(1, 1), src(9000)), 1).0,
             Observed::Refreshed
         );
-        t.remove(&Uuid::from_u128(0));
+        t.remove(&MemberId::from_u128(0));
         assert_eq!(
             t.observe(heard(rec(99, 1), src(9000)), 2).0,
             Observed::Joined
@@ -469,7 +475,7 @@ mod tests {
     fn event_json_shape() {
         let mut t = PeerTable::new(3);
         t.observe(heard(rec(1, 1), src(9000)), 0);
-        let ev = PeerEvent::Joined(t.get(&Uuid::from_u128(1)).unwrap().snapshot(3));
+        let ev = PeerEvent::Joined(t.get(&MemberId::from_u128(1)).unwrap().snapshot(3));
         let v: serde_json::Value = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["event"], "joined");
         assert_eq!(v["peer"]["name"], "n1");
@@ -486,7 +492,7 @@ mod tests {
         r.addr = "10.0.0.9:5000".parse().unwrap();
         // Keyed cluster: an mDNS-only peer is unverified ...
         assert_eq!(t.observe_mdns(r.clone(), 0, false), Observed::Joined);
-        let p = t.get(&Uuid::from_u128(1)).unwrap().snapshot(0);
+        let p = t.get(&MemberId::from_u128(1)).unwrap().snapshot(0);
         assert_eq!(
             (p.paths.clone(), p.verified),
             (vec!["mdns".to_string()], false)
@@ -496,21 +502,24 @@ mod tests {
             t.observe(heard(rec(1, 1), src(9000)), 1).0,
             Observed::Updated
         );
-        let p = t.get(&Uuid::from_u128(1)).unwrap().snapshot(1);
+        let p = t.get(&MemberId::from_u128(1)).unwrap().snapshot(1);
         assert_eq!(p.paths, vec!["multicast".to_string(), "mdns".to_string()]);
         assert!(p.verified);
         // Unauthenticated mDNS data cannot change a verified entry.
         let mut forged = r.clone();
-        forged.inc = 9;
+        forged.incarnation = 9;
         forged.name = "evil".into();
         assert_eq!(
             t.observe_mdns(forged.clone(), 2, false),
             Observed::Refreshed
         );
-        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record().name, "n1");
+        assert_eq!(t.get(&MemberId::from_u128(1)).unwrap().record().name, "n1");
         // In an open cluster it may.
         assert_eq!(t.observe_mdns(forged, 3, true), Observed::Updated);
-        assert_eq!(t.get(&Uuid::from_u128(1)).unwrap().record().inc, 9);
+        assert_eq!(
+            t.get(&MemberId::from_u128(1)).unwrap().record().incarnation,
+            9
+        );
         assert_eq!(t.len(), 1);
     }
 }

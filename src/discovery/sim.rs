@@ -22,12 +22,11 @@
 //! assert!(converged < 100);
 //! ```
 
+use crate::discovery::MemberId;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::rc::Rc;
-
-use uuid::Uuid;
 
 use crate::discovery::wire::HEADER_OVERHEAD;
 use crate::discovery::{
@@ -175,7 +174,7 @@ pub struct Sim {
     now: Millis,
     nodes: Vec<SimNode>,
     by_addr: HashMap<SocketAddr, usize>,
-    ids: Vec<Uuid>,
+    ids: Vec<MemberId>,
     seq: u64,
     deliveries: BinaryHeap<Reverse<Delivery>>,
     timers: BinaryHeap<Reverse<(Millis, usize)>>,
@@ -207,7 +206,7 @@ impl Sim {
         let mut ids = Vec::new();
         for i in 0..cfg.nodes {
             let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40000));
-            let id = Uuid::from_u64_pair(rng.u64(..), rng.u64(..));
+            let id = MemberId::from_u64_pair(rng.u64(..), rng.u64(..));
             let me = LocalNode {
                 id,
                 name: format!("node{i}"),
@@ -261,7 +260,7 @@ impl Sim {
     }
 
     /// The id of node `i`.
-    pub fn id(&self, i: usize) -> Uuid {
+    pub fn id(&self, i: usize) -> MemberId {
         self.ids[i]
     }
 

@@ -8,7 +8,7 @@ fn node(id: u128, key: Option<ClusterKey>, observer: bool) -> Discovery {
 /// A node made at `now` (its seed is its id).
 fn node_at(id: u128, key: Option<ClusterKey>, observer: bool, now: Millis) -> Discovery {
     let me = LocalNode {
-        id: Uuid::from_u128(id),
+        id: MemberId::from_u128(id),
         name: format!("n{id}"),
         incarnation: 1,
         addr: "0.0.0.0:7000".parse().unwrap(),
@@ -144,7 +144,7 @@ fn restart_with_new_incarnation_is_an_update() {
     b.start(t);
     a.handle_datagram(t, addr(2), &drain(&mut b)[0].payload);
     let mut me = LocalNode {
-        id: Uuid::from_u128(2),
+        id: MemberId::from_u128(2),
         name: "n2".into(),
         incarnation: 2,
         addr: "0.0.0.0:7001".parse().unwrap(),
@@ -200,7 +200,7 @@ fn replays_and_stale_counters_are_refused() {
     let t = 1_000_000_000;
     let key = ClusterKey::from_bytes([3; 32]);
     let me = |id: u128| LocalNode {
-        id: Uuid::from_u128(id),
+        id: MemberId::from_u128(id),
         name: format!("n{id}"),
         incarnation: 1,
         addr: "0.0.0.0:7000".parse().unwrap(),
@@ -263,7 +263,7 @@ fn refusals_are_recorded_per_source_and_explain_unverified_peers() {
     );
     assert_eq!(of(2).count, 1);
     assert_eq!(of(2).name.as_deref(), Some("n2"));
-    assert_eq!(of(2).id, Some(Uuid::from_u128(2)));
+    assert_eq!(of(2).id, Some(MemberId::from_u128(2)));
     assert_eq!(of(2).reason.to_string(), "clock off by 41 s (ahead)");
     assert_eq!(of(3).reason, Refusal::SenderUnkeyed);
     assert_eq!(
@@ -276,9 +276,9 @@ fn refusals_are_recorded_per_source_and_explain_unverified_peers() {
     assert_eq!(seen[0].source, addr(5), "most recent first");
     // The fast node is seen through mDNS: unverified, and the listing says why.
     let record = |id: u128, ip: u8| NodeRecord {
-        id: Uuid::from_u128(id),
+        id: MemberId::from_u128(id),
         name: format!("n{id}"),
-        inc: 1,
+        incarnation: 1,
         addr: SocketAddr::from(([10, 0, 0, ip], 7000)),
         role: "daemon".into(),
         tags: BTreeMap::new(),
@@ -341,10 +341,10 @@ fn mdns_entries_merge_with_multicast_and_tombstones_hold() {
     let mut b = node(2, None, false);
     b.start(t);
     let probe = drain(&mut b).remove(0);
-    let mdns_record = |inc| NodeRecord {
-        id: Uuid::from_u128(2),
+    let mdns_record = |incarnation| NodeRecord {
+        id: MemberId::from_u128(2),
         name: "n2".into(),
-        inc,
+        incarnation,
         addr: "10.0.0.2:7000".parse().unwrap(),
         role: "daemon".into(),
         tags: BTreeMap::new(),
@@ -359,7 +359,7 @@ fn mdns_entries_merge_with_multicast_and_tombstones_hold() {
     let ev = events(&mut a);
     assert!(matches!(&ev[..], [PeerEvent::Joined(_)]), "{ev:?}");
     // mDNS removal keeps a peer multicast still hears.
-    a.mdns_removed(t + 2, Uuid::from_u128(2));
+    a.mdns_removed(t + 2, MemberId::from_u128(2));
     assert_eq!(a.peer_count(), 1);
     // Multicast declares it failed; the mDNS cache cannot bring it back.
     let mut now = t;
@@ -379,7 +379,7 @@ fn mdns_entries_merge_with_multicast_and_tombstones_hold() {
         a.handle_timeout(next);
     }
     assert_eq!(a.peer_count(), 1);
-    a.mdns_removed(now + 3, Uuid::from_u128(2));
+    a.mdns_removed(now + 3, MemberId::from_u128(2));
     assert_eq!(a.peer_count(), 0);
 }
 
@@ -457,7 +457,7 @@ fn decoding_once_for_many_cores_changes_nothing() {
     // refuses its bytes.
     let key = ClusterKey::from_bytes([5; 32]);
     let me = LocalNode {
-        id: Uuid::from_u128(9),
+        id: MemberId::from_u128(9),
         name: "n9".into(),
         incarnation: 1,
         addr: "0.0.0.0:7000".parse().unwrap(),

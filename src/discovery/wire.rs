@@ -21,12 +21,12 @@
 //! announce. Unknown fields are ignored;
 //! another `v` is ignored (counted, not an error worth a log line per datagram).
 
+use crate::discovery::MemberId;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use uuid::Uuid;
 
 use crate::key::ClusterKey;
 
@@ -45,11 +45,12 @@ const WIRE_TAG_LEN: usize = 16;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     /// Stable node id.
-    pub id: Uuid,
+    pub id: MemberId,
     /// Human name (host name by default).
     pub name: String,
     /// Incarnation: changes (grows) each time the node restarts.
-    pub inc: u64,
+    #[serde(rename = "inc")]
+    pub incarnation: u64,
     /// Transport address. An unspecified IP (`0.0.0.0`) means "the IP this datagram came from".
     pub addr: SocketAddr,
     /// Role: `daemon`, `slave`, `master`, ...
@@ -79,7 +80,7 @@ pub enum Message {
     /// `node` is absent when the sender only observes and wants no place in tables.
     Probe {
         /// The sender's node id.
-        from: Uuid,
+        from: MemberId,
         #[serde(default)]
         /// The sender's record, when it wants a place in tables; absent for observers.
         node: Option<NodeRecord>,
@@ -90,15 +91,16 @@ pub enum Message {
     /// "I am leaving": remove me now.
     Goodbye {
         /// The leaving node's id.
-        id: Uuid,
+        id: MemberId,
         /// The incarnation that is leaving (a newer one is not removed).
-        inc: u64,
+        #[serde(rename = "inc")]
+        incarnation: u64,
     },
 }
 
 impl Message {
     /// The node id of the sender.
-    pub fn sender(&self) -> Uuid {
+    pub fn sender(&self) -> MemberId {
         match self {
             Message::Announce { node } => node.id,
             Message::Probe { from, .. } => *from,
@@ -155,7 +157,7 @@ struct Envelope<'a> {
 ///
 /// ```
 /// use localnet::discovery::wire::{decode, encode, Message};
-/// let msg = Message::Goodbye { id: uuid::Uuid::nil(), inc: 3 };
+/// let msg = Message::Goodbye { id: MemberId::nil(), incarnation: 3 };
 /// let bytes = encode(&msg, None).unwrap();
 /// assert_eq!(decode(&bytes, None).unwrap().0, msg);
 /// ```
@@ -240,7 +242,7 @@ pub fn key_mismatch(bytes: &[u8], receiver_keyed: bool) -> KeyMismatch {
 
 /// The sender id and node name a datagram claims, without checking its authentication:
 /// for diagnostics only, never for trust.
-pub fn claimed_sender(bytes: &[u8]) -> Option<(Uuid, Option<String>)> {
+pub fn claimed_sender(bytes: &[u8]) -> Option<(MemberId, Option<String>)> {
     if bytes.len() > MAX_DATAGRAM {
         return None;
     }
@@ -295,9 +297,9 @@ mod tests {
 
     fn record() -> NodeRecord {
         NodeRecord {
-            id: Uuid::from_u128(0x1234),
+            id: MemberId::from_u128(0x1234),
             name: "alpha".into(),
-            inc: 17,
+            incarnation: 17,
             addr: "0.0.0.0:4000".parse().unwrap(),
             role: "daemon".into(),
             tags: [("rack".to_string(), "r1".to_string())].into(),
@@ -312,18 +314,18 @@ mod tests {
         let msgs = [
             Message::Announce { node: record() },
             Message::Probe {
-                from: Uuid::from_u128(9),
+                from: MemberId::from_u128(9),
                 node: Some(record()),
                 direct: false,
             },
             Message::Probe {
-                from: Uuid::from_u128(9),
+                from: MemberId::from_u128(9),
                 node: None,
                 direct: true,
             },
             Message::Goodbye {
-                id: Uuid::from_u128(5),
-                inc: 2,
+                id: MemberId::from_u128(5),
+                incarnation: 2,
             },
         ];
         for msg in msgs {
@@ -433,7 +435,7 @@ mod tests {
         let extra = br#"{"v":1,"future":true,"m":{"type":"goodbye","id":"00000000-0000-0000-0000-000000000001","inc":1,"why":"bye"}}"#;
         assert!(matches!(
             decode(extra, None),
-            Ok((Message::Goodbye { inc: 1, .. }, None))
+            Ok((Message::Goodbye { incarnation: 1, .. }, None))
         ));
     }
 
@@ -459,7 +461,7 @@ mod tests {
         fakes.push(tag);
         for node in fakes {
             let probe = Message::Probe {
-                from: Uuid::from_u128(9),
+                from: MemberId::from_u128(9),
                 node: Some(node.clone()),
                 direct: false,
             };

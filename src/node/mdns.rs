@@ -1,7 +1,7 @@
 //! The mDNS/DNS-SD path: nodes as `_localnet._tcp.local.` services, through `mdns-sd`.
 //!
 //! This module owns what localnet publishes over mDNS (one service instance per node,
-//! at its transport address, TXT `id`, `role`, `v`, `inc`, `name` and its tags) and what
+//! at its transport address, TXT `id`, `role`, `v`, `incarnation`, `name` and its tags) and what
 //! it learns by browsing the same service type, turned into [`NodeRecord`]s for the
 //! core's peer table. Instance names are the node names, made unique (`name-1a2b3c4d`)
 //! when another node already uses one. A clean shutdown unregisters (TTL-0 goodbye).
@@ -15,13 +15,13 @@
 //! loopback-only nodes (mDNS is of no use there), and mDNS queries and answers go only
 //! to the interfaces the node was told to use.
 
+use crate::discovery::MemberId;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use tokio::sync::mpsc;
-use uuid::Uuid;
 
 use crate::discovery::wire::{NodeRecord, VERSION};
 use crate::node::netif::Interface;
@@ -42,7 +42,7 @@ pub enum MdnsEvent {
     /// A node's service was resolved.
     Resolved(NodeRecord),
     /// A node's service went away.
-    Removed(Uuid),
+    Removed(MemberId),
 }
 
 /// A running mDNS path.
@@ -53,13 +53,13 @@ pub struct Mdns {
 
 /// What a node publishes about itself.
 #[derive(Clone, Debug)]
-pub struct Publish {
+pub struct MdnsAdvert {
     /// Stable node id.
-    pub id: Uuid,
+    pub id: MemberId,
     /// Human name.
     pub name: String,
     /// Incarnation: grows each time the node restarts.
-    pub inc: u64,
+    pub incarnation: u64,
     /// Role: `daemon`, `slave`, `master`, ...
     pub role: String,
     /// Free-form tags.
@@ -81,7 +81,7 @@ impl Mdns {
     /// observers) and browses; what it finds arrives on the returned channel.
     pub fn start(
         interfaces: &[Interface],
-        me: Option<Publish>,
+        me: Option<MdnsAdvert>,
         cluster: ClusterTag,
     ) -> Result<(Self, mpsc::Receiver<MdnsEvent>), String> {
         let daemon = ServiceDaemon::new().map_err(|e| format!("cannot start mDNS: {e}"))?;
@@ -115,7 +115,7 @@ impl Mdns {
         let subnets: Vec<Interface> = interfaces.to_vec();
         let ours = cluster.clone();
         tokio::spawn(async move {
-            let mut ids: HashMap<String, Uuid> = HashMap::new();
+            let mut ids: HashMap<String, MemberId> = HashMap::new();
             let mut our_fullname = me
                 .as_ref()
                 .and_then(|m| service_info(m, &m.name, &ips, &ours).ok())
@@ -189,7 +189,7 @@ impl Mdns {
 }
 
 fn service_info(
-    me: &Publish,
+    me: &MdnsAdvert,
     instance: &str,
     ips: &[IpAddr],
     cluster: &ClusterTag,
@@ -203,7 +203,7 @@ fn service_info(
         ("id".into(), me.id.to_string()),
         ("role".into(), me.role.clone()),
         ("v".into(), VERSION.to_string()),
-        ("inc".into(), me.inc.to_string()),
+        ("inc".into(), me.incarnation.to_string()),
         ("name".into(), me.name.clone()),
     ];
     if let Some(tag) = cluster {
@@ -235,8 +235,8 @@ fn record_of(service: &mdns_sd::ResolvedService, subnets: &[Interface]) -> Optio
     if props.get_property_val_str("v")? != VERSION.to_string() {
         return None;
     }
-    let id = Uuid::parse_str(props.get_property_val_str("id")?).ok()?;
-    let inc = props.get_property_val_str("inc")?.parse().ok()?;
+    let id = MemberId::parse_str(props.get_property_val_str("id")?).ok()?;
+    let incarnation = props.get_property_val_str("inc")?.parse().ok()?;
     let role = props.get_property_val_str("role")?.to_string();
     let instance = service
         .fullname
@@ -269,7 +269,7 @@ fn record_of(service: &mdns_sd::ResolvedService, subnets: &[Interface]) -> Optio
     Some(NodeRecord {
         id,
         name,
-        inc,
+        incarnation,
         addr: SocketAddr::new(IpAddr::V4(*ip), service.port),
         role,
         tags,
@@ -306,10 +306,10 @@ mod tests {
 
     #[test]
     fn service_info_carries_the_txt_record() {
-        let me = Publish {
-            id: Uuid::from_u128(7),
+        let me = MdnsAdvert {
+            id: MemberId::from_u128(7),
             name: "alpha".into(),
-            inc: 42,
+            incarnation: 42,
             role: "slave".into(),
             tags: [
                 ("rack".to_string(), "r1".to_string()),
@@ -331,7 +331,7 @@ mod tests {
         assert_eq!(info.get_fullname(), "alpha._localnet._tcp.local.");
         assert_eq!(
             info.get_property_val_str("id"),
-            Some(Uuid::from_u128(7).to_string().as_str())
+            Some(MemberId::from_u128(7).to_string().as_str())
         );
         assert_eq!(info.get_property_val_str("inc"), Some("42"));
         assert_eq!(info.get_property_val_str("role"), Some("slave"));

@@ -9,6 +9,7 @@ pub mod control;
 pub mod mdns;
 pub mod netif;
 
+use crate::discovery::MemberId;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -20,7 +21,6 @@ use serde::Serialize;
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use uuid::Uuid;
 
 use self::mdns::{Mdns, MdnsEvent};
 use self::netif::{NetError, Sockets};
@@ -142,7 +142,7 @@ pub enum NodeError {
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
     /// Stable node id.
-    pub id: Uuid,
+    pub id: MemberId,
     /// Human name.
     pub name: String,
     /// Role: `daemon`, `slave`, `master`, ...
@@ -258,7 +258,7 @@ impl NodeHandle {
 pub struct Node {
     handle: NodeHandle,
     task: JoinHandle<()>,
-    id: Uuid,
+    id: MemberId,
 }
 
 impl Node {
@@ -280,7 +280,7 @@ impl Node {
         let clock = Clock::new();
         let id = match &opts.state_dir {
             Some(dir) => load_or_create_id(dir)?,
-            None => Uuid::new_v4(),
+            None => MemberId::new_v4(),
         };
         let port = sockets
             .as_ref()
@@ -298,10 +298,10 @@ impl Node {
         };
         let seed =
             u64::from_le_bytes(id.as_bytes()[..8].try_into().unwrap_or_default()) ^ clock.now();
-        let publish = (!opts.protocol.observer).then(|| mdns::Publish {
+        let publish = (!opts.protocol.observer).then(|| mdns::MdnsAdvert {
             id,
             name: me.name.clone(),
-            inc: me.incarnation,
+            incarnation: me.incarnation,
             role: me.role.clone(),
             tags: me.tags.clone(),
             port: me.addr.port(),
@@ -386,7 +386,7 @@ impl Node {
     }
 
     /// This node's id.
-    pub fn id(&self) -> Uuid {
+    pub fn id(&self) -> MemberId {
         self.id
     }
 
@@ -643,7 +643,7 @@ async fn read_loop(
     }
 }
 
-fn load_or_create_id(dir: &Path) -> Result<Uuid, NodeError> {
+fn load_or_create_id(dir: &Path) -> Result<MemberId, NodeError> {
     let state_err = |source| NodeError::State {
         path: dir.display().to_string(),
         source,
@@ -651,11 +651,11 @@ fn load_or_create_id(dir: &Path) -> Result<Uuid, NodeError> {
     std::fs::create_dir_all(dir).map_err(state_err)?;
     let file = dir.join("node-id");
     match std::fs::read_to_string(&file) {
-        Ok(text) => Uuid::parse_str(text.trim()).map_err(|_| NodeError::BadState {
+        Ok(text) => MemberId::parse_str(text.trim()).map_err(|_| NodeError::BadState {
             path: dir.display().to_string(),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = Uuid::new_v4();
+            let id = MemberId::new_v4();
             let tmp = dir.join("node-id.tmp");
             std::fs::write(&tmp, format!("{id}\n")).map_err(state_err)?;
             std::fs::rename(&tmp, &file).map_err(state_err)?;

@@ -5,6 +5,7 @@
 //! asking the local daemon or by discovering on its own, and runs the slave server or
 //! the master's function.
 
+use crate::discovery::MemberId;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -313,7 +314,7 @@ pub fn explain_missing(seen: &Seen<'_>) -> Vec<String> {
             p.role
         ));
     }
-    let verified = |id: Option<uuid::Uuid>| {
+    let verified = |id: Option<MemberId>| {
         id.is_some_and(|id| seen.peers.iter().any(|p| p.id == id && p.verified))
     };
     let mentioned = |r: &Rejection| {
@@ -539,7 +540,7 @@ mod tests {
 
     fn peer(name: &str, ip: u8, role: &str, verified: bool, tags: &[(&str, &str)]) -> Peer {
         Peer {
-            id: uuid::Uuid::from_u128(u128::from(ip)),
+            id: MemberId::from_u128(u128::from(ip)),
             name: name.into(),
             addr: SocketAddr::from(([10, 0, 0, ip], 4000)),
             role: role.into(),
@@ -569,7 +570,7 @@ mod tests {
         let rejections = [
             Rejection {
                 source: "10.0.0.2:7766".parse().unwrap(),
-                id: Some(uuid::Uuid::from_u128(2)),
+                id: Some(MemberId::from_u128(2)),
                 name: Some("fast".into()),
                 reason: Refusal::ClockOff { offset_ms: 41_000 },
                 count: 9,
@@ -586,7 +587,7 @@ mod tests {
             // Incidental: a verified peer's duplicate is no cause.
             Rejection {
                 source: "10.0.0.4:7766".parse().unwrap(),
-                id: Some(uuid::Uuid::from_u128(4)),
+                id: Some(MemberId::from_u128(4)),
                 name: Some("fine".into()),
                 reason: Refusal::Replayed,
                 count: 1,
