@@ -2,17 +2,19 @@
 //!
 //! Run `localnet daemon` on every machine; `localnet peers` (or [`find_peers`]) on any
 //! of them lists the others within a fraction of a second. The crate is layered (see
-//! ARCHITECTURE.md for the map):
+//! ARCHITECTURE.md for the map); its public surface is re-exported here:
 //!
-//! - [`discovery`]: the discovery protocol as a pure state machine (no I/O, no clock),
-//!   its wire format, its peer table, admission and timers, and (with the `sim` feature) a
-//!   simulated LAN for it; [`key`]: the optional cluster key.
-//! - [`node`]: the discovery core driven by tokio: interfaces and sockets, mDNS, the
-//!   daemon's control socket.
-//! - [`runtime`]: the SimpleLocalnet-style master/slave runtime: framed, optionally
-//!   Noise-encrypted TCP, the master–slave protocol, [`RemoteTable`], slaves and masters.
-//! - [`daemon`]: the discovery daemon's loop (control socket, signals, systemd).
-//! - [`service`]: systemd integration; [`stdio`]: output that never blocks the runtime.
+//! - [`discovery`] (public as a module): the discovery protocol as a pure state machine
+//!   (no I/O, no clock), its wire format, its peer table, admission and timers, and (with
+//!   the `sim` feature) a simulated LAN for it. [`ClusterKey`]: the optional cluster key.
+//! - The tokio shell (private module `node`): [`Node`] and [`NodeHandle`] drive the
+//!   discovery core over real sockets and mDNS; [`control`] is the daemon's control socket.
+//! - The SimpleLocalnet-style runtime (private module `runtime`): [`Backend`] (one call
+//!   to set a node up, then slave or master), [`Master`], [`RemoteTable`], the slave
+//!   ([`serve_slave`]); [`protocol`] and [`transport`] are public so that other tools can
+//!   speak to a slave.
+//! - [`daemon`]: the discovery daemon's loop (control socket, signals, systemd);
+//!   [`service`]: systemd integration; [`stdio`]: output that never blocks the runtime.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), localnet::Error> {
@@ -27,28 +29,47 @@
 
 pub mod daemon;
 pub mod discovery;
-pub mod key;
-pub mod node;
-pub mod runtime;
+mod key;
+mod node;
+mod runtime;
 pub mod service;
 pub mod stdio;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use node::control;
 use runtime::backend;
 
+/// The daemon's control socket: where it listens, the client that asks it, the requests.
+pub use node::control;
+/// The master–slave session's frames, public so that a tool (or a test) can speak to a
+/// slave or a master directly.
+pub use runtime::protocol;
+/// Framed, optionally Noise-encrypted TCP between a master and a slave.
+pub use runtime::transport;
+
+pub use discovery::MemberId;
 pub use discovery::peers::{Peer, PeerEvent, PeerState};
-pub use key::ClusterKey;
-pub use node::{Node, NodeHandle, NodeOptions};
-pub use runtime::backend::{Backend, BackendError, BackendOptions, Discovered};
+pub use key::{ClusterKey, KeyError};
+pub use node::{
+    DEFAULT_GROUP, DEFAULT_PORT, DiscoveryMode, Node, NodeError, NodeHandle, NodeOptions, Status,
+    host_name,
+};
+pub use runtime::backend::{
+    Backend, BackendError, BackendOptions, Discovered, discover, discover_explained,
+};
 pub use runtime::functions::error_text;
 pub use runtime::functions::{RemoteError, RemoteResult, RemoteTable};
+pub use runtime::logs::{LIFECYCLE, LogTargets, RedirectLayer};
 pub use runtime::master::{
-    CommandJob, ExecEvent, LineSplitter, Master, MasterError, TerminateReport,
+    CommandJob, ExecEvent, LineSplitter, LogSink, Master, MasterError, RemoteTask,
+    TERMINATE_TIMEOUT, TerminateReport,
 };
 pub use runtime::protocol::{JobExit, NodeId, Stream};
+pub use runtime::slave::{
+    MAX_CONNECTIONS as MAX_SLAVE_CONNECTIONS, MAX_IN_FLIGHT_PER_SESSION, MAX_IN_FLIGHT_PER_SLAVE,
+    SlaveOptions, serve as serve_slave, serve_until as serve_slave_until,
+};
 
 /// Every Rust block of README.md, compiled as a doctest so that the README's examples
 /// stay true.
@@ -61,13 +82,13 @@ pub struct ReadmeDoctests;
 pub enum Error {
     #[error(transparent)]
     /// A node (for a discovery of its own) could not start or stopped.
-    Node(#[from] node::NodeError),
+    Node(#[from] NodeError),
     #[error(transparent)]
     /// Talking to the daemon's control socket failed.
     Control(#[from] control::ControlError),
     #[error(transparent)]
     /// The cluster key could not be read.
-    Key(#[from] key::KeyError),
+    Key(#[from] KeyError),
 }
 
 /// How [`find_peers_with`] looks for peers.
@@ -140,7 +161,7 @@ pub async fn find_peers_with(opts: &FindOptions) -> Result<Vec<Peer>, Error> {
 
 /// [`find_peers_with`], with hints at why fewer than `wait_for` peers were found: what
 /// the daemon (or the one-shot node) refused, and why unverified peers are unverified
-/// (see [`backend::explain_missing`]). The hints are empty when enough were found.
+/// (the same hints as `localnet peers` prints). The hints are empty when enough were found.
 pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<String>), Error> {
     let short = |found: &[Peer]| found.is_empty() || opts.wait_for.is_some_and(|n| found.len() < n);
     let explain = |peers: &[Peer], rejections: &[discovery::Rejection]| {

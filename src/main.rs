@@ -14,7 +14,8 @@ use cli::args::{Cli, Command, KeyCommand};
 fn main() -> ExitCode {
     let cli = Cli::parse(); // exits 2 on usage errors
     let quiet = !matches!(cli.command, Command::Daemon(_) | Command::Slave(_));
-    init_logging(quiet, matches!(cli.command, Command::Slave(_)));
+    let stdio = cli::Stdio::new();
+    init_logging(quiet, matches!(cli.command, Command::Slave(_)), &stdio);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -25,8 +26,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(run(cli));
-    localnet::stdio::flush_blocking(); // output and log lines still queued
+    let result = runtime.block_on(run(cli, &stdio));
+    stdio.flush_blocking(); // output and log lines still queued
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
 
 /// Logging to stderr or the journal, filtered by `$LOCALNET_LOG` (default: warnings
 /// only when `quiet`); a slave's lines can be redirected to its master.
-fn init_logging(quiet: bool, slave: bool) {
+fn init_logging(quiet: bool, slave: bool, stdio: &cli::Stdio) {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, filter::filter_fn};
     let default = if quiet { "warn" } else { "info" };
@@ -54,21 +55,19 @@ fn init_logging(quiet: bool, slave: bool) {
     let stream = (journal && journald.is_none()).then(|| {
         tracing_subscriber::fmt::layer()
             .event_format(localnet::service::JournalStreamFormat::default())
-            .with_writer(localnet::stdio::NonBlockingStderr)
+            .with_writer(stdio.err.clone())
     });
     let local = (!journal).then(|| {
         tracing_subscriber::fmt::layer()
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(localnet::stdio::NonBlockingStderr)
+            .with_writer(stdio.err.clone())
     });
     // A slave's log lines go to the master that redirected them, else to the local log;
     // its connection lifecycle lines always stay in the local log too.
-    let logs = std::sync::Arc::new(localnet::runtime::slave::LogTargets::default());
+    let logs = std::sync::Arc::new(localnet::LogTargets::with_local_log(stdio.err.clone()));
     let not_redirected = || {
         let logs = logs.clone();
-        filter_fn(move |meta| {
-            !logs.redirected() || meta.target() == localnet::runtime::slave::LIFECYCLE
-        })
+        filter_fn(move |meta| !logs.redirected() || meta.target() == localnet::LIFECYCLE)
     };
     tracing_subscriber::registry()
         .with(filter)
@@ -80,14 +79,14 @@ fn init_logging(quiet: bool, slave: bool) {
 }
 
 /// Runs the subcommand.
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, stdio: &cli::Stdio) -> Result<()> {
     match cli.command {
         Command::Daemon(args) => cli::daemon::run(args).await,
         Command::Peers(args) => cli::peers::run(args).await,
         Command::Watch(args) => cli::watch::watch(args).await,
         Command::Status(args) => cli::watch::status(args).await,
         Command::Slave(args) => cli::slave::run(args).await,
-        Command::Master(args) => cli::master::run(args).await,
+        Command::Master(args) => cli::master::run(args, stdio).await,
         Command::Terminate(args) => cli::terminate::run(args).await,
         Command::Key(KeyCommand::Generate { out }) => cli::key::generate(&out),
     }

@@ -1,20 +1,33 @@
 //! Writing to stdout and stderr without ever blocking the async runtime.
 //!
-//! This module owns the process's standard output streams for code that runs on the
-//! runtime: each stream is written by a thread of its own, fed through a queue bounded
-//! in bytes ([`QUEUE_BYTES`]). A reader that is slow (a pipe nobody drains, a paused
-//! terminal) then stalls only that thread:
-//! - [`write()`] (job output) waits for room in the queue, so backpressure slows the
-//!   producer without stopping anything else on the runtime (keepalives, other slaves);
-//! - [`try_write`] and [`log_line`] (log lines) never wait: when the queue is full the
-//!   line is dropped and counted, and the next line that fits says how many were lost.
+//! This module owns [`OutputStream`]: a handle to one of the process's standard output
+//! streams for code that runs on the runtime. Each stream is written by a thread of its
+//! own, fed through a queue bounded in bytes ([`QUEUE_BYTES`]). A reader that is slow (a
+//! pipe nobody drains, a paused terminal) then stalls only that thread:
+//! - [`OutputStream::write`] (job output) waits for room in the queue, so backpressure
+//!   slows the producer without stopping anything else on the runtime (keepalives,
+//!   other slaves);
+//! - [`OutputStream::try_write`] and [`OutputStream::log_line`] (log lines) never wait:
+//!   when the queue is full the line is dropped and counted, and the next line that fits
+//!   says how many were lost.
 //!
-//! Call [`flush`] (async) or [`flush_blocking`] (outside the runtime) before exiting,
-//! so that nothing queued is lost.
+//! There is no global queue: whoever writes owns a handle (the `localnet` command makes
+//! one per stream in `main` and hands clones around). The thread ends once the last
+//! clone is dropped and the queue is written out. Call [`OutputStream::flush`] (async)
+//! or [`OutputStream::flush_blocking`] (outside the runtime) before exiting, so that
+//! nothing queued is lost.
+//!
+//! ```
+//! # async fn demo() -> std::io::Result<()> {
+//! let out = localnet::stdio::OutputStream::new(localnet::stdio::Target::Stdout);
+//! out.write(b"hello\n".to_vec()).await?;
+//! out.flush().await;
+//! # Ok(()) }
+//! ```
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Most bytes queued per stream before writers wait (or log lines are dropped).
 pub const QUEUE_BYTES: usize = 1 << 20;
@@ -39,6 +52,8 @@ struct State {
     dropped: u64,
     /// Writing failed (the stream is closed): later writes fail at once.
     failed: Option<std::io::ErrorKind>,
+    /// Every handle is gone: the thread ends once the queue is empty.
+    closed: bool,
 }
 
 struct Queue {
@@ -57,29 +72,32 @@ impl Queue {
     }
 }
 
-fn queue(target: Target) -> &'static Arc<Queue> {
-    static STDOUT: OnceLock<Arc<Queue>> = OnceLock::new();
-    static STDERR: OnceLock<Arc<Queue>> = OnceLock::new();
-    let cell = match target {
-        Target::Stdout => &STDOUT,
-        Target::Stderr => &STDERR,
-    };
-    cell.get_or_init(|| {
-        let queue = Arc::new(Queue {
-            state: Mutex::new(State::default()),
-            work: Condvar::new(),
-            idle: Condvar::new(),
-            room: tokio::sync::Notify::new(),
-        });
-        let for_thread = queue.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("localnet-{target:?}").to_lowercase())
-            .spawn(move || writer_thread(&for_thread, target));
-        if let Err(e) = spawned {
-            queue.lock().failed = Some(e.kind());
-        }
-        queue
-    })
+/// A handle to one of the process's output streams (see the module comment). Clones
+/// share one queue and one writer thread.
+#[derive(Clone)]
+pub struct OutputStream {
+    handle: Arc<Handle>,
+}
+
+/// The last clone's drop tells the writer thread to finish.
+struct Handle {
+    queue: Arc<Queue>,
+    target: Target,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.work.notify_one();
+    }
+}
+
+impl std::fmt::Debug for OutputStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("OutputStream")
+            .field(&self.handle.target)
+            .finish()
+    }
 }
 
 fn writer_thread(queue: &Queue, target: Target) {
@@ -90,6 +108,9 @@ fn writer_thread(queue: &Queue, target: Target) {
                 if let Some(chunk) = state.chunks.pop_front() {
                     state.writing = true;
                     break chunk;
+                }
+                if state.closed {
+                    return;
                 }
                 state = queue.work.wait(state).unwrap_or_else(|e| e.into_inner());
             }
@@ -116,97 +137,125 @@ fn writer_thread(queue: &Queue, target: Target) {
     }
 }
 
-/// Queues `bytes` for `target`, waiting while the queue is full (a chunk larger than
-/// the queue goes alone). Fails when an earlier write to the stream failed.
-pub async fn write(target: Target, bytes: Vec<u8>) -> std::io::Result<()> {
-    if bytes.is_empty() {
-        return Ok(());
-    }
-    let queue = queue(target);
-    loop {
-        let room = queue.room.notified();
-        tokio::pin!(room);
-        room.as_mut().enable();
-        {
-            let mut state = queue.lock();
-            if let Some(kind) = state.failed {
-                return Err(std::io::Error::new(
-                    kind,
-                    format!("writing to {target:?} failed"),
-                ));
-            }
-            if state.bytes == 0 || state.bytes + bytes.len() <= QUEUE_BYTES {
-                state.bytes += bytes.len();
-                state.chunks.push_back(bytes);
-                drop(state);
-                queue.work.notify_one();
-                return Ok(());
-            }
+impl OutputStream {
+    /// A handle to `target`, with a writer thread of its own. If the thread cannot be
+    /// started, writes fail (and log lines are dropped) instead of blocking.
+    pub fn new(target: Target) -> Self {
+        let queue = Arc::new(Queue {
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+            room: tokio::sync::Notify::new(),
+        });
+        let for_thread = queue.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("localnet-{target:?}").to_lowercase())
+            .spawn(move || writer_thread(&for_thread, target));
+        if let Err(e) = spawned {
+            queue.lock().failed = Some(e.kind());
         }
-        room.await;
-    }
-}
-
-/// Queues `bytes` for `target` if they fit; never waits. Returns false (and counts a
-/// dropped line) when the queue is full or the stream failed.
-pub fn try_write(target: Target, bytes: Vec<u8>) -> bool {
-    let queue = queue(target);
-    let mut state = queue.lock();
-    if state.failed.is_some() {
-        return false;
-    }
-    let note = match state.dropped {
-        0 => Vec::new(),
-        n => {
-            format!("localnet: {n} log lines dropped: {target:?} is not being read\n").into_bytes()
+        Self {
+            handle: Arc::new(Handle { queue, target }),
         }
-    };
-    let len = note.len() + bytes.len();
-    if state.bytes + len > QUEUE_BYTES {
-        state.dropped += 1;
-        return false;
     }
-    state.dropped = 0;
-    state.bytes += len;
-    if !note.is_empty() {
-        state.chunks.push_back(note);
+
+    fn queue(&self) -> &Queue {
+        &self.handle.queue
     }
-    state.chunks.push_back(bytes);
-    drop(state);
-    queue.work.notify_one();
-    true
-}
 
-/// Queues one log line (a newline is added) for stderr; never waits.
-pub fn log_line(line: &str) {
-    let mut bytes = Vec::with_capacity(line.len() + 1);
-    bytes.extend_from_slice(line.as_bytes());
-    bytes.push(b'\n');
-    try_write(Target::Stderr, bytes);
-}
-
-/// Waits until everything queued for `target` has been written (or failed).
-pub async fn flush(target: Target) {
-    let queue = queue(target);
-    loop {
-        let room = queue.room.notified();
-        tokio::pin!(room);
-        room.as_mut().enable();
-        {
-            let state = queue.lock();
-            if state.chunks.is_empty() && !state.writing {
-                return;
+    /// Queues `bytes`, waiting while the queue is full (a chunk larger than the queue
+    /// goes alone). Fails when an earlier write to the stream failed.
+    pub async fn write(&self, bytes: Vec<u8>) -> std::io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let queue = self.queue();
+        loop {
+            let room = queue.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut state = queue.lock();
+                if let Some(kind) = state.failed {
+                    let target = self.handle.target;
+                    return Err(std::io::Error::new(
+                        kind,
+                        format!("writing to {target:?} failed"),
+                    ));
+                }
+                if state.bytes == 0 || state.bytes + bytes.len() <= QUEUE_BYTES {
+                    state.bytes += bytes.len();
+                    state.chunks.push_back(bytes);
+                    drop(state);
+                    queue.work.notify_one();
+                    return Ok(());
+                }
             }
+            room.await;
         }
-        room.await;
     }
-}
 
-/// Like [`flush`] for both streams, for code outside the runtime (such as `main` after
-/// the runtime returned). Must not be called on the runtime's threads.
-pub fn flush_blocking() {
-    for target in [Target::Stdout, Target::Stderr] {
-        let queue = queue(target);
+    /// Queues `bytes` if they fit; never waits. Returns false (and counts a dropped
+    /// line) when the queue is full or the stream failed.
+    pub fn try_write(&self, bytes: Vec<u8>) -> bool {
+        let queue = self.queue();
+        let mut state = queue.lock();
+        if state.failed.is_some() {
+            return false;
+        }
+        let note = match state.dropped {
+            0 => Vec::new(),
+            n => format!(
+                "localnet: {n} log lines dropped: {:?} is not being read\n",
+                self.handle.target
+            )
+            .into_bytes(),
+        };
+        let len = note.len() + bytes.len();
+        if state.bytes + len > QUEUE_BYTES {
+            state.dropped += 1;
+            return false;
+        }
+        state.dropped = 0;
+        state.bytes += len;
+        if !note.is_empty() {
+            state.chunks.push_back(note);
+        }
+        state.chunks.push_back(bytes);
+        drop(state);
+        queue.work.notify_one();
+        true
+    }
+
+    /// Queues one log line (a newline is added); never waits.
+    pub fn log_line(&self, line: &str) {
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        self.try_write(bytes);
+    }
+
+    /// Waits until everything queued has been written (or failed).
+    pub async fn flush(&self) {
+        let queue = self.queue();
+        loop {
+            let room = queue.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let state = queue.lock();
+                if state.chunks.is_empty() && !state.writing {
+                    return;
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Like [`OutputStream::flush`], for code outside the runtime (such as `main` after
+    /// the runtime returned). Must not be called on the runtime's threads.
+    pub fn flush_blocking(&self) {
+        let queue = self.queue();
         let mut state = queue.lock();
         while !state.chunks.is_empty() || state.writing {
             state = queue.idle.wait(state).unwrap_or_else(|e| e.into_inner());
@@ -214,14 +263,11 @@ pub fn flush_blocking() {
     }
 }
 
-/// A `tracing_subscriber` writer for stderr that never blocks: each formatted event is
-/// queued with [`try_write`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NonBlockingStderr;
-
-impl Write for NonBlockingStderr {
+/// A `tracing_subscriber` writer that never blocks: each formatted event is queued with
+/// [`OutputStream::try_write`] (dropped and counted when the queue is full).
+impl Write for &OutputStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        try_write(Target::Stderr, buf.to_vec());
+        self.try_write(buf.to_vec());
         Ok(buf.len())
     }
 
@@ -230,11 +276,11 @@ impl Write for NonBlockingStderr {
     }
 }
 
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for NonBlockingStderr {
-    type Writer = NonBlockingStderr;
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for OutputStream {
+    type Writer = &'a OutputStream;
 
     fn make_writer(&'a self) -> Self::Writer {
-        *self
+        self
     }
 }
 
@@ -244,12 +290,36 @@ mod tests {
 
     #[tokio::test]
     async fn writes_are_queued_and_flushed() {
-        write(Target::Stdout, b"stdio test line\n".to_vec())
-            .await
-            .unwrap();
-        write(Target::Stdout, Vec::new()).await.unwrap();
-        flush(Target::Stdout).await;
-        let state = queue(Target::Stdout).lock();
+        let out = OutputStream::new(Target::Stdout);
+        out.write(b"stdio test line\n".to_vec()).await.unwrap();
+        out.write(Vec::new()).await.unwrap();
+        out.flush().await;
+        let state = out.queue().lock();
         assert!(state.chunks.is_empty() && !state.writing);
+    }
+
+    #[test]
+    fn the_writer_thread_ends_when_the_last_handle_is_dropped() {
+        let out = OutputStream::new(Target::Stderr);
+        let queue = out.handle.queue.clone();
+        let copy = out.clone();
+        drop(out);
+        assert!(!queue.lock().closed, "a clone is still alive");
+        copy.log_line("stdio test: last line before the end");
+        drop(copy);
+        // The thread holds the other reference to the queue until it returns.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Arc::strong_count(&queue) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            Arc::strong_count(&queue),
+            1,
+            "the writer thread did not end"
+        );
+        assert!(
+            queue.lock().chunks.is_empty(),
+            "queued lines were written first"
+        );
     }
 }

@@ -18,12 +18,12 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::Instant;
 
 use localnet::ClusterKey;
+use localnet::control;
 use localnet::discovery::wire::{self, Auth, Message, NodeRecord};
 use localnet::discovery::{
     Config, Decoded, Discovery, Footprint, LocalNode, MAX_REJECTIONS, Millis,
 };
-use localnet::node::control;
-use localnet::runtime::protocol::{Frame, JobExit, Stream};
+use localnet::protocol::{Frame, JobExit, Stream};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};
 use uuid::Uuid;
@@ -511,11 +511,10 @@ fn transport_streams_never_panic_the_frame_reader() {
                 .map(|a| a.port() % 2 == 0)
                 .unwrap_or(false);
             let k = keyed.then_some(&key);
-            if let Ok((mut reader, _writer)) = localnet::runtime::transport::accept(server, k).await
-            {
+            if let Ok((mut reader, _writer)) = localnet::transport::accept(server, k).await {
                 let mut frames = 0;
                 while let Ok(Some(payload)) = reader.read().await {
-                    assert!(payload.len() <= localnet::runtime::transport::MAX_FRAME);
+                    assert!(payload.len() <= localnet::transport::MAX_FRAME);
                     let _ = localnet::fuzzing::decode_session_frame(&payload);
                     frames += 1;
                     assert!(frames < 1000);

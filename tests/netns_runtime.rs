@@ -638,7 +638,7 @@ fn raw_output_is_byte_exact_and_json_keeps_invalid_utf8() {
         assert_eq!(r["stdout"], serde_json::json!(["a\u{fffd}b"]));
         let exact = r["stdout_base64"].as_str().expect("stdout_base64");
         assert_eq!(
-            localnet::runtime::protocol::base64_decode(exact).unwrap(),
+            localnet::protocol::base64_decode(exact).unwrap(),
             b"a\xffb\n"
         );
         assert_eq!(r["stderr"], serde_json::json!(["ok"]));
@@ -836,8 +836,8 @@ fn connections_over_the_slave_cap_are_closed_at_once_and_the_slave_serves_after(
     let Some(lan) = Lan::new("conncap", 88, 2) else {
         return;
     };
-    // localnet::runtime::slave::MAX_CONNECTIONS, and some more.
-    let cap = localnet::runtime::slave::MAX_CONNECTIONS;
+    // localnet::MAX_SLAVE_CONNECTIONS, and some more.
+    let cap = localnet::MAX_SLAVE_CONNECTIONS;
     let extra = 8;
     let k = lan.key("k");
     let target: std::net::SocketAddr = format!("{}:7001", lan.ip(1)).parse().unwrap();

@@ -152,12 +152,12 @@ fn a_library_client_outlives_the_idle_timeout() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut client = localnet::node::control::ControlClient::connect(&sock)
+        let mut client = localnet::control::ControlClient::connect(&sock)
             .await
             .expect("connect");
         assert_eq!(client.status().await.expect("status")["name"], "h0");
         // The daemon closes the idle connection; the client opens it again.
-        tokio::time::sleep(localnet::node::control::IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        tokio::time::sleep(localnet::control::IDLE_TIMEOUT + Duration::from_secs(1)).await;
         assert_eq!(
             client.status().await.expect("status after idle")["name"],
             "h0"

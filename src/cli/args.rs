@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use localnet::node::{DEFAULT_GROUP, DEFAULT_PORT};
+use localnet::{DEFAULT_GROUP, DEFAULT_PORT};
 
 #[derive(Parser)]
 #[command(

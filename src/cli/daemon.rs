@@ -2,8 +2,8 @@
 //! [`localnet::daemon::run`].
 
 use anyhow::Result;
+use localnet::control;
 use localnet::daemon::DaemonOptions;
-use localnet::node::control;
 
 use super::args::DaemonArgs;
 

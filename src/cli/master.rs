@@ -2,17 +2,19 @@
 //! the slave's name, byte for byte (--raw) or as one JSON object per slave (--json).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use localnet::{ExecEvent, JobExit, LineSplitter, Master, NodeId, Stream};
 
+use super::Stdio;
 use super::args::{Cli, MasterArgs};
 use super::output::{CappedOutput, describe_matches, hint_text, job_result};
 
 /// Finds slaves, runs the command on each and reports those that failed; any failure
 /// is an error.
-pub async fn run(args: MasterArgs) -> Result<()> {
+pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     if args.raw && args.slaves.is_some_and(|n| n != 1) {
         use clap::CommandFactory;
         Cli::command()
@@ -73,7 +75,10 @@ pub async fn run(args: MasterArgs) -> Result<()> {
             ),
         }
     }
-    let master = Master::new(&localnet::node::host_name(), opts.discovery.key, None);
+    let stderr = stdio.err.clone();
+    let log_sink: localnet::LogSink =
+        Arc::new(move |slave: &str, line: &str| stderr.log_line(&format!("{slave}: {line}")));
+    let master = Master::new(&localnet::host_name(), opts.discovery.key, Some(log_sink));
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
     let mut jobs = Vec::new();
@@ -84,8 +89,17 @@ pub async fn run(args: MasterArgs) -> Result<()> {
         let argv = args.command.clone();
         let timeout = args.timeout;
         let slave_logs = args.slave_logs;
+        let stdio = stdio.clone();
         jobs.push(tokio::spawn(async move {
-            let outcome = run_on_slave(&master, node, &name, argv, timeout, mode, slave_logs).await;
+            let job = Job {
+                master: &master,
+                node,
+                name: &name,
+                timeout,
+                mode,
+                slave_logs,
+            };
+            let outcome = run_on_slave(job, argv, &stdio).await;
             (name, node, outcome)
         }));
     }
@@ -101,17 +115,27 @@ pub async fn run(args: MasterArgs) -> Result<()> {
         }
     }
     // Job output first (it is written by another thread), then the verdict.
-    localnet::stdio::flush(localnet::stdio::Target::Stdout).await;
+    stdio.out.flush().await;
     let verdict: String = failures
         .iter()
         .map(|f| format!("localnet: failed: {f}\n"))
         .collect();
-    localnet::stdio::write(localnet::stdio::Target::Stderr, verdict.into_bytes()).await?;
-    localnet::stdio::flush(localnet::stdio::Target::Stderr).await;
+    stdio.err.write(verdict.into_bytes()).await?;
+    stdio.err.flush().await;
     if !failures.is_empty() {
         bail!("{} of {} slaves failed", failures.len(), slaves.len());
     }
     Ok(())
+}
+
+/// One slave's job, as `run_on_slave` runs it.
+struct Job<'a> {
+    master: &'a Master,
+    node: NodeId,
+    name: &'a str,
+    timeout: Option<Duration>,
+    mode: OutputMode,
+    slave_logs: bool,
 }
 
 /// How `localnet master` shows a job's output.
@@ -128,23 +152,22 @@ enum OutputMode {
 /// Runs the command on one slave, writing its output as it comes (or, in JSON mode, one
 /// object at the end). Output is written by the stdio threads: a slow reader of our
 /// stdout slows the job down (backpressure) but never stops the connection's keepalives.
-async fn run_on_slave(
-    master: &Master,
-    node: NodeId,
-    name: &str,
-    argv: Vec<String>,
-    timeout: Option<Duration>,
-    mode: OutputMode,
-    slave_logs: bool,
-) -> Result<JobExit> {
-    use localnet::stdio::{self, Target};
+async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<JobExit> {
+    let Job {
+        master,
+        node,
+        name,
+        timeout,
+        mode,
+        slave_logs,
+    } = job;
     if slave_logs {
         master.redirect_logs_here(&[node]).await?;
     }
     let mut job = master.exec(node, argv, timeout).await?;
     let target = |stream| match stream {
-        Stream::Stdout => Target::Stdout,
-        Stream::Stderr => Target::Stderr,
+        Stream::Stdout => &stdio.out,
+        Stream::Stderr => &stdio.err,
     };
     let index = |stream| match stream {
         Stream::Stdout => 0,
@@ -167,17 +190,18 @@ async fn run_on_slave(
             Some(ExecEvent::Output(stream, data)) => {
                 match mode {
                     OutputMode::Json => captured[index(stream)].push(&data),
-                    OutputMode::Raw => stdio::write(target(stream), data)
-                        .await
-                        .context("writing output")?,
+                    OutputMode::Raw => {
+                        target(stream).write(data).await.context("writing output")?
+                    }
                     OutputMode::Prefixed => {
                         let lines = splitters[index(stream)].push(&data);
-                        stdio::write(target(stream), prefixed(lines))
+                        target(stream)
+                            .write(prefixed(lines))
                             .await
                             .context("writing output")?;
                     }
                 }
-                // Timers and keepalives first (see localnet::runtime::protocol::write_frames).
+                // Timers and keepalives first (see localnet::protocol::write_frames).
                 tokio::task::yield_now().await;
             }
             Some(ExecEvent::Exit(exit)) => break exit,
@@ -189,7 +213,8 @@ async fn run_on_slave(
             // A last line without a newline gets one: the prefix format needs it.
             for stream in [Stream::Stdout, Stream::Stderr] {
                 if let Some(last) = splitters[index(stream)].finish() {
-                    stdio::write(target(stream), prefixed(vec![last]))
+                    target(stream)
+                        .write(prefixed(vec![last]))
                         .await
                         .context("writing output")?;
                 }
@@ -199,11 +224,11 @@ async fn run_on_slave(
             let (object, notes) = job_result(name, node, &exit, &captured);
             let mut line = serde_json::to_vec(&object)?;
             line.push(b'\n');
-            stdio::write(Target::Stdout, line)
-                .await
-                .context("writing output")?;
+            stdio.out.write(line).await.context("writing output")?;
             if !notes.is_empty() {
-                stdio::write(Target::Stderr, notes.into_bytes())
+                stdio
+                    .err
+                    .write(notes.into_bytes())
                     .await
                     .context("writing output")?;
             }

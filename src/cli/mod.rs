@@ -17,10 +17,37 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use localnet::node::control::{self, ControlClient, ControlError};
+use localnet::control::{self, ControlClient, ControlError};
 use localnet::{BackendOptions, ClusterKey, Discovered, NodeOptions};
 
 use args::NetArgs;
+use localnet::stdio::{OutputStream, Target};
+
+/// The process's output streams, made once in `main` and handed to the subcommands that
+/// write job output (see [`localnet::stdio`]: nothing written there blocks the runtime).
+#[derive(Clone, Debug)]
+pub struct Stdio {
+    /// Standard output.
+    pub out: OutputStream,
+    /// Standard error (log lines too).
+    pub err: OutputStream,
+}
+
+impl Stdio {
+    /// One writer thread per stream.
+    pub fn new() -> Self {
+        Self {
+            out: OutputStream::new(Target::Stdout),
+            err: OutputStream::new(Target::Stderr),
+        }
+    }
+
+    /// Waits (outside the runtime) until everything queued has been written.
+    pub fn flush_blocking(&self) {
+        self.out.flush_blocking();
+        self.err.flush_blocking();
+    }
+}
 
 /// Node options from the network options, with the key of --key-file if one is named.
 pub fn node_options(net: &NetArgs) -> Result<NodeOptions> {
@@ -85,7 +112,7 @@ pub async fn connect(control: Option<PathBuf>) -> Result<ControlClient> {
     })
 }
 
-/// Finds slaves (see [`localnet::runtime::backend::discover_explained`]), with a
+/// Finds slaves (see [`localnet::discover_explained`]), with a
 /// spinner on a terminal's stderr that counts them.
 pub async fn find_slaves(
     opts: &BackendOptions,
@@ -99,7 +126,7 @@ pub async fn find_slaves(
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
     });
-    let found = localnet::runtime::backend::discover_explained(opts, wait_for, wait, tags, |n| {
+    let found = localnet::discover_explained(opts, wait_for, wait, tags, |n| {
         if let Some(bar) = &progress {
             bar.set_message(output::slaves_found_message(n, wait_for));
         }

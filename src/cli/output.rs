@@ -182,7 +182,7 @@ pub fn job_result(
         object[key] = serde_json::json!(lines);
         if !exact {
             object[format!("{key}_base64")] =
-                serde_json::json!(localnet::runtime::protocol::base64_encode(bytes));
+                serde_json::json!(localnet::protocol::base64_encode(bytes));
         }
         if output.truncated() {
             object[format!("{key}_truncated")] = serde_json::json!(true);

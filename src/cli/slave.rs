@@ -31,7 +31,7 @@ fn builtin_functions() -> RemoteTable {
     RemoteTable::new()
         .register("echo", |v| async move { Ok(v) })
         .register("hostname", |_| async move {
-            Ok(serde_json::json!(localnet::node::host_name()))
+            Ok(serde_json::json!(localnet::host_name()))
         })
         .register("sleep", |v| async move {
             let ms = v.as_u64().context("sleep takes a number of milliseconds")?;

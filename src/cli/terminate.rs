@@ -12,11 +12,7 @@ use super::output::hint_text;
 /// that does not acknowledge is an error.
 pub async fn run(args: TerminateArgs) -> Result<()> {
     let opts = super::backend_options(&args.net, args.control)?;
-    let master = Master::new(
-        &localnet::node::host_name(),
-        opts.discovery.key.clone(),
-        None,
-    );
+    let master = Master::new(&localnet::host_name(), opts.discovery.key.clone(), None);
     let mut targets: Vec<(String, NodeId)> = Vec::new();
     let mut names = Vec::new();
     for n in &args.nodes {

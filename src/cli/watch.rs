@@ -1,7 +1,7 @@
 //! `localnet watch` and `localnet status`: what the daemon knows, as it changes or now.
 
 use anyhow::Result;
-use localnet::node::control::ControlError;
+use localnet::control::ControlError;
 
 use super::args::WatchArgs;
 use super::output::{event_line, status_text};

@@ -5,11 +5,12 @@
 //! [`Frame::Log`]s), and the [`LIFECYCLE`] target whose lines stay in the local log too.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::mpsc;
 
 use crate::runtime::protocol::Frame;
+use crate::stdio::{OutputStream, Target};
 
 /// Log lines waiting to go to a master before they go to the local log instead.
 pub(crate) const LOG_QUEUE: usize = 4096;
@@ -26,7 +27,7 @@ pub const LIFECYCLE: &str = "localnet::lifecycle";
 /// ```
 /// use std::sync::Arc;
 /// use tracing_subscriber::layer::SubscriberExt;
-/// let logs = Arc::new(localnet::runtime::logs::LogTargets::default());
+/// let logs = Arc::new(localnet::LogTargets::default());
 /// let subscriber = tracing_subscriber::registry().with(logs.layer());
 /// assert!(!logs.redirected());
 /// # drop(subscriber);
@@ -36,9 +37,26 @@ pub struct LogTargets {
     /// The queue towards the master that asked last, with the token it was given.
     current: Mutex<Option<(u64, mpsc::Sender<String>)>>,
     next_token: AtomicU64,
+    /// Where lines that could not be forwarded go (made on first use unless given).
+    local: OnceLock<OutputStream>,
 }
 
 impl LogTargets {
+    /// Targets whose lines that cannot be forwarded (no room towards the master, or the
+    /// connection gone) are written to `local` (by default a stderr stream of their own).
+    pub fn with_local_log(local: OutputStream) -> Self {
+        let targets = Self::default();
+        let _ = targets.local.set(local);
+        targets
+    }
+
+    /// Writes one line to the local log, never waiting.
+    pub(crate) fn log_locally(&self, line: &str) {
+        self.local
+            .get_or_init(|| OutputStream::new(Target::Stderr))
+            .log_line(line);
+    }
+
     /// Whether log lines are being redirected to a master right now (local layers skip
     /// them then, except [`LIFECYCLE`] lines).
     pub fn redirected(&self) -> bool {
@@ -122,7 +140,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RedirectLayer {
         event.record(&mut LineVisitor(&mut text));
         // Lifecycle lines are logged locally as well (by the local layers).
         if !self.targets.forward(text.clone()) && event.metadata().target() != LIFECYCLE {
-            crate::stdio::log_line(&text);
+            self.targets.log_locally(&text);
         }
     }
 }
@@ -142,7 +160,11 @@ impl tracing::field::Visit for LineVisitor<'_> {
 
 /// Sends the lines queued on `rx` to the master in batches; to the local log once the
 /// connection is gone.
-pub(crate) async fn forward_logs(mut rx: mpsc::Receiver<String>, out: mpsc::Sender<Frame>) {
+pub(crate) async fn forward_logs(
+    mut rx: mpsc::Receiver<String>,
+    out: mpsc::Sender<Frame>,
+    targets: Arc<LogTargets>,
+) {
     while let Some(first) = rx.recv().await {
         let mut lines = vec![first];
         while lines.len() < 256 {
@@ -155,7 +177,7 @@ pub(crate) async fn forward_logs(mut rx: mpsc::Receiver<String>, out: mpsc::Send
             out.send(Frame::Log { lines }).await
         {
             for l in lines {
-                crate::stdio::log_line(&l);
+                targets.log_locally(&l);
             }
             return;
         }

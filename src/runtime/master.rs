@@ -50,7 +50,8 @@ pub enum MasterError {
 
 /// What the master does with a slave's log line: `(slave name, line)`. It is called on
 /// the runtime: it must not block (the default queues the line for stderr with
-/// [`crate::stdio::log_line`], which drops lines rather than wait for a stuck reader).
+/// [`crate::stdio::OutputStream::log_line`], which drops lines rather than wait for a stuck
+/// reader).
 pub type LogSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// One event of a running command.
@@ -177,7 +178,8 @@ impl Master {
     /// `log_sink` (default: stderr as `name: line`, never blocking the runtime).
     pub fn new(name: &str, key: Option<ClusterKey>, log_sink: Option<LogSink>) -> Self {
         let log_sink = log_sink.unwrap_or_else(|| {
-            Arc::new(|slave: &str, line: &str| crate::stdio::log_line(&format!("{slave}: {line}")))
+            let stderr = crate::stdio::OutputStream::new(crate::stdio::Target::Stderr);
+            Arc::new(move |slave: &str, line: &str| stderr.log_line(&format!("{slave}: {line}")))
         });
         Self {
             inner: Arc::new(MasterInner {

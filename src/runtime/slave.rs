@@ -20,7 +20,7 @@ use crate::key::ClusterKey;
 use crate::runtime::functions::{self, RemoteTable};
 use crate::runtime::jobs::{self, Job, Jobs};
 use crate::runtime::logs::{self, LOG_QUEUE};
-pub use crate::runtime::logs::{LIFECYCLE, LogTargets, RedirectLayer};
+use crate::runtime::logs::{LIFECYCLE, LogTargets};
 use crate::runtime::protocol::{Frame, JobExit};
 use crate::runtime::session::{Session, SessionError};
 use crate::runtime::transport::{self, DEAD_AFTER};
@@ -41,7 +41,7 @@ pub struct SlaveOptions {
     /// The functions masters may call.
     pub table: RemoteTable,
     /// Where log lines go when a master redirects them; `None`: the targets of the
-    /// [`RedirectLayer`] in the tracing subscriber current when the slave starts (so a
+    /// [`RedirectLayer`](crate::RedirectLayer) in the tracing subscriber current when the slave starts (so a
     /// program that put one there needs nothing more), else targets of its own (which
     /// no layer feeds: a master that asks then gets no lines).
     pub logs: Option<Arc<LogTargets>>,
@@ -245,7 +245,7 @@ impl Served {
                 Frame::RedirectLogs { on } => {
                     if on {
                         let (tx, rx) = mpsc::channel(LOG_QUEUE);
-                        tokio::spawn(logs::forward_logs(rx, out.clone()));
+                        tokio::spawn(logs::forward_logs(rx, out.clone(), self.logs.clone()));
                         redirected = Some(self.logs.redirect_to(tx));
                         tracing::info!(target: LIFECYCLE, master = %master, "logs redirected to the master");
                     } else {
