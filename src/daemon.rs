@@ -79,6 +79,8 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     });
     // Sockets are bound and the control socket listens: ready.
     service::ready(&format!("{} peers known", status.peers));
+    // Set-up is over: what stays resident from here on is the code an idle node runs.
+    crate::memory::release_unused_code();
     let mut events = handle.subscribe();
     let watchdog = service::watchdog_interval();
     let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));

@@ -30,6 +30,7 @@
 pub mod daemon;
 pub mod discovery;
 mod key;
+pub mod memory;
 mod node;
 mod runtime;
 pub mod service;
