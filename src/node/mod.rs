@@ -490,18 +490,40 @@ impl Driver {
             }));
         }
         drop(inbox_tx);
+        // One timer for the driver's whole life, moved only when the core's next
+        // deadline changes (not made again for every datagram).
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let timer = tokio::time::sleep_until(far());
+        tokio::pin!(timer);
+        let mut armed: Option<tokio::time::Instant> = None;
         loop {
             self.flush().await;
             let wake = self.core.poll_timeout().map(|t| self.clock.instant(t));
+            if wake != armed {
+                timer.as_mut().reset(wake.unwrap_or_else(far));
+                armed = wake;
+            }
             tokio::select! {
                 Some((source, bytes)) = inbox.recv() => {
-                    self.core.handle_datagram(self.clock.now(), source, &bytes);
+                    // Every datagram that is already in, in one wakeup, before the
+                    // events and datagrams they cause are flushed once.
+                    let now = self.clock.now();
+                    self.core.handle_datagram(now, source, &bytes);
+                    for _ in 0..INBOX {
+                        let Ok((source, bytes)) = inbox.try_recv() else {
+                            break;
+                        };
+                        self.core.handle_datagram(now, source, &bytes);
+                    }
                 }
                 Some(event) = next_mdns(&mut mdns_events) => match event {
                     MdnsEvent::Resolved(record) => self.core.observe_mdns(self.clock.now(), record),
                     MdnsEvent::Removed(id) => self.core.mdns_removed(self.clock.now(), id),
                 },
-                _ = sleep_until(wake) => self.core.handle_timeout(self.clock.now()),
+                _ = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    self.core.handle_timeout(self.clock.now());
+                }
                 command = commands.recv() => match command {
                     Some(Command::Peers(reply)) => {
                         let _ = reply.send(self.core.peers(self.clock.now()));
@@ -605,13 +627,6 @@ impl Driver {
 async fn next_mdns(events: &mut Option<mpsc::Receiver<MdnsEvent>>) -> Option<MdnsEvent> {
     match events {
         Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(wake: Option<tokio::time::Instant>) {
-    match wake {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
