@@ -472,6 +472,16 @@ pub fn faketime(offset: &str) -> Option<Vec<String>> {
     ])
 }
 
+/// Starts `localnet slave` on host `i` of `lan`, named `s<i>` (its log and output
+/// under that name, see [`Lan::log`]), discovering on `eth0`, with `extra` arguments
+/// (a key, tags, `--discovery`); returns its PID.
+pub fn slave(lan: &Lan, i: usize, extra: &[&str]) -> u32 {
+    let name = format!("s{i}");
+    let mut args = vec!["slave", "--name", &name, "--interface", "eth0"];
+    args.extend_from_slice(extra);
+    lan.spawn(i, &name, &binary(), &args)
+}
+
 /// Whether a process exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/status")) {
