@@ -1075,7 +1075,8 @@ fn build_simple_example() -> Result<PathBuf, String> {
         .args(["build", "--example", "simple", "--manifest-path"])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
     if release {
-        build.arg("--release");
+        // The profile `cargo bench` built the lib in (its output is `release`).
+        build.args(["--profile", "bench"]);
     }
     let status = build.status().map_err(|e| format!("cargo: {e}"))?;
     let path = support::example("simple");
