@@ -1078,6 +1078,24 @@ fn build_simple_example() -> Result<PathBuf, String> {
         // The profile `cargo bench` built the lib in (its output is `release`).
         build.args(["--profile", "bench"]);
     }
+    // Without what cargo set for this run (build scripts that watch CARGO_MANIFEST_DIR
+    // would otherwise rebuild here, and again at the next `cargo bench`).
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let per_run = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_EXE_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "OUT_DIR",
+            ]
+            .contains(&name.as_ref());
+        if per_run {
+            build.env_remove(name.as_ref());
+        }
+    }
     let status = build.status().map_err(|e| format!("cargo: {e}"))?;
     let path = support::example("simple");
     match (status.success(), path.is_file()) {
