@@ -46,8 +46,9 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
+use common::{peak_rss_mb, spread, unix_now};
 use localnet::PeerEvent;
 use localnet::discovery::Config;
 use localnet::discovery::sim::{Sim, SimConfig};
@@ -193,7 +194,7 @@ fn main() {
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
     let _ = std::fs::create_dir_all(&dir);
-    let file = dir.join(format!("sim-{}.json", unix_now()));
+    let file = dir.join(format!("sim-{}.json", unix_now() as u64));
     match std::fs::write(
         &file,
         serde_json::to_string_pretty(&results).unwrap_or_default(),
@@ -408,31 +409,6 @@ fn finish(mut out: Value, mut walls: Value, sim: &Sim, wall: Instant) -> Value {
     out
 }
 
-/// min / median / max (and how many) of some samples.
-fn spread(v: &[f64]) -> Value {
-    if v.is_empty() {
-        return Value::Null;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    json!({"min": s[0], "median": s[s.len() / 2], "max": s[s.len() - 1], "n": s.len()})
-}
-
-/// This process's peak resident set (VmHWM), MB.
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn print_rows(n: usize, r: &Value) {
     let num = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.0}"));
     let mmm = |v: &Value| {
@@ -548,11 +524,4 @@ fn print_rows(n: usize, r: &Value) {
         ),
     );
     row("simulation peak RSS (MB)", num(&r["peak_rss_mb"]));
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -5,15 +5,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::{Lan, alive, binary, eventually, example, pids_matching};
-
-/// Starts `localnet slave` on host `i` with `extra` arguments; returns its PID.
-fn slave(lan: &Lan, i: usize, extra: &[&str]) -> u32 {
-    let name = format!("s{i}");
-    let mut args = vec!["slave", "--name", &name, "--interface", "eth0"];
-    args.extend_from_slice(extra);
-    lan.spawn(i, &name, &binary(), &args)
-}
+use support::{Lan, alive, binary, eventually, example, pids_matching, slave};
 
 /// Starts `localnet master` on host 0 running `sh -c script` on `slaves` keyed slaves,
 /// in the background; its PID.

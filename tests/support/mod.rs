@@ -285,15 +285,21 @@ impl Lan {
         }
     }
 
-    /// Sends `signal` to a process this LAN started.
+    /// Sends `signal` to a process this LAN started, unless it has exited (and been
+    /// reaped: its PID may be another process's by now).
     pub fn signal(&self, pid: u32, signal: i32) {
-        let ours = self
-            .children
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(_, c)| c.id() == pid);
-        assert!(ours, "only processes this LAN started are signalled");
+        let mut children = self.children.lock().unwrap();
+        let mut ours = children
+            .iter_mut()
+            .filter(|(_, c)| c.id() == pid)
+            .peekable();
+        assert!(
+            ours.peek().is_some(),
+            "only processes this LAN started are signalled"
+        );
+        if !ours.any(|(_, c)| matches!(c.try_wait(), Ok(None))) {
+            return;
+        }
         // SAFETY: kill only sends a signal, to a child we started and have not reaped.
         unsafe {
             libc::kill(pid as i32, signal);
@@ -470,6 +476,16 @@ pub fn faketime(offset: &str) -> Option<Vec<String>> {
         format!("FAKETIME={offset}"),
         "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
     ])
+}
+
+/// Starts `localnet slave` on host `i` of `lan`, named `s<i>` (its log and output
+/// under that name, see [`Lan::log`]), discovering on `eth0`, with `extra` arguments
+/// (a key, tags, `--discovery`); returns its PID.
+pub fn slave(lan: &Lan, i: usize, extra: &[&str]) -> u32 {
+    let name = format!("s{i}");
+    let mut args = vec!["slave", "--name", &name, "--interface", "eth0"];
+    args.extend_from_slice(extra);
+    lan.spawn(i, &name, &binary(), &args)
 }
 
 /// Whether a process exists and is not a zombie.
