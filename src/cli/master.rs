@@ -173,14 +173,12 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
         Stream::Stdout => 0,
         Stream::Stderr => 1,
     };
-    let prefixed = |lines: Vec<Vec<u8>>| {
-        let mut text = Vec::with_capacity(lines.iter().map(|l| l.len() + name.len() + 3).sum());
-        for line in lines {
-            text.extend_from_slice(name.as_bytes());
-            text.extend_from_slice(b": ");
-            text.extend_from_slice(&line);
-            text.push(b'\n');
-        }
+    let prefix = format!("{name}: ").into_bytes();
+    let prefixed = |line: Vec<u8>| {
+        let mut text = Vec::with_capacity(prefix.len() + line.len() + 1);
+        text.extend_from_slice(&prefix);
+        text.extend_from_slice(&line);
+        text.push(b'\n');
         text
     };
     let mut captured = [CappedOutput::default(), CappedOutput::default()];
@@ -194,11 +192,9 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
                         target(stream).write(data).await.context("writing output")?
                     }
                     OutputMode::Prefixed => {
-                        let lines = splitters[index(stream)].push(&data);
-                        target(stream)
-                            .write(prefixed(lines))
-                            .await
-                            .context("writing output")?;
+                        let mut text = Vec::with_capacity(data.len() + data.len() / 8);
+                        splitters[index(stream)].push_prefixed(&data, &prefix, &mut text);
+                        target(stream).write(text).await.context("writing output")?;
                     }
                 }
                 // Timers and keepalives first (see localnet::protocol::write_frames).
@@ -214,7 +210,7 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
             for stream in [Stream::Stdout, Stream::Stderr] {
                 if let Some(last) = splitters[index(stream)].finish() {
                     target(stream)
-                        .write(prefixed(vec![last]))
+                        .write(prefixed(last))
                         .await
                         .context("writing output")?;
                 }

@@ -156,7 +156,7 @@ pub struct Transmit {
 /// use localnet::discovery::{Decoded, Destination};
 /// # use localnet::discovery::{Config, Discovery, LocalNode};
 /// # let me = |id: u128| LocalNode {
-/// #     id: MemberId::from_u128(id), name: format!("n{id}"), incarnation: 1,
+/// #     id: localnet::MemberId::from_u128(id), name: format!("n{id}"), incarnation: 1,
 /// #     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
 /// # };
 /// let mut a = Discovery::new(Config::default(), me(1), None, 1, 0).unwrap();
@@ -328,7 +328,7 @@ const TOMBSTONE_MS: Millis = 150_000;
 /// ```
 /// use localnet::discovery::{Config, Discovery, LocalNode, Destination};
 /// let me = LocalNode {
-///     id: MemberId::from_u128(1), name: "a".into(), incarnation: 1,
+///     id: localnet::MemberId::from_u128(1), name: "a".into(), incarnation: 1,
 ///     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
 /// };
 /// let mut node = Discovery::new(Config::default(), me, None, 1, 0).unwrap();

@@ -157,7 +157,7 @@ struct Envelope<'a> {
 ///
 /// ```
 /// use localnet::discovery::wire::{decode, encode, Message};
-/// let msg = Message::Goodbye { id: MemberId::nil(), incarnation: 3 };
+/// let msg = Message::Goodbye { id: localnet::MemberId::nil(), incarnation: 3 };
 /// let bytes = encode(&msg, None).unwrap();
 /// assert_eq!(decode(&bytes, None).unwrap().0, msg);
 /// ```

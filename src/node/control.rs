@@ -297,7 +297,7 @@ pub enum Request {
 /// error is the message sent back to the client.
 ///
 /// ```
-/// use localnet::node::control::{parse_request, Request};
+/// use localnet::control::{parse_request, Request};
 /// assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
 /// assert!(parse_request(b"hello").unwrap_err().starts_with("bad request"));
 /// ```

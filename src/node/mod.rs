@@ -239,7 +239,7 @@ impl NodeHandle {
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use localnet::node::{Node, NodeOptions};
+/// use localnet::{Node, NodeOptions};
 /// let node = Node::start(NodeOptions {
 ///     name: Some("worker-1".into()),
 ///     interfaces: vec!["lo".into()],

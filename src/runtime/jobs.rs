@@ -17,7 +17,8 @@ use tokio::task::AbortHandle;
 use crate::runtime::protocol::{Frame, JobExit, Stream};
 
 /// Most bytes of job output read from a pipe into one frame.
-const BATCH_BYTES: usize = 32 * 1024;
+const BATCH_BYTES: usize =
+    crate::runtime::transport::MAX_PAYLOAD - crate::runtime::protocol::OUTPUT_HEADER;
 
 /// What a slave knows about the jobs it runs, across connections.
 #[derive(Default)]

@@ -83,27 +83,59 @@ impl LineSplitter {
     pub const MAX_LINE: usize = 16 * 1024;
 
     /// The lines completed by `bytes` (after what came before), without their `\n`.
-    pub fn push(&mut self, mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Vec<u8>> {
         let mut lines = Vec::new();
+        self.split(bytes, |first, second| {
+            let mut line = Vec::with_capacity(first.len() + second.len());
+            line.extend_from_slice(first);
+            line.extend_from_slice(second);
+            lines.push(line);
+        });
+        lines
+    }
+
+    /// Like [`LineSplitter::push`], but appends each completed line to `out` as
+    /// `prefix`, the line and `\n`, with no buffer per line (a job's output is often
+    /// many short lines).
+    ///
+    /// ```
+    /// let mut lines = localnet::LineSplitter::default();
+    /// let mut out = Vec::new();
+    /// lines.push_prefixed(b"a\nb", b"s1: ", &mut out);
+    /// lines.push_prefixed(b"c\n", b"s1: ", &mut out);
+    /// assert_eq!(out, b"s1: a\ns1: bc\n");
+    /// ```
+    pub fn push_prefixed(&mut self, bytes: &[u8], prefix: &[u8], out: &mut Vec<u8>) {
+        self.split(bytes, |first, second| {
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(first);
+            out.extend_from_slice(second);
+            out.push(b'\n');
+        });
+    }
+
+    /// Calls `line(kept, new)` for every completed line: what was kept from before,
+    /// then the new bytes of that line.
+    fn split(&mut self, mut bytes: &[u8], mut line: impl FnMut(&[u8], &[u8])) {
         while !bytes.is_empty() {
             let room = Self::MAX_LINE - self.partial.len();
-            match bytes.iter().take(room).position(|&b| b == b'\n') {
+            let window = &bytes[..room.min(bytes.len())];
+            match memchr::memchr(b'\n', window) {
                 Some(end) => {
-                    self.partial.extend_from_slice(&bytes[..end]);
-                    lines.push(std::mem::take(&mut self.partial));
+                    line(&self.partial, &window[..end]);
+                    self.partial.clear();
                     bytes = &bytes[end + 1..];
                 }
                 None => {
-                    let take = room.min(bytes.len());
-                    self.partial.extend_from_slice(&bytes[..take]);
-                    bytes = &bytes[take..];
+                    self.partial.extend_from_slice(window);
+                    bytes = &bytes[window.len()..];
                     if self.partial.len() == Self::MAX_LINE {
-                        lines.push(std::mem::take(&mut self.partial));
+                        line(&self.partial, &[]);
+                        self.partial.clear();
                     }
                 }
             }
         }
-        lines
     }
 
     /// The last line, when the stream did not end with a newline.

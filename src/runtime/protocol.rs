@@ -172,7 +172,9 @@ pub enum Frame {
         /// The function's error, when it failed.
         err: Option<String>,
     },
-    /// Slave → master: bytes a command wrote, exactly as written (base64 in the JSON).
+    /// Slave → master: bytes a command wrote, exactly as written. On the wire it is
+    /// binary, not JSON: byte `0x01`, the id (u64, little endian), the stream (0 stdout,
+    /// 1 stderr), then the bytes. Its serde form (base64 data) is for logs and tools.
     Output {
         /// The `Exec`'s id.
         id: u64,
@@ -207,62 +209,83 @@ pub enum Frame {
     Ping,
 }
 
-/// Encodes a frame as JSON.
+/// First byte of a binary `Output` frame. Every other frame is a JSON object, whose
+/// first byte is `{`.
+const OUTPUT_TAG: u8 = 0x01;
+/// Bytes of a binary `Output` frame before its data: the tag, the job id (u64, little
+/// endian) and the stream (0 stdout, 1 stderr).
+pub(crate) const OUTPUT_HEADER: usize = 1 + 8 + 1;
+
+/// Encodes a frame: `Output` (the bulk of a session) as [`OUTPUT_TAG`], id, stream and
+/// the bytes as they are, with no escaping; every other frame as JSON.
 pub(crate) fn encode(frame: &Frame) -> Vec<u8> {
-    serde_json::to_vec(frame).unwrap_or_default()
+    match frame {
+        Frame::Output { id, stream, data } => {
+            let mut bytes = Vec::with_capacity(OUTPUT_HEADER + data.len());
+            bytes.push(OUTPUT_TAG);
+            bytes.extend_from_slice(&id.to_le_bytes());
+            bytes.push(match stream {
+                Stream::Stdout => 0,
+                Stream::Stderr => 1,
+            });
+            bytes.extend_from_slice(data);
+            bytes
+        }
+        _ => serde_json::to_vec(frame).unwrap_or_default(),
+    }
 }
 
 /// Encodes a frame as one or more payloads of at most `max` bytes: output chunks and
 /// log batches that would be too long once encoded are split, keeping their order.
 pub(crate) fn encode_split(frame: Frame, max: usize) -> Vec<Vec<u8>> {
-    let bytes = encode(&frame);
-    if bytes.len() <= max {
-        return vec![bytes];
-    }
     match frame {
-        Frame::Output {
-            id,
-            stream,
-            mut data,
-        } if data.len() > 1 => {
-            let rest = data.split_off(data.len() / 2);
-            let mut out = encode_split(Frame::Output { id, stream, data }, max);
-            out.extend(encode_split(
-                Frame::Output {
-                    id,
-                    stream,
-                    data: rest,
-                },
-                max,
-            ));
-            out
+        Frame::Output { id, stream, data } if OUTPUT_HEADER + data.len() > max => {
+            let per_frame = max.saturating_sub(OUTPUT_HEADER).max(1);
+            data.chunks(per_frame)
+                .map(|chunk| {
+                    encode(&Frame::Output {
+                        id,
+                        stream,
+                        data: chunk.to_vec(),
+                    })
+                })
+                .collect()
         }
-        Frame::Log { mut lines } if !lines.is_empty() => {
-            let rest = if lines.len() > 1 {
-                lines.split_off(lines.len() / 2)
-            } else {
-                let line = lines.pop().unwrap_or_default();
-                let mut cut = line.len() / 2;
-                while !line.is_char_boundary(cut) {
-                    cut -= 1;
+        frame => {
+            let bytes = encode(&frame);
+            if bytes.len() <= max {
+                return vec![bytes];
+            }
+            match frame {
+                Frame::Log { mut lines } if !lines.is_empty() => {
+                    let rest = if lines.len() > 1 {
+                        lines.split_off(lines.len() / 2)
+                    } else {
+                        let line = lines.pop().unwrap_or_default();
+                        let mut cut = line.len() / 2;
+                        while !line.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        lines.push(line[..cut].to_string());
+                        vec![line[cut..].to_string()]
+                    };
+                    let mut out = encode_split(Frame::Log { lines }, max);
+                    out.extend(encode_split(Frame::Log { lines: rest }, max));
+                    out
                 }
-                lines.push(line[..cut].to_string());
-                vec![line[cut..].to_string()]
-            };
-            let mut out = encode_split(Frame::Log { lines }, max);
-            out.extend(encode_split(Frame::Log { lines: rest }, max));
-            out
+                // Other frames are small, or (call results) refused by the transport as
+                // too long.
+                _ => vec![bytes],
+            }
         }
-        // Other frames are small, or (call results) refused by the transport as too long.
-        _ => vec![bytes],
     }
 }
 
 /// Standard base64 (RFC 4648, with padding) of `bytes`.
 ///
 /// ```
-/// assert_eq!(localnet::runtime::protocol::base64_encode(b"a\xffb"), "Yf9i");
-/// assert_eq!(localnet::runtime::protocol::base64_decode("Yf9i").unwrap(), b"a\xffb");
+/// assert_eq!(localnet::protocol::base64_encode(b"a\xffb"), "Yf9i");
+/// assert_eq!(localnet::protocol::base64_decode("Yf9i").unwrap(), b"a\xffb");
 /// ```
 pub fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine;
@@ -289,14 +312,41 @@ mod base64_field {
     }
 }
 
-/// Why bytes are not a frame: serde's message (what is missing, unknown or mistyped).
+/// Why bytes are not a frame.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct DecodeError(#[from] serde_json::Error);
+pub enum DecodeError {
+    /// A JSON frame that does not parse: serde's message (what is missing, unknown or
+    /// mistyped).
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// A binary output frame shorter than its header.
+    #[error("an output frame of {0} bytes is shorter than its {OUTPUT_HEADER}-byte header")]
+    ShortOutput(usize),
+    /// A binary output frame naming a stream other than 0 (stdout) or 1 (stderr).
+    #[error("an output frame names stream {0}, not 0 (stdout) or 1 (stderr)")]
+    UnknownStream(u8),
+}
 
 /// Decodes a frame.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
-    Ok(serde_json::from_slice(bytes)?)
+    if bytes.first() != Some(&OUTPUT_TAG) {
+        return Ok(serde_json::from_slice(bytes)?);
+    }
+    let Some((header, data)) = bytes.split_at_checked(OUTPUT_HEADER) else {
+        return Err(DecodeError::ShortOutput(bytes.len()));
+    };
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&header[1..9]);
+    let stream = match header[9] {
+        0 => Stream::Stdout,
+        1 => Stream::Stderr,
+        other => return Err(DecodeError::UnknownStream(other)),
+    };
+    Ok(Frame::Output {
+        id: u64::from_le_bytes(id),
+        stream,
+        data: data.to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -342,6 +392,21 @@ mod tests {
         }
         let err = decode(b"{\"t\":\"nope\"}").unwrap_err();
         assert!(err.to_string().contains("unknown variant `nope`"), "{err}");
+        let err = decode(&[OUTPUT_TAG, 1, 2]).unwrap_err();
+        assert!(
+            err.to_string().contains("shorter than its 10-byte header"),
+            "{err}"
+        );
+        let err = decode(&[OUTPUT_TAG, 0, 0, 0, 0, 0, 0, 0, 0, 7, b'x']).unwrap_err();
+        assert!(err.to_string().contains("names stream 7"), "{err}");
+        // Output travels as its bytes, with a 10-byte header and nothing escaped.
+        let data = vec![b'"'; 1000];
+        let wire = encode(&Frame::Output {
+            id: 9,
+            stream: Stream::Stdout,
+            data,
+        });
+        assert_eq!(wire.len(), OUTPUT_HEADER + 1000);
     }
 
     #[test]
