@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use support::binary;
+use support::words::{assert_contains, assert_lacks, words};
 
 /// Runs `localnet args` in a new network namespace with only `lo` (up), with `env`;
 /// a command still running after 20 s is killed (and fails the test's checks).
@@ -36,6 +37,16 @@ fn isolated(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs the command line `line` (its [`words`]) isolated, with no environment added;
+/// asserts that it exits 1, a runtime error; its stderr.
+#[track_caller]
+fn runtime_error(line: &str) -> String {
+    let out = isolated(&words(line), &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    err
 }
 
 /// A scratch directory for one test.
@@ -111,19 +122,8 @@ fn an_os_cause_is_printed_once() {
     if !support::netns_available() {
         return;
     }
-    let out = isolated(
-        &[
-            "peers",
-            "--interface",
-            "lo",
-            "--key-file",
-            "/nonexistent/cluster.key",
-        ],
-        &[],
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("/nonexistent/cluster.key"), "{err}");
+    let err = runtime_error("peers --interface lo --key-file /nonexistent/cluster.key");
+    assert_contains(&err, "/nonexistent/cluster.key");
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
@@ -136,21 +136,14 @@ fn a_named_control_socket_that_does_not_answer_is_an_error() {
     let dir = scratch("typo");
     let typo = dir.join("typo.sock");
     let typo = path_str(&typo);
-    let cases: &[&[&str]] = &[
-        &["peers", "--interface", "lo", "--control", typo],
-        &[
-            "master",
-            "--interface",
-            "lo",
-            "--control",
-            typo,
-            "--",
-            "true",
-        ],
-        &["terminate", "--all", "--interface", "lo", "--control", typo],
+    let cases = [
+        format!("peers --interface lo --control {typo}"),
+        format!("master --interface lo --control {typo} -- true"),
+        format!("terminate --all --interface lo --control {typo}"),
     ];
-    for args in cases {
-        let out = isolated(args, &[]);
+    for line in &cases {
+        let args = words(line);
+        let out = isolated(&args, &[]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?}:\n{err}");
         assert!(
@@ -161,11 +154,11 @@ fn a_named_control_socket_that_does_not_answer_is_an_error() {
     }
     // $LOCALNET_CONTROL names a socket just as --control does.
     let out = isolated(
-        &["peers", "--interface", "lo"],
+        &words("peers --interface lo"),
         &[("LOCALNET_CONTROL", typo)],
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains(typo), "{}", stderr(&out));
+    assert_contains(&stderr(&out), typo);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -177,16 +170,11 @@ fn the_daemon_refuses_a_control_path_that_is_a_file_and_keeps_it() {
     let dir = scratch("keep");
     let file = dir.join("f");
     std::fs::write(&file, "data\n").expect("write");
-    let out = isolated(
-        &["daemon", "--interface", "lo", "--control", path_str(&file)],
-        &[],
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("is a regular file, not a control socket"),
-        "{err}"
-    );
+    let err = runtime_error(&format!(
+        "daemon --interface lo --control {}",
+        path_str(&file)
+    ));
+    assert_contains(&err, "is a regular file, not a control socket");
     assert_eq!(
         std::fs::read_to_string(&file).expect("still there"),
         "data\n"
@@ -208,7 +196,7 @@ fn a_control_path_too_long_for_a_socket_says_its_limit() {
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?}:\n{err}");
         assert!(err.contains("at most 107"), "{args:?}:\n{err}");
-        assert!(!err.contains("SUN_LEN"), "{err}");
+        assert_lacks(&err, "SUN_LEN");
     }
     assert!(!Path::new(&long).exists());
 }
@@ -226,45 +214,28 @@ fn a_key_file_others_can_read_is_warned_about() {
         .output()
         .expect("key generate");
     assert!(made.status.success());
-    let args = [
-        "peers",
-        "--interface",
-        "lo",
-        "--discovery",
-        "multicast",
-        "--timeout",
-        "100ms",
-        "--key-file",
-        path_str(&key),
-    ];
-    let private = isolated(&args, &[]);
-    assert!(
-        !stderr(&private).contains("chmod 600"),
-        "{}",
-        stderr(&private)
+    let line = format!(
+        "peers --interface lo --discovery multicast --timeout 100ms --key-file {}",
+        path_str(&key)
     );
+    let args = words(&line);
+    let private = isolated(&args, &[]);
+    assert_lacks(&stderr(&private), "chmod 600");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let open = isolated(&args, &[]);
     let err = stderr(&open);
-    assert!(err.contains("mode 0644"), "{err}");
-    assert!(err.contains("chmod 600"), "{err}");
+    assert_contains(&err, "mode 0644");
+    assert_contains(&err, "chmod 600");
     // Said once, however many parts of a command use the key.
     let key = path_str(&key);
-    let net = [
-        "--interface",
-        "lo",
-        "--discovery",
-        "multicast",
-        "--wait",
-        "100ms",
-    ];
+    let net = words("--interface lo --discovery multicast --wait 100ms");
     let terminate: Vec<&str> = ["terminate", "--all", "--key-file", key]
         .into_iter()
-        .chain(net)
+        .chain(net.iter().copied())
         .collect();
     let master: Vec<&str> = ["master", "--key-file", key]
         .into_iter()
-        .chain(net)
+        .chain(net.iter().copied())
         .chain(["--", "true"])
         .collect();
     for all in [terminate, master] {
@@ -279,21 +250,7 @@ fn peers_that_finds_fewer_than_wait_for_says_so() {
     if !support::netns_available() {
         return;
     }
-    let out = isolated(
-        &[
-            "peers",
-            "--interface",
-            "lo",
-            "--discovery",
-            "multicast",
-            "--wait-for",
-            "3",
-            "--timeout",
-            "200ms",
-        ],
-        &[],
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("found only 0 of 3 peers"), "{err}");
+    let err =
+        runtime_error("peers --interface lo --discovery multicast --wait-for 3 --timeout 200ms");
+    assert_contains(&err, "found only 0 of 3 peers");
 }

@@ -5,6 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use support::words::{assert_success, words};
 use support::{Lan, binary, eventually, peer_names, peers, status, wait_event, watch};
 
 fn others(lan: &Lan, me: usize) -> Vec<String> {
@@ -12,6 +13,11 @@ fn others(lan: &Lan, me: usize) -> Vec<String> {
         .filter(|&i| i != me)
         .map(|i| format!("h{i}"))
         .collect()
+}
+
+/// Whether host `i`'s daemon lists `n` peers within 5 s.
+fn knows_peers(lan: &Lan, i: usize, n: usize) -> bool {
+    eventually(Duration::from_secs(5), || peers(&lan.sock(i)).len() == n)
 }
 
 #[test]
@@ -53,9 +59,7 @@ fn kill_9_is_seen_as_failed_everywhere_and_sigterm_as_left() {
     };
     let pids: Vec<u32> = (0..5).map(|i| lan.daemon(i, &[])).collect();
     for i in 0..5 {
-        assert!(eventually(Duration::from_secs(5), || peers(&lan.sock(i))
-            .len()
-            == 4));
+        assert!(knows_peers(&lan, i, 4));
     }
     let watches: Vec<_> = (2..5).map(|i| watch(&lan.sock(i))).collect();
     let killed = Instant::now();
@@ -138,9 +142,7 @@ fn ten_thousand_garbage_datagrams_leave_the_daemon_alive_and_its_table_unchanged
     };
     let pid = lan.daemon(0, &[]);
     lan.daemon(1, &[]);
-    assert!(eventually(Duration::from_secs(5), || peers(&lan.sock(0))
-        .len()
-        == 1));
+    assert!(knows_peers(&lan, 0, 1));
     let before: Vec<_> = peers(&lan.sock(0))
         .iter()
         .map(|p| p["id"].clone())
@@ -177,11 +179,7 @@ for n in range(10000):
 "#
     );
     let out = lan.run(2, std::path::Path::new("python3"), &["-c", &script]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     std::thread::sleep(Duration::from_millis(500));
     assert!(support::alive(pid), "daemon died");
     let after: Vec<_> = peers(&lan.sock(0))
@@ -211,9 +209,7 @@ for n in range(10000):
     );
     // Still fully working: a new daemon is seen.
     lan.daemon(2, &[]);
-    assert!(eventually(Duration::from_secs(5), || peers(&lan.sock(0))
-        .len()
-        == 2));
+    assert!(knows_peers(&lan, 0, 2));
 }
 
 #[test]
@@ -227,26 +223,10 @@ fn peers_without_a_daemon_discovers_on_its_own() {
     let started = Instant::now();
     // No --control: a named socket must answer; with none named and no daemon on the
     // default socket, `peers` discovers on its own.
-    let out = lan.run(
-        3,
-        &binary(),
-        &[
-            "peers",
-            "--json",
-            "--interface",
-            "eth0",
-            "--timeout",
-            "3s",
-            "--wait-for",
-            "3",
-        ],
-    );
+    let line = "peers --json --interface eth0 --timeout 3s --wait-for 3";
+    let out = lan.run(3, &binary(), &words(line));
     let took = started.elapsed();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let mut names: Vec<&str> = list.iter().map(|p| p["name"].as_str().unwrap()).collect();
     names.sort();
@@ -268,9 +248,7 @@ fn state_dir_keeps_the_id_and_a_restart_replaces_the_entry() {
     lan.daemon(0, &[]);
     let state = lan.dir().join("state1");
     let first = lan.daemon(1, &["--state-dir", state.to_str().unwrap()]);
-    assert!(eventually(Duration::from_secs(5), || peers(&lan.sock(0))
-        .len()
-        == 1));
+    assert!(knows_peers(&lan, 0, 1));
     let before = peers(&lan.sock(0))[0].clone();
     lan.signal(first, libc::SIGKILL);
     assert!(lan.wait(first, Duration::from_secs(2)).is_some());
@@ -291,9 +269,7 @@ fn a_longer_heartbeat_is_announced_and_sets_the_failure_time() {
     };
     lan.daemon(0, &[]);
     let slow = lan.daemon(1, &["--heartbeat", "1s"]);
-    assert!(eventually(Duration::from_secs(5), || peers(&lan.sock(0))
-        .len()
-        == 1));
+    assert!(knows_peers(&lan, 0, 1));
     let p = &peers(&lan.sock(0))[0];
     assert_eq!(p["interval_ms"], 1000, "{p}");
     assert_eq!(p["ttl_ms"], 4500, "{p}");

@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::words::{assert_success, words, words_then};
 use support::{
     Lan, binary, eventually, faketime, peer_names, peers, status, tool_available, watch,
 };
@@ -355,16 +356,9 @@ fn a_clock_20_s_off_joins_and_40_s_off_is_refused_with_the_reason_shown() {
     // A slave whose clock is 40 s ahead too.
     let mut slave: Vec<&str> = plus40.iter().map(String::as_str).collect();
     let bin = binary();
-    slave.extend([
-        bin.to_str().unwrap(),
-        "slave",
-        "--name",
-        "s3",
-        "--interface",
-        "eth0",
-        "--key-file",
-        &key,
-    ]);
+    slave.push(bin.to_str().unwrap());
+    let line = format!("slave --name s3 --interface eth0 --key-file {key}");
+    slave.extend(words(&line));
     lan.spawn(3, "s3", std::path::Path::new(slave[0]), &slave[1..]);
     // +20 s: within the 30 s window, verified both ways.
     let verified = |sock: &std::path::Path, name: &str| {
@@ -413,23 +407,8 @@ fn a_clock_20_s_off_joins_and_40_s_off_is_refused_with_the_reason_shown() {
         "{short}"
     );
     // A master looking for the +40 s slave is told why it found none.
-    let out = lan.run(
-        0,
-        &binary(),
-        &[
-            "master",
-            "--slaves",
-            "1",
-            "--wait",
-            "3s",
-            "--interface",
-            "eth0",
-            "--key-file",
-            &key,
-            "--",
-            "true",
-        ],
-    );
+    let line = format!("master --slaves 1 --wait 3s --interface eth0 --key-file {key} -- true");
+    let out = lan.run(0, &binary(), &words(&line));
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("master said: {err}");
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -437,20 +416,8 @@ fn a_clock_20_s_off_joins_and_40_s_off_is_refused_with_the_reason_shown() {
     assert!(err.contains("s3") && clock_off_40(&err), "{err}");
     assert!(err.contains("NTP"), "{err}");
     // So is `terminate --all`.
-    let out = lan.run(
-        0,
-        &binary(),
-        &[
-            "terminate",
-            "--all",
-            "--wait",
-            "3s",
-            "--interface",
-            "eth0",
-            "--key-file",
-            &key,
-        ],
-    );
+    let line = format!("terminate --all --wait 3s --interface eth0 --key-file {key}");
+    let out = lan.run(0, &binary(), &words(&line));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -471,47 +438,20 @@ fn a_master_host_cut_off_mid_job_loses_its_slaves_and_they_kill_the_jobs() {
     let slaves: Vec<u32> = (1..4)
         .map(|i| {
             let name = format!("s{i}");
-            lan.spawn(
-                i,
-                &name,
-                &binary(),
-                &[
-                    "slave",
-                    "--name",
-                    &name,
-                    "--interface",
-                    "eth0",
-                    "--key-file",
-                    &key,
-                ],
-            )
+            let line = format!("slave --name {name} --interface eth0 --key-file {key}");
+            lan.spawn(i, &name, &binary(), &words(&line))
         })
         .collect();
     let tag = format!("cutjob-{}", std::process::id());
     let script = format!("sleep 301; : {tag}");
-    let master_args = |script: &str| -> Vec<String> {
-        [
-            "master",
-            "--interface",
-            "eth0",
-            "--key-file",
-            &key,
-            "--slaves",
-            "3",
-            "--wait",
-            "5s",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let args = master_args(&script);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let master = lan.spawn(0, "master", &binary(), &args);
+    let master_line =
+        format!("master --interface eth0 --key-file {key} --slaves 3 --wait 5s -- sh -c");
+    let master = lan.spawn(
+        0,
+        "master",
+        &binary(),
+        &words_then(&master_line, &[&script]),
+    );
     // The master's command line holds the tag, and so does each slave's job shell.
     assert!(
         eventually(Duration::from_secs(10), || {
@@ -561,14 +501,8 @@ fn a_master_host_cut_off_mid_job_loses_its_slaves_and_they_kill_the_jobs() {
         );
     }
     // Healed, the slaves serve the next master.
-    let again = master_args("echo again");
-    let again: Vec<&str> = again.iter().map(String::as_str).collect();
-    let out = lan.run(0, &binary(), &again);
+    let out = lan.run(0, &binary(), &words_then(&master_line, &["echo again"]));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(stdout.matches(": again").count(), 3, "{stdout}");
 }

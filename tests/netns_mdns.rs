@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use support::words::{assert_success, words};
 use support::{Lan, binary, eventually, peers, status};
 
 fn browser_script() -> PathBuf {
@@ -178,22 +179,8 @@ fn with_a_key_an_mdns_only_peer_is_unverified_and_never_used_as_a_slave() {
     let k = key.as_str();
     lan.daemon(0, &["--key-file", k]);
     // A slave that speaks only mDNS: its TXT record is not authenticated.
-    lan.spawn(
-        1,
-        "s1",
-        &binary(),
-        &[
-            "slave",
-            "--name",
-            "s1",
-            "--interface",
-            "eth0",
-            "--key-file",
-            k,
-            "--discovery",
-            "mdns",
-        ],
-    );
+    let line = format!("slave --name s1 --interface eth0 --key-file {k} --discovery mdns");
+    lan.spawn(1, "s1", &binary(), &words(&line));
     assert!(
         eventually(Duration::from_secs(8), || peers(&lan.sock(0))
             .iter()
@@ -207,63 +194,19 @@ fn with_a_key_an_mdns_only_peer_is_unverified_and_never_used_as_a_slave() {
         .unwrap();
     assert_eq!(s1["verified"], false);
     assert_eq!(s1["paths"], serde_json::json!(["mdns"]));
-    let out = lan.run(
-        2,
-        &binary(),
-        &[
-            "master",
-            "--interface",
-            "eth0",
-            "--key-file",
-            k,
-            "--slaves",
-            "1",
-            "--wait",
-            "1s",
-            "--",
-            "true",
-        ],
-    );
+    let master = |host: usize, wait: &str| {
+        let line =
+            format!("master --interface eth0 --key-file {k} --slaves 1 --wait {wait} -- true");
+        lan.run(host, &binary(), &words(&line))
+    };
+    let out = master(2, "1s");
     assert_eq!(out.status.code(), Some(1), "an unverified slave was used");
     assert!(String::from_utf8_lossy(&out.stderr).contains("found only 0 of 1"));
     // A slave that also speaks the authenticated protocol is verified and used.
-    lan.spawn(
-        2,
-        "s2",
-        &binary(),
-        &[
-            "slave",
-            "--name",
-            "s2",
-            "--interface",
-            "eth0",
-            "--key-file",
-            k,
-        ],
-    );
+    let line = format!("slave --name s2 --interface eth0 --key-file {k}");
+    lan.spawn(2, "s2", &binary(), &words(&line));
     assert!(eventually(Duration::from_secs(5), || peers(&lan.sock(0))
         .iter()
         .any(|p| p["name"] == "s2" && p["verified"] == true)));
-    let out = lan.run(
-        0,
-        &binary(),
-        &[
-            "master",
-            "--interface",
-            "eth0",
-            "--key-file",
-            k,
-            "--slaves",
-            "1",
-            "--wait",
-            "2s",
-            "--",
-            "true",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&master(0, "2s"));
 }

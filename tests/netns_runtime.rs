@@ -3,28 +3,38 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::time::Duration;
 
+use support::words::{assert_contains, assert_lacks, assert_success, text, words, words_then};
 use support::{Lan, alive, binary, eventually, example, pids_matching, slave};
+
+/// Writes the cluster key `k.key`, starts a slave keyed with it (and `extra`) on each of
+/// `hosts`, and gives them 300 ms to announce themselves; the key's path and their PIDs.
+fn keyed_slaves(lan: &Lan, hosts: Range<usize>, extra: &[&str]) -> (String, Vec<u32>) {
+    let key = lan.key("k");
+    let pids = hosts
+        .map(|i| slave(lan, i, &[&["--key-file", key.as_str()], extra].concat()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    (key, pids)
+}
+
+/// Like [`keyed_slaves`] on hosts 1 and 2, s1 tagged `who=one` and s2 `who=two`;
+/// the key's path.
+fn two_tagged_slaves(lan: &Lan) -> String {
+    let key = lan.key("k");
+    slave(lan, 1, &["--key-file", &key, "--tag", "who=one"]);
+    slave(lan, 2, &["--key-file", &key, "--tag", "who=two"]);
+    std::thread::sleep(Duration::from_millis(300));
+    key
+}
 
 /// Starts `localnet master` on host 0 running `sh -c script` on `slaves` keyed slaves,
 /// in the background; its PID.
 fn spawn_master(lan: &Lan, key: &str, slaves: usize, script: &str) -> u32 {
-    let n = slaves.to_string();
-    let args = [
-        "master",
-        "--interface",
-        "eth0",
-        "--key-file",
-        key,
-        "--slaves",
-        &n,
-        "--",
-        "sh",
-        "-c",
-        script,
-    ];
-    lan.spawn(0, "master", &binary(), &args)
+    let line = format!("master --interface eth0 --key-file {key} --slaves {slaves} -- sh -c");
+    lan.spawn(0, "master", &binary(), &words_then(&line, &[script]))
 }
 
 /// Runs `localnet master ARGS` on host 0.
@@ -34,8 +44,19 @@ fn master(lan: &Lan, args: &[&str]) -> std::process::Output {
     lan.run(0, &binary(), &all)
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// Runs the future `task` makes to its end on a tokio runtime of its own, as host `i`.
+fn block_on_host<T, F>(lan: &Lan, i: usize, task: impl FnOnce() -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
+    lan.within(i, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        runtime.block_on(task())
+    })
 }
 
 #[test]
@@ -53,7 +74,7 @@ fn simple_example_finds_four_slaves_and_terminates_them() {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let out = lan.run(0, &simple, &["master", &lan.ip(0).to_string(), "8084"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
     let expected: Vec<String> = (1..5)
         .map(|i| format!("nid://{}:8080", lan.ip(i)))
         .collect();
@@ -75,30 +96,11 @@ fn command_fans_out_to_five_slaves_with_every_line_and_exit_code() {
     let Some(lan) = Lan::new("fan", 52, 6) else {
         return;
     };
-    let k = lan.key("k");
-    for i in 1..6 {
-        slave(&lan, i, &["--key-file", &k, "--tag", "pool=a"]);
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let (k, _) = keyed_slaves(&lan, 1..6, &["--tag", "pool=a"]);
     let script = "for i in 1 2 3; do echo out$i; done; echo err1 >&2; exit 0";
-    let out = master(
-        &lan,
-        &[
-            "--key-file",
-            &k,
-            "--slaves",
-            "5",
-            "--wait",
-            "5s",
-            "--tag",
-            "pool=a",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = format!("--key-file {k} --slaves 5 --wait 5s --tag pool=a -- sh -c");
+    let out = master(&lan, &words_then(&line, &[script]));
+    assert_success(&out);
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     for i in 1..6 {
@@ -115,23 +117,11 @@ fn command_fans_out_to_five_slaves_with_every_line_and_exit_code() {
             ],
             "{stdout}"
         );
-        assert!(stderr.contains(&format!("s{i}: err1")), "{stderr}");
+        assert_contains(&stderr, &format!("s{i}: err1"));
     }
     // Exit codes come back, per slave, and make the master fail.
-    let out = master(
-        &lan,
-        &[
-            "--key-file",
-            &k,
-            "--slaves",
-            "5",
-            "--json",
-            "--",
-            "sh",
-            "-c",
-            "echo x; exit 7",
-        ],
-    );
+    let line = format!("--key-file {k} --slaves 5 --json -- sh -c");
+    let out = master(&lan, &words_then(&line, &["echo x; exit 7"]));
     assert_eq!(out.status.code(), Some(1));
     let results: Vec<serde_json::Value> = text(&out.stdout)
         .lines()
@@ -142,54 +132,19 @@ fn command_fans_out_to_five_slaves_with_every_line_and_exit_code() {
         assert_eq!(r["exit_code"], 7);
         assert_eq!(r["stdout"], serde_json::json!(["x"]));
     }
-    assert_eq!(
-        text(&out.stderr).matches("exit code 7").count(),
-        5,
-        "{}",
-        text(&out.stderr)
-    );
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.matches("exit code 7").count(), 5, "{stderr}");
     // A timeout kills the job and is reported.
-    let out = master(
-        &lan,
-        &[
-            "--key-file",
-            &k,
-            "--slaves",
-            "5",
-            "--timeout",
-            "300ms",
-            "--",
-            "sleep",
-            "30",
-        ],
-    );
+    let line = format!("--key-file {k} --slaves 5 --timeout 300ms -- sleep 30");
+    let out = master(&lan, &words(&line));
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        text(&out.stderr).matches("timed out").count(),
-        5,
-        "{}",
-        text(&out.stderr)
-    );
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.matches("timed out").count(), 5, "{stderr}");
     // Too few slaves is a clear error.
-    let out = master(
-        &lan,
-        &[
-            "--key-file",
-            &k,
-            "--slaves",
-            "9",
-            "--wait",
-            "300ms",
-            "--",
-            "true",
-        ],
-    );
+    let line = format!("--key-file {k} --slaves 9 --wait 300ms -- true");
+    let out = master(&lan, &words(&line));
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("found only 5 of 9 slaves"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_contains(&text(&out.stderr), "found only 5 of 9 slaves");
 }
 
 #[test]
@@ -200,60 +155,42 @@ fn wrong_key_is_refused_and_nothing_runs() {
     let good = lan.key("good");
     let bad = lan.key("bad");
     let marker = lan.dir().join("ran");
+    let target = format!("{}:7001", lan.ip(1));
     let slave_pid = slave(
         &lan,
         1,
-        &[
-            "--key-file",
-            &good,
-            "--listen",
-            &format!("{}:7001", lan.ip(1)),
-        ],
+        &words(&format!("--key-file {good} --listen {target}")),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let target = format!("{}:7001", lan.ip(1));
     let marker_s = marker.to_str().unwrap().to_string();
-    let (wrong, none) = lan.within(0, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let nid: localnet::NodeId = target.parse().unwrap();
-            let argv = vec!["touch".to_string(), marker_s];
-            let wrong_key = localnet::ClusterKey::load(std::path::Path::new(&bad)).unwrap();
-            let m = localnet::Master::new("intruder", Some(wrong_key), None);
-            let wrong = m
-                .exec(nid, argv.clone(), None)
-                .await
-                .err()
-                .map(|e| e.to_string());
-            let m = localnet::Master::new("intruder", None, None);
-            let none = m.exec(nid, argv, None).await.err().map(|e| e.to_string());
-            (wrong, none)
-        })
+    let (wrong, none) = block_on_host(&lan, 0, move || async move {
+        let nid: localnet::NodeId = target.parse().unwrap();
+        let argv = vec!["touch".to_string(), marker_s];
+        let wrong_key = localnet::ClusterKey::load(std::path::Path::new(&bad)).unwrap();
+        let m = localnet::Master::new("intruder", Some(wrong_key), None);
+        let wrong = m
+            .exec(nid, argv.clone(), None)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        let m = localnet::Master::new("intruder", None, None);
+        let none = m.exec(nid, argv, None).await.err().map(|e| e.to_string());
+        (wrong, none)
     });
     let wrong = wrong.expect("a wrong key must be refused");
-    assert!(wrong.contains("cluster key does not match"), "{wrong}");
+    assert_contains(&wrong, "cluster key does not match");
     let none = none.expect("no key must be refused");
-    assert!(none.contains("requires the cluster key"), "{none}");
+    assert_contains(&none, "requires the cluster key");
     std::thread::sleep(Duration::from_millis(200));
     assert!(!marker.exists(), "a command ran without the key");
     assert!(alive(slave_pid), "the slave must keep serving");
     // With the wrong key, discovery does not even find the slave.
-    let out = master(
-        &lan,
-        &[
-            "--key-file",
-            lan.dir().join("bad.key").to_str().unwrap(),
-            "--slaves",
-            "1",
-            "--wait",
-            "500ms",
-            "--",
-            "true",
-        ],
+    let bad_key = lan.dir().join("bad.key");
+    let line = format!(
+        "--key-file {} --slaves 1 --wait 500ms -- true",
+        bad_key.display()
     );
+    let out = master(&lan, &words(&line));
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -267,18 +204,8 @@ fn open_cluster_refuses_commands_without_insecure() {
     slave(&lan, 2, &["--insecure"]);
     std::thread::sleep(Duration::from_millis(300));
     let m = marker.to_str().unwrap();
-    let out = master(
-        &lan,
-        &[
-            "--slaves",
-            "2",
-            "--json",
-            "--",
-            "sh",
-            "-c",
-            &format!("echo $$ >> {m}"),
-        ],
-    );
+    let script = format!("echo $$ >> {m}");
+    let out = master(&lan, &words_then("--slaves 2 --json -- sh -c", &[&script]));
     assert_eq!(out.status.code(), Some(1));
     let results: BTreeMap<String, serde_json::Value> = text(&out.stdout)
         .lines()
@@ -304,40 +231,27 @@ fn open_cluster_refuses_commands_without_insecure() {
     );
     // Registered functions still work on an open cluster.
     let nid: localnet::NodeId = peers_addr(&lan, 1);
-    let answer = lan.within(0, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    let answer = block_on_host(&lan, 0, move || async move {
+        let m = localnet::Master::new("m", None, None);
+        let ok = m
+            .call(nid, "echo", serde_json::json!({"x": 1}))
+            .await
             .unwrap();
-        rt.block_on(async move {
-            let m = localnet::Master::new("m", None, None);
-            let ok = m
-                .call(nid, "echo", serde_json::json!({"x": 1}))
-                .await
-                .unwrap();
-            let missing = m
-                .call(nid, "nope", serde_json::json!(null))
-                .await
-                .unwrap_err()
-                .to_string();
-            (ok, missing)
-        })
+        let missing = m
+            .call(nid, "nope", serde_json::json!(null))
+            .await
+            .unwrap_err()
+            .to_string();
+        (ok, missing)
     });
     assert_eq!(answer.0, serde_json::json!({"x": 1}));
-    assert!(
-        answer.1.contains("no function named \"nope\""),
-        "{}",
-        answer.1
-    );
+    assert_contains(&answer.1, "no function named \"nope\"");
 }
 
 /// The transport address slave `i` announces, found through a one-shot `peers`.
 fn peers_addr(lan: &Lan, i: usize) -> localnet::NodeId {
-    let out = lan.run(
-        0,
-        &binary(),
-        &["peers", "--json", "--interface", "eth0", "--timeout", "1s"],
-    );
+    let line = "peers --json --interface eth0 --timeout 1s";
+    let out = lan.run(0, &binary(), &words(line));
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let p = list
         .iter()
@@ -351,11 +265,7 @@ fn master_killed_mid_job_leaves_no_job_process() {
     let Some(lan) = Lan::new("mkill", 55, 3) else {
         return;
     };
-    let k = lan.key("k");
-    let slaves: Vec<u32> = (1..3)
-        .map(|i| slave(&lan, i, &["--key-file", &k]))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let (k, slaves) = keyed_slaves(&lan, 1..3, &[]);
     let tag = format!("job-{}", std::process::id());
     // A background child too: the whole process group must go.
     let script = format!("sleep 301 & sleep 301; : {tag}");
@@ -371,7 +281,7 @@ fn master_killed_mid_job_leaves_no_job_process() {
     assert!(gone, "job processes left: {:?}", pids_matching(&tag));
     assert!(slaves.iter().all(|p| alive(*p)), "slaves keep serving");
     let out = master(&lan, &["--key-file", &k, "--slaves", "2", "--", "true"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
 }
 
 #[test]
@@ -379,38 +289,18 @@ fn terminate_all_leaves_no_localnet_or_job_process() {
     let Some(lan) = Lan::new("term", 56, 4) else {
         return;
     };
-    let k = lan.key("k");
-    let slaves: Vec<u32> = (1..4)
-        .map(|i| slave(&lan, i, &["--key-file", &k]))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let (k, slaves) = keyed_slaves(&lan, 1..4, &[]);
     let tag = format!("long-{}", std::process::id());
     let script = format!("sleep 302; : {tag}");
     let m = spawn_master(&lan, &k, 3, &script);
     assert!(eventually(Duration::from_secs(5), || pids_matching(&tag)
         .len()
         >= 3));
-    let out = lan.run(
-        0,
-        &binary(),
-        &[
-            "terminate",
-            "--all",
-            "--interface",
-            "eth0",
-            "--key-file",
-            &k,
-            "--wait",
-            "500ms",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(
-        text(&out.stdout).matches("terminated").count(),
-        3,
-        "{}",
-        text(&out.stdout)
-    );
+    let line = format!("terminate --all --interface eth0 --key-file {k} --wait 500ms");
+    let out = lan.run(0, &binary(), &words(&line));
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.matches("terminated").count(), 3, "{stdout}");
     for pid in &slaves {
         assert_eq!(
             lan.wait(*pid, Duration::from_secs(3)),
@@ -432,25 +322,10 @@ fn four_slaves_printing_200000_lines_each_deliver_every_line_in_order() {
     let Some(lan) = Lan::new("lines", 57, 5) else {
         return;
     };
-    let k = lan.key("k");
-    for i in 1..5 {
-        slave(&lan, i, &["--key-file", &k]);
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let out = master(
-        &lan,
-        &[
-            "--key-file",
-            &k,
-            "--slaves",
-            "4",
-            "--",
-            "seq",
-            "1",
-            "200000",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (k, _) = keyed_slaves(&lan, 1..5, &[]);
+    let line = format!("--key-file {k} --slaves 4 -- seq 1 200000");
+    let out = master(&lan, &words(&line));
+    assert_success(&out);
     let stdout = text(&out.stdout);
     let mut next: BTreeMap<String, u64> = BTreeMap::new();
     for line in stdout.lines() {
@@ -480,29 +355,16 @@ fn master_whose_stdout_nobody_reads_for_6_s_loses_no_line_and_kills_no_job() {
     let Some(lan) = Lan::new("slow", 81, 2) else {
         return;
     };
-    let k = lan.key("k");
-    slave(&lan, 1, &["--key-file", &k]);
-    std::thread::sleep(Duration::from_millis(300));
+    let (k, _) = keyed_slaves(&lan, 1..2, &[]);
     // 300 000 lines of 70 bytes: 21 MB, far more than every buffer on the way holds,
     // so the job has to wait for the reader.
     let script = "awk 'BEGIN { for (i = 1; i <= 300000; i++) printf \"%06d %063d\\n\", i, 0 }'";
     let err = std::fs::File::create(lan.dir().join("master.log")).unwrap();
+    let line = format!("master --interface eth0 --key-file {k} --slaves 1 -- sh -c");
     let child = std::process::Command::new("ip")
         .args(["netns", "exec", &lan.ns(0)])
         .arg(binary())
-        .args([
-            "master",
-            "--interface",
-            "eth0",
-            "--key-file",
-            &k,
-            "--slaves",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
+        .args(words_then(&line, &[script]))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(err)
@@ -536,25 +398,12 @@ fn slave_log_keeps_why_its_master_vanished_while_logs_were_redirected() {
     let Some(lan) = Lan::new("mstop", 82, 2) else {
         return;
     };
-    let k = lan.key("k");
-    slave(&lan, 1, &["--key-file", &k]);
-    std::thread::sleep(Duration::from_millis(300));
+    let (k, _) = keyed_slaves(&lan, 1..2, &[]);
     for run in 1..=3 {
         let tag = format!("vanish-{run}-{}", std::process::id());
-        let args = [
-            "master",
-            "--interface",
-            "eth0",
-            "--key-file",
-            &k,
-            "--slaves",
-            "1",
-            "--slave-logs",
-            "--",
-            "sh",
-            "-c",
-            &format!("sleep 303; : {tag}"),
-        ];
+        let line = format!("master --interface eth0 --key-file {k} --slaves 1 --slave-logs");
+        let script = format!("sleep 303; : {tag}");
+        let args = words_then(&line, &["--", "sh", "-c", &script]);
         let m = lan.spawn(0, &format!("master{run}"), &binary(), &args);
         // The master's command line and the job's shell both hold the tag.
         assert!(
@@ -587,10 +436,7 @@ fn raw_output_is_byte_exact_and_json_keeps_invalid_utf8() {
     let Some(lan) = Lan::new("raw", 83, 3) else {
         return;
     };
-    let k = lan.key("k");
-    slave(&lan, 1, &["--key-file", &k, "--tag", "who=one"]);
-    slave(&lan, 2, &["--key-file", &k, "--tag", "who=two"]);
-    std::thread::sleep(Duration::from_millis(300));
+    let k = two_tagged_slaves(&lan);
     let run = |extra: &[&str], script: &str| {
         let mut args = vec!["--key-file", &k, "--wait", "3s"];
         args.extend_from_slice(extra);
@@ -599,18 +445,18 @@ fn raw_output_is_byte_exact_and_json_keeps_invalid_utf8() {
     };
     // Byte for byte: an invalid UTF-8 byte, and no newline at the end.
     let out = run(&["--raw", "--tag", "who=one"], r"printf 'a\377b'");
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
     assert_eq!(out.stdout, b"a\xffb");
     let out = run(
         &["--raw", "--tag", "who=one"],
         r"printf 'no newline'; printf 'e\377' >&2",
     );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
     assert_eq!(out.stdout, b"no newline");
     assert_eq!(out.stderr, b"e\xff");
     // Prefixed lines keep the bytes and add only the separator they need.
     let out = run(&["--tag", "who=one"], r"printf 'x\377\nno newline'");
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
     assert_eq!(out.stdout, b"s1: x\xff\ns1: no newline\n");
     // --raw is for one slave.
     let out = run(&["--raw", "--slaves", "2"], "true");
@@ -620,7 +466,7 @@ fn raw_output_is_byte_exact_and_json_keeps_invalid_utf8() {
         &["--json", "--slaves", "2"],
         r"printf 'a\377b\n'; echo ok >&2",
     );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
     let results: Vec<serde_json::Value> = text(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
@@ -643,9 +489,7 @@ fn master_shows_slave_log_lines_only_with_slave_logs() {
     let Some(lan) = Lan::new("slogs", 84, 2) else {
         return;
     };
-    let k = lan.key("k");
-    slave(&lan, 1, &["--key-file", &k]);
-    std::thread::sleep(Duration::from_millis(300));
+    let (k, _) = keyed_slaves(&lan, 1..2, &[]);
     let base = ["--key-file", k.as_str(), "--slaves", "1"];
     let run = |extra: &[&str]| {
         let mut args = base.to_vec();
@@ -654,29 +498,22 @@ fn master_shows_slave_log_lines_only_with_slave_logs() {
         master(&lan, &args)
     };
     let out = run(&[]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
     assert_eq!(text(&out.stdout), "s1: hi\n");
     assert_eq!(text(&out.stderr), "s1: oops\n", "job output only");
     let out = run(&["--slave-logs"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
     assert_eq!(text(&out.stdout), "s1: hi\n");
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("s1: oops\n"), "{stderr}");
-    assert!(
-        stderr.contains("s1: INFO logs redirected to the master"),
-        "{stderr}"
-    );
+    assert_contains(&stderr, "s1: oops\n");
+    assert_contains(&stderr, "s1: INFO logs redirected to the master");
     let out = run(&["--slave-logs", "--json"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
     for line in text(&out.stdout).lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("stdout is JSON only");
         assert!(v.is_object(), "{line}");
     }
-    assert!(
-        text(&out.stderr).contains("s1: INFO"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_contains(&text(&out.stderr), "s1: INFO");
 }
 
 #[test]
@@ -689,32 +526,18 @@ fn client_commands_do_not_warn_about_datagrams_they_drop() {
     // A daemon of another cluster announces next to us: every datagram of it is dropped.
     lan.daemon(1, &["--key-file", &theirs]);
     let stderr_of = |args: &[&str]| text(&lan.run(0, &binary(), args).stderr);
-    let peers = stderr_of(&[
-        "peers",
-        "--interface",
-        "eth0",
-        "--key-file",
-        &ours,
-        "--timeout",
-        "1s",
-    ]);
-    assert!(!peers.contains("dropped datagram"), "{peers}");
+    let peers = stderr_of(&words(&format!(
+        "peers --interface eth0 --key-file {ours} --timeout 1s"
+    )));
+    assert_lacks(&peers, "dropped datagram");
     // What was dropped is explained instead, even with no --wait-for.
-    assert!(peers.contains("no peers found; seen: "), "{peers}");
-    assert!(peers.contains("--key-file"), "{peers}");
-    let master = stderr_of(&[
-        "master",
-        "--interface",
-        "eth0",
-        "--key-file",
-        &ours,
-        "--wait",
-        "1s",
-        "--",
-        "true",
-    ]);
-    assert!(master.contains("no slaves found"), "{master}");
-    assert!(!master.contains("dropped datagram"), "{master}");
+    assert_contains(&peers, "no peers found; seen: ");
+    assert_contains(&peers, "--key-file");
+    let master = stderr_of(&words(&format!(
+        "master --interface eth0 --key-file {ours} --wait 1s -- true"
+    )));
+    assert_contains(&master, "no slaves found");
+    assert_lacks(&master, "dropped datagram");
     // The daemon, which is not a client, still says what it drops.
     assert!(
         eventually(Duration::from_secs(2), || lan
@@ -730,10 +553,7 @@ fn raw_with_several_matching_slaves_is_an_error_naming_them() {
     let Some(lan) = Lan::new("rawmany", 86, 3) else {
         return;
     };
-    let k = lan.key("k");
-    slave(&lan, 1, &["--key-file", &k, "--tag", "who=one"]);
-    slave(&lan, 2, &["--key-file", &k, "--tag", "who=two"]);
-    std::thread::sleep(Duration::from_millis(300));
+    let k = two_tagged_slaves(&lan);
     let marker = lan.dir().join("ran");
     let script = format!(r"echo x >> {}; printf 'exact\377'", marker.display());
     let run = |extra: &[&str]| {
@@ -746,7 +566,7 @@ fn raw_with_several_matching_slaves_is_an_error_naming_them() {
     let out = run(&["--raw"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("but 2 match"), "{stderr}");
+    assert_contains(&stderr, "but 2 match");
     assert!(
         stderr.contains("s1 (") && stderr.contains("s2 ("),
         "{stderr}"
@@ -755,7 +575,7 @@ fn raw_with_several_matching_slaves_is_an_error_naming_them() {
         stderr.contains("who=one") && stderr.contains("who=two"),
         "{stderr}"
     );
-    assert!(stderr.contains("--tag"), "{stderr}");
+    assert_contains(&stderr, "--tag");
     assert!(out.stdout.is_empty());
     assert!(
         !marker.exists(),
@@ -767,7 +587,7 @@ fn raw_with_several_matching_slaves_is_an_error_naming_them() {
     assert!(text(&out.stderr).contains("but 2 match"));
     // A tag that selects one: its bytes, exactly.
     let out = run(&["--raw", "--tag", "who=two"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_success(&out);
     assert_eq!(out.stdout, b"exact\xff");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x\n");
 }
@@ -780,26 +600,12 @@ fn json_output_over_the_cap_is_truncated_and_says_so() {
     let Some(lan) = Lan::new("jsoncap", 87, 2) else {
         return;
     };
-    let k = lan.key("k");
-    slave(&lan, 1, &["--key-file", &k]);
-    std::thread::sleep(Duration::from_millis(300));
+    let (k, _) = keyed_slaves(&lan, 1..2, &[]);
     // 8-byte lines, 4 MiB more than the cap; a little stderr; exit 3.
     let total = JSON_OUTPUT_CAP + 4 * 1024 * 1024;
     let script = format!("yes aaaaaaa | head -c {total}; echo small >&2; exit 3");
-    let out = master(
-        &lan,
-        &[
-            "--key-file",
-            &k,
-            "--slaves",
-            "1",
-            "--json",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
+    let line = format!("--key-file {k} --slaves 1 --json -- sh -c");
+    let out = master(&lan, &words_then(&line, &[&script]));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let results: Vec<serde_json::Value> = text(&out.stdout)
@@ -820,7 +626,7 @@ fn json_output_over_the_cap_is_truncated_and_says_so() {
         stderr.contains("s1") && stderr.contains("stdout truncated"),
         "{stderr}"
     );
-    assert!(stderr.contains("exit code 3"), "{stderr}");
+    assert_contains(&stderr, "exit code 3");
 }
 
 #[test]
@@ -888,9 +694,9 @@ fn connections_over_the_slave_cap_are_closed_at_once_and_the_slave_serves_after(
         "too slow: the held connections' handshakes may have timed out"
     );
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("the slave refused the connection: too many connections"),
-        "{stderr}"
+    assert_contains(
+        &stderr,
+        "the slave refused the connection: too many connections",
     );
     // The slave's log says so, at most once a second, with a count.
     let refusals = || -> Vec<u64> {

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use support::words::{assert_contains, assert_lacks, words};
 use support::{Lan, binary, eventually, peer_names, watch};
 
 #[test]
@@ -19,13 +20,8 @@ fn a_slave_stopped_by_a_signal_is_seen_leaving_not_failing() {
     let slaves: Vec<(u32, i32, &str)> = [(1, libc::SIGTERM, "s1"), (2, libc::SIGINT, "s2")]
         .into_iter()
         .map(|(i, signal, name)| {
-            let pid = lan.spawn(
-                i,
-                name,
-                &binary(),
-                &["slave", "--name", name, "--interface", "eth0"],
-            );
-            (pid, signal, name)
+            let line = format!("slave --name {name} --interface eth0");
+            (lan.spawn(i, name, &binary(), &words(&line)), signal, name)
         })
         .collect();
     let mut joined = std::collections::BTreeSet::new();
@@ -172,11 +168,8 @@ fn status_prints_text_and_watch_ends_when_the_daemon_stops() {
     };
     let d0 = lan.daemon(0, &[]);
     lan.daemon(1, &[]);
-    assert!(eventually(Duration::from_secs(5), || peer_names(
-        &lan.sock(0)
-    )
-    .len()
-        == 1));
+    let h0_knows_h1 = || peer_names(&lan.sock(0)).len() == 1;
+    assert!(eventually(Duration::from_secs(5), h0_knows_h1));
     let sock = lan.sock(0);
     let sock = sock.to_str().unwrap();
     let out = lan.run(0, &binary(), &["status", "--control", sock]);
@@ -198,6 +191,6 @@ fn status_prints_text_and_watch_ends_when_the_daemon_stops() {
     lan.signal(d0, libc::SIGTERM);
     assert_eq!(lan.wait(watcher, Duration::from_secs(3)), Some(0));
     let said = lan.log("watch");
-    assert!(said.contains("stopped"), "{said}");
-    assert!(!said.contains("unexpected"), "{said}");
+    assert_contains(&said, "stopped");
+    assert_lacks(&said, "unexpected");
 }

@@ -14,13 +14,40 @@ fn failed_times(sim: &Sim, victim: usize) -> Vec<(usize, u64, u64)> {
         .collect()
 }
 
+/// The default simulation of `nodes` nodes, drawn from `seed`.
+fn config(nodes: usize, seed: u64) -> SimConfig {
+    SimConfig {
+        nodes,
+        seed,
+        ..SimConfig::default()
+    }
+}
+
+/// The latest of the `failed_times` in ms after `since` (the kill); 0 if there are none.
+fn latest_after(failed: &[(usize, u64, u64)], since: u64) -> u64 {
+    failed
+        .iter()
+        .map(|(_, at, _)| at - since)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Kills node `victim` and stops the nodes of `stopped`, now, and runs 5 s on: when it
+/// was killed, how many nodes declared it failed, and the latest of them (ms after).
+fn kill_and_run_5_s(sim: &mut Sim, victim: usize, stopped: &[usize]) -> (u64, usize, u64) {
+    let killed_at = sim.now();
+    sim.kill(victim);
+    for &node in stopped {
+        sim.stop(node);
+    }
+    sim.run_until(killed_at + 5_000);
+    let failed = failed_times(sim, victim);
+    (killed_at, failed.len(), latest_after(&failed, killed_at))
+}
+
 #[test]
 fn thousand_nodes_converge_detect_failure_and_keep_the_budget() {
-    let mut sim = Sim::new(SimConfig {
-        nodes: 1000,
-        seed: 7,
-        ..SimConfig::default()
-    });
+    let mut sim = Sim::new(config(1000, 7));
     sim.start_all(0, 1000);
     let converged = sim
         .run_until_converged(60_000)
@@ -55,11 +82,7 @@ fn thousand_nodes_converge_detect_failure_and_keep_the_budget() {
     }
     assert_eq!(failed.len(), 999, "every other node declares it failed");
     let ttl = failed[0].2;
-    let worst = failed
-        .iter()
-        .map(|(_, at, _)| at - killed_at)
-        .max()
-        .unwrap();
+    let worst = latest_after(&failed, killed_at);
     println!("victim's TTL {ttl} ms; last node declared it failed after {worst} ms");
     assert!(worst <= ttl, "{worst} > ttl {ttl}");
     assert!(sim.converged());
@@ -67,27 +90,14 @@ fn thousand_nodes_converge_detect_failure_and_keep_the_budget() {
 
 #[test]
 fn fifty_nodes_fail_fast_and_leave_at_once() {
-    let mut sim = Sim::new(SimConfig {
-        nodes: 50,
-        seed: 3,
-        ..SimConfig::default()
-    });
+    let mut sim = Sim::new(config(50, 3));
     sim.start_all(0, 0);
     let converged = sim.run_until_converged(5_000).expect("50 nodes converge");
     println!("50 nodes converged at {converged} ms");
     assert!(converged < 200);
     sim.run_until(10_000);
-    let killed_at = sim.now();
-    sim.kill(7);
-    sim.stop(8);
-    sim.run_until(killed_at + 5_000);
-    let failed = failed_times(&sim, 7);
-    assert_eq!(failed.len(), 48);
-    let worst = failed
-        .iter()
-        .map(|(_, at, _)| at - killed_at)
-        .max()
-        .unwrap();
+    let (killed_at, failed, worst) = kill_and_run_5_s(&mut sim, 7, &[8]);
+    assert_eq!(failed, 48);
     println!("50 nodes: killed node failed everywhere after {worst} ms");
     assert!(worst <= 1000, "{worst} ms");
     let id8 = sim.id(8);
@@ -105,10 +115,8 @@ fn fifty_nodes_fail_fast_and_leave_at_once() {
 #[test]
 fn lossy_lan_converges_and_never_fails_a_live_node() {
     let mut sim = Sim::new(SimConfig {
-        nodes: 50,
         loss: 0.10,
-        seed: 11,
-        ..SimConfig::default()
+        ..config(50, 11)
     });
     sim.start_all(0, 500);
     let converged = sim
@@ -128,10 +136,8 @@ fn lossy_lan_converges_and_never_fails_a_live_node() {
 #[test]
 fn keyed_cluster_behaves_the_same() {
     let mut sim = Sim::new(SimConfig {
-        nodes: 50,
-        seed: 5,
         key: Some(localnet::ClusterKey::from_bytes([9; 32])),
-        ..SimConfig::default()
+        ..config(50, 5)
     });
     sim.start_all(0, 100);
     sim.run_until_converged(5_000)
@@ -148,16 +154,8 @@ fn keyed_cluster_behaves_the_same() {
             "node {i}: {s:?}"
         );
     }
-    let killed_at = sim.now();
-    sim.kill(0);
-    sim.run_until(killed_at + 5_000);
-    let failed = failed_times(&sim, 0);
-    assert_eq!(failed.len(), 49);
-    let worst = failed
-        .iter()
-        .map(|(_, at, _)| at - killed_at)
-        .max()
-        .unwrap();
+    let (_, failed, worst) = kill_and_run_5_s(&mut sim, 0, &[]);
+    assert_eq!(failed, 49);
     println!("50 keyed nodes: killed node failed everywhere after {worst} ms");
     assert!(worst <= 1000, "{worst} ms");
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use support::words::{words, words_then};
 use support::{Lan, binary, eventually, peer_names, wait_event, watch};
 use systemd_support::{Cgroup, host_mounts_under};
 
@@ -324,12 +325,9 @@ fn units_under_a_real_systemd() {
     let machine = Machine::boot(&lan, 0, &key);
 
     // Both units are clean for systemd-analyze.
-    let verify = machine.run(&[
-        "systemd-analyze",
-        "verify",
-        "localnet.service",
-        "localnet-slave.service",
-    ]);
+    let verify = machine.run(&words(
+        "systemd-analyze verify localnet.service localnet-slave.service",
+    ));
     let complaints = String::from_utf8_lossy(&verify.stderr).to_string();
     assert!(
         verify.status.success() && complaints.trim().is_empty(),
@@ -377,16 +375,9 @@ fn units_under_a_real_systemd() {
             .contains("\"h1\""),
         "`localnet peers` as a member of the group"
     );
-    let other = machine.run(&[
-        "runuser",
-        "-u",
-        "bob",
-        "--",
-        "localnet",
-        "status",
-        "--control",
-        "/run/localnet/control.sock",
-    ]);
+    let other = machine.run(&words(
+        "runuser -u bob -- localnet status --control /run/localnet/control.sock",
+    ));
     assert!(
         !other.status.success()
             && String::from_utf8_lossy(&other.stderr).contains("ermission denied"),
@@ -453,14 +444,7 @@ fn units_under_a_real_systemd() {
     );
 
     // The journal holds the daemon's lines, at their syslog priorities.
-    let journal = machine.text(&[
-        "journalctl",
-        "-u",
-        "localnet",
-        "--no-pager",
-        "-o",
-        "verbose",
-    ]);
+    let journal = machine.text(&words("journalctl -u localnet --no-pager -o verbose"));
     assert!(journal.contains("goodbye sent"), "{journal}");
     // Native journal entries from the daemon itself: INFO is priority 6, the message
     // carries no timestamp or level of its own.
@@ -485,25 +469,12 @@ fn units_under_a_real_systemd() {
 
     // The slave unit takes a job from a master outside the machine.
     machine.ok(&["systemctl", "start", "localnet-slave"]);
-    let out = lan.run(
-        1,
-        &binary(),
-        &[
-            "master",
-            "--interface",
-            "eth0",
-            "--key-file",
-            key.to_str().unwrap(),
-            "--slaves",
-            "1",
-            "--wait",
-            "5s",
-            "--",
-            "sh",
-            "-c",
-            "echo job ran as $(id -un) in $(pwd)",
-        ],
+    let line = format!(
+        "master --interface eth0 --key-file {} --slaves 1 --wait 5s -- sh -c",
+        key.display()
     );
+    let script = "echo job ran as $(id -un) in $(pwd)";
+    let out = lan.run(1, &binary(), &words_then(&line, &[script]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

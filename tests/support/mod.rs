@@ -9,6 +9,7 @@
 //! Not root: tests skip with a message, unless `LOCALNET_REQUIRE_NETNS=1` (set by CI),
 //! which turns the skip into a failure.
 #![allow(dead_code)]
+pub mod words;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
