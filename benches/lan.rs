@@ -321,20 +321,10 @@ impl System for Localnet {
     fn start_all(&self, lan: &Lan) -> Vec<u32> {
         (0..lan.hosts())
             .map(|i| {
-                let name = format!("h{i}");
-                let sock = lan.sock(i);
-                let mut args = vec![
-                    "daemon",
-                    "--name",
-                    &name,
-                    "--interface",
-                    "eth0",
-                    "--discovery",
-                    "multicast",
-                    "--control",
-                    sock.to_str().unwrap_or_default(),
-                ];
-                args.extend(self.extra.iter().map(String::as_str));
+                let mut own = lan.daemon_args(i);
+                own.extend(["--discovery", "multicast"].map(str::to_string));
+                own.extend(self.extra.iter().cloned());
+                let args: Vec<&str> = own.iter().map(String::as_str).collect();
                 lan.spawn(i, &format!("localnet-h{i}"), &binary(), &args)
             })
             .collect()

@@ -191,21 +191,24 @@ impl Lan {
         self.daemon_wrapped(i, &[], extra)
     }
 
+    /// The arguments of `localnet daemon` on host `i`: name `h<i>`, interface eth0,
+    /// control socket [`Lan::sock`].
+    pub fn daemon_args(&self, i: usize) -> Vec<String> {
+        let sock = self.sock(i).to_string_lossy().into_owned();
+        let name = format!("h{i}");
+        ["daemon", "--name", &name, "--interface", "eth0", "--control", &sock]
+            .map(str::to_string)
+            .to_vec()
+    }
+
     /// [`Lan::daemon`] run through a wrapper command that execs it (such as `env
     /// VAR=...`, see [`faketime`]), so that the PID is still the daemon's.
     pub fn daemon_wrapped(&self, i: usize, wrapper: &[String], extra: &[&str]) -> u32 {
         let sock = self.sock(i);
         let _ = std::fs::remove_file(&sock);
         let name = format!("h{i}");
-        let mut args = vec![
-            "daemon",
-            "--name",
-            &name,
-            "--interface",
-            "eth0",
-            "--control",
-            sock.to_str().unwrap(),
-        ];
+        let own = self.daemon_args(i);
+        let mut args: Vec<&str> = own.iter().map(String::as_str).collect();
         args.extend_from_slice(extra);
         let bin = binary();
         let pid = match wrapper.split_first() {
