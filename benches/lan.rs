@@ -827,9 +827,8 @@ fn run_timed(
     let err_path = lan.dir().join(format!("timed-h{i}.err"));
     let err = std::fs::File::create(&err_path).ok()?;
     let started = Instant::now();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &lan.ns(i)])
-        .arg(program)
+    let mut child = lan
+        .command(i, program)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())

@@ -103,9 +103,30 @@ pub enum NetError {
     },
 }
 
+/// The interface's flags (`IFF_UP`, `IFF_MULTICAST`, …), asked of the kernel for the
+/// network namespace this process is in (`SIOCGIFFLAGS`). Not from `/sys/class/net`,
+/// whose view belongs to the mount namespace and may be another network's (a process
+/// moved into a namespace by `setns` or `nsenter --net` still sees the host's sysfs).
 fn flags(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).ok()?;
-    u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return None;
+    }
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).ok()?;
+    // SAFETY: ifreq is plain data (zero is a valid value); the name fits with its NUL.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, &b) in request.ifr_name.iter_mut().zip(bytes) {
+        *slot = b as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags into `request`.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    Some(u32::from(flags as u16))
 }
 
 /// Chooses interfaces: those named (any IPv4 interface, `lo` included), or else every
@@ -247,6 +268,16 @@ impl Sockets {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn flags_come_from_the_kernel() {
+        let lo = super::flags("lo").expect("lo has flags");
+        assert_ne!(lo & libc::IFF_LOOPBACK as u32, 0, "{lo:#x}");
+        assert_ne!(lo & libc::IFF_UP as u32, 0, "{lo:#x}");
+        assert_eq!(super::flags("no-such-if0"), None);
+        assert_eq!(super::flags(""), None);
+        assert_eq!(super::flags(&"x".repeat(40)), None);
+    }
+
     use super::*;
 
     #[test]
