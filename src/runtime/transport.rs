@@ -178,15 +178,6 @@ fn psk(key: &ClusterKey) -> [u8; 32] {
     key.sign(&[b"localnet/1 transport psk"])
 }
 
-/// Writes one length-prefixed handshake message in a single write (two small writes
-/// would meet Nagle's algorithm and the peer's delayed ACK: 40 ms per message).
-async fn write_raw(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-    let mut message = Vec::with_capacity(4 + bytes.len());
-    message.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    message.extend_from_slice(bytes);
-    stream.write_all(&message).await
-}
-
 async fn read_raw(stream: &mut TcpStream) -> Result<Vec<u8>, TransportError> {
     let mut len = [0u8; 4];
     stream
@@ -213,34 +204,66 @@ async fn read_raw(stream: &mut TcpStream) -> Result<Vec<u8>, TransportError> {
 
 /// NNpsk0: the initiator sends its ephemeral key, the responder answers with its own;
 /// each message is bound to the pre-shared key, so a wrong key fails the handshake.
-async fn noise_handshake(
-    stream: &mut TcpStream,
+/// This is one side's state before its first message.
+fn noise_handshake(
     key: &ClusterKey,
     initiator: bool,
-) -> Result<StatelessTransportState, TransportError> {
-    let fail = |_| TransportError::Handshake;
+) -> Result<snow::HandshakeState, TransportError> {
     let psk = psk(key);
     let builder = snow::Builder::new(noise_params())
         .prologue(PROLOGUE)
         .and_then(|b| b.psk(0, &psk));
-    let mut hs = match initiator {
+    match initiator {
         true => builder.and_then(|b| b.build_initiator()),
         false => builder.and_then(|b| b.build_responder()),
     }
-    .map_err(fail)?;
-    let mut buf = vec![0u8; MAX_FRAME];
-    if initiator {
-        let n = hs.write_message(&[], &mut buf).map_err(fail)?;
-        write_raw(stream, &buf[..n]).await?;
-        let reply = read_raw(stream).await?;
-        hs.read_message(&reply, &mut buf).map_err(fail)?;
-    } else {
-        let first = read_raw(stream).await?;
-        hs.read_message(&first, &mut buf).map_err(fail)?;
-        let n = hs.write_message(&[], &mut buf).map_err(fail)?;
-        write_raw(stream, &buf[..n]).await?;
+    .map_err(|_| TransportError::Handshake)
+}
+
+/// Appends the handshake's next message to `out`, length-prefixed.
+fn push_handshake_message(
+    hs: &mut snow::HandshakeState,
+    out: &mut Vec<u8>,
+) -> Result<(), TransportError> {
+    let mut buf = [0u8; 256];
+    let n = hs
+        .write_message(&[], &mut buf)
+        .map_err(|_| TransportError::Handshake)?;
+    out.extend_from_slice(&(n as u32).to_be_bytes());
+    out.extend_from_slice(&buf[..n]);
+    Ok(())
+}
+
+/// Reads the peer's handshake message into `hs`.
+async fn read_handshake_message(
+    stream: &mut TcpStream,
+    hs: &mut snow::HandshakeState,
+) -> Result<(), TransportError> {
+    let message = read_raw(stream).await?;
+    let mut buf = vec![0u8; message.len()];
+    hs.read_message(&message, &mut buf)
+        .map_err(|_| TransportError::Handshake)?;
+    Ok(())
+}
+
+/// Says `status` (a refusal) and closes without resetting the connection: the client
+/// may have sent its first handshake message already, and closing with it unread would
+/// reset the connection, which can lose the status before the client reads it. So this
+/// closes the writing side and reads until the client closes (bounded in time).
+async fn refuse(stream: &mut TcpStream, status: u8) {
+    if stream.write_all(&[status]).await.is_err() {
+        return;
     }
-    hs.into_stateless_transport_mode().map_err(fail)
+    let _ = stream.shutdown().await;
+    let mut unread = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(n) = stream.read(&mut unread).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn split(stream: TcpStream, cipher: Option<StatelessTransportState>) -> (FrameReader, FrameWriter) {
@@ -263,7 +286,9 @@ fn split(stream: TcpStream, cipher: Option<StatelessTransportState>) -> (FrameRe
     )
 }
 
-/// Connects to a node and runs the handshake.
+/// Connects to a node and runs the handshake: the preamble and (with a key) the first
+/// Noise message go out in one segment, and the slave answers its status and the second
+/// message in one, so a keyed connection is ready after one round trip.
 pub async fn connect(
     addr: std::net::SocketAddr,
     key: Option<&ClusterKey>,
@@ -272,8 +297,12 @@ pub async fn connect(
         let mut stream = TcpStream::connect(addr).await?;
         // Small request/answer messages: send each at once.
         let _ = stream.set_nodelay(true);
+        let mut hs = key.map(|k| noise_handshake(k, true)).transpose()?;
         let mut hello = PREAMBLE.to_vec();
         hello.push(if key.is_some() { NOISE } else { PLAIN });
+        if let Some(hs) = hs.as_mut() {
+            push_handshake_message(hs, &mut hello)?;
+        }
         stream.write_all(&hello).await?;
         let mut status = [0u8; 1];
         stream
@@ -290,10 +319,13 @@ pub async fn connect(
             BUSY => return Err(TransportError::Busy),
             _ => return Err(TransportError::BadPreamble),
         }
-        let Some(key) = key else {
+        let Some(mut hs) = hs else {
             return Ok(split(stream, None));
         };
-        let cipher = noise_handshake(&mut stream, key, true).await?;
+        read_handshake_message(&mut stream, &mut hs).await?;
+        let cipher = hs
+            .into_stateless_transport_mode()
+            .map_err(|_| TransportError::Handshake)?;
         Ok(split(stream, Some(cipher)))
     })
     .await
@@ -332,22 +364,36 @@ pub async fn accept(
             return Err(TransportError::BadPreamble);
         }
         match (hello[6], key) {
-            (PLAIN, None) | (NOISE, Some(_)) => stream.write_all(&[OK]).await?,
+            (PLAIN, None) => {
+                stream.write_all(&[OK]).await?;
+                Ok(split(stream, None))
+            }
+            (NOISE, Some(key)) => {
+                let mut hs = noise_handshake(key, false)?;
+                if let Err(e) = read_handshake_message(&mut stream, &mut hs).await {
+                    // The preamble was right; the handshake (another key) was not. The
+                    // client then fails on the missing answer: a handshake error.
+                    refuse(&mut stream, OK).await;
+                    return Err(e);
+                }
+                let mut answer = vec![OK];
+                push_handshake_message(&mut hs, &mut answer)?;
+                stream.write_all(&answer).await?;
+                let cipher = hs
+                    .into_stateless_transport_mode()
+                    .map_err(|_| TransportError::Handshake)?;
+                Ok(split(stream, Some(cipher)))
+            }
             (PLAIN, Some(_)) => {
-                stream.write_all(&[KEY_REQUIRED]).await?;
-                return Err(TransportError::KeyRequired);
+                refuse(&mut stream, KEY_REQUIRED).await;
+                Err(TransportError::KeyRequired)
             }
             (NOISE, None) => {
-                stream.write_all(&[NO_KEY_HERE]).await?;
-                return Err(TransportError::NoKeyExpected);
+                refuse(&mut stream, NO_KEY_HERE).await;
+                Err(TransportError::NoKeyExpected)
             }
-            _ => return Err(TransportError::BadPreamble),
+            _ => Err(TransportError::BadPreamble),
         }
-        let Some(key) = key else {
-            return Ok(split(stream, None));
-        };
-        let cipher = noise_handshake(&mut stream, key, false).await?;
-        Ok(split(stream, Some(cipher)))
     })
     .await
     .map_err(|_| TransportError::HandshakeTimeout)?

@@ -179,12 +179,12 @@ impl Lan {
         // SAFETY: setns is async-signal-safe; the namespace's fd lives in the closure,
         // open until the child has entered it (it is close-on-exec).
         unsafe {
-            command.pre_exec(move || {
-                match libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) {
+            command.pre_exec(
+                move || match libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) {
                     0 => Ok(()),
                     _ => Err(std::io::Error::last_os_error()),
-                }
-            });
+                },
+            );
         }
         command
     }
@@ -218,9 +218,17 @@ impl Lan {
     pub fn daemon_args(&self, i: usize) -> Vec<String> {
         let sock = self.sock(i).to_string_lossy().into_owned();
         let name = format!("h{i}");
-        ["daemon", "--name", &name, "--interface", "eth0", "--control", &sock]
-            .map(str::to_string)
-            .to_vec()
+        [
+            "daemon",
+            "--name",
+            &name,
+            "--interface",
+            "eth0",
+            "--control",
+            &sock,
+        ]
+        .map(str::to_string)
+        .to_vec()
     }
 
     /// [`Lan::daemon`] run through a wrapper command that execs it (such as `env
