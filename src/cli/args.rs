@@ -91,11 +91,11 @@ pub struct DaemonArgs {
     /// Directory where the node id persists across restarts.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// How often to announce in small groups; peers declare a node failed about 4
-    /// heartbeats after it went silent. Longer means less traffic and slower failure
+    /// How often to send a heartbeat in small groups; peers declare a node failed
+    /// about 3.6 heartbeats after it went silent (900 ms at the default). Longer means less traffic and slower failure
     /// detection. Large groups announce less often by themselves, to keep the group
     /// within its traffic budget.
-    #[arg(long, value_name = "DUR", default_value = "200ms", value_parser = parse_heartbeat, allow_hyphen_values = true)]
+    #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = parse_heartbeat, allow_hyphen_values = true)]
     pub heartbeat: Duration,
 }
 
