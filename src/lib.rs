@@ -77,7 +77,9 @@ pub struct FindOptions {
     /// (likewise), else [`control::default_path`] if a daemon answers there, else a
     /// discovery of its own.
     pub control: Option<PathBuf>,
-    /// How long to look (and the longest wait for `wait_for`).
+    /// The longest time to look. Without `wait_for`, a discovery of its own returns
+    /// sooner, once every member that answers its probes has answered
+    /// ([`NodeHandle::wait_settled`]).
     pub timeout: Duration,
     /// Return as soon as this many peers are known.
     pub wait_for: Option<usize>,
@@ -97,7 +99,8 @@ impl Default for FindOptions {
 }
 
 /// Lists the peers on the LAN: asks the local daemon if one answers on the control
-/// socket, else discovers on its own for `timeout`.
+/// socket, else discovers on its own until every member has answered (at most
+/// `timeout`).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), localnet::Error> {
@@ -187,9 +190,12 @@ pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<
     node_opts.protocol.observer = true;
     let node = Node::start(node_opts).await?;
     let handle = node.handle();
-    let found = handle
-        .wait_for(opts.wait_for.unwrap_or(usize::MAX), opts.timeout)
-        .await;
+    // With no count to wait for, the answer is complete once the view is settled:
+    // every member that answers has answered (the timeout stays the upper bound).
+    let found = match opts.wait_for {
+        Some(n) => handle.wait_for(n, opts.timeout).await,
+        None => handle.wait_settled(opts.timeout).await,
+    };
     let mut hints = Vec::new();
     if let Ok(peers) = &found
         && short(peers)
