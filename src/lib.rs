@@ -188,13 +188,22 @@ pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<
     }
     let mut node_opts = opts.node.clone();
     node_opts.protocol.observer = true;
+    let started = std::time::Instant::now();
     let node = Node::start(node_opts).await?;
     let handle = node.handle();
     // With no count to wait for, the answer is complete once the view is settled:
     // every member that answers has answered (the timeout stays the upper bound).
+    // Settled with nobody found, it waits on for anyone until the timeout: members
+    // that cannot answer (a clock off, another key) are heard meanwhile, for the hints.
     let found = match opts.wait_for {
         Some(n) => handle.wait_for(n, opts.timeout).await,
-        None => handle.wait_settled(opts.timeout).await,
+        None => match handle.wait_settled(opts.timeout).await {
+            Ok(peers) if peers.is_empty() => {
+                let left = opts.timeout.saturating_sub(started.elapsed());
+                handle.wait_for(1, left).await
+            }
+            other => other,
+        },
     };
     let mut hints = Vec::new();
     if let Ok(peers) = &found

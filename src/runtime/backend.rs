@@ -482,6 +482,9 @@ pub async fn discover_explained(
     let mut events = handle.subscribe();
     // With no count to wait for, the search ends once the view is settled: every
     // member that answers the probes has answered (`timeout` stays the upper bound).
+    // Settled with no slave at all, it waits on for one until the timeout: nothing is
+    // lost by waiting, and members that cannot answer (a clock off, another key) are
+    // heard by their heartbeats meanwhile, for the hints.
     let settled = async {
         match wait_for {
             None => handle.settled().await,
@@ -489,12 +492,12 @@ pub async fn discover_explained(
         }
     };
     tokio::pin!(settled);
-    let mut done = false;
+    let mut settled_fired = false;
     let (found, peers) = loop {
         let peers = handle.peers().await?;
         let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
         progress(found.len());
-        if found.len() >= want || done {
+        if found.len() >= want || (settled_fired && !found.is_empty()) {
             break (found, peers);
         }
         tokio::select! {
@@ -503,8 +506,8 @@ pub async fn discover_explained(
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break (found, peers),
                 Ok(_) => {}
             },
-            // Settled: one more look at the table, then done.
-            _ = &mut settled, if !done => done = true,
+            // Settled: one more look at the table, then done (if it found any).
+            _ = &mut settled, if !settled_fired => settled_fired = true,
         }
     };
     let mut hints = Vec::new();
