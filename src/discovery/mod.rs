@@ -1186,16 +1186,17 @@ impl Discovery {
 
     /// The interval to advertise when the one in force (`interval`) no longer fits
     /// the advertised one, else `None`. Beats may come faster than advertised but
-    /// never slower; advertising with a quarter of headroom above the floor keeps a
-    /// slowly growing group from changing its records at every beat, and a group that
-    /// shrank to less than half re-advertises (a shorter TTL: faster failure detection).
+    /// never slower; advertising with an eighth of headroom above the floor keeps a
+    /// slowly growing group from changing its records at every beat (and costs an
+    /// eighth more failure detection time), and a group that shrank to less than half
+    /// re-advertises (a shorter TTL: faster failure detection).
     fn retimed(&self, interval: u64) -> Option<u64> {
         let advertised = self.me.interval_ms;
         if interval <= advertised && interval >= advertised / 2 {
             return None;
         }
         let headroom = match interval > self.cfg.min_interval_ms {
-            true => interval / 4,
+            true => interval / 8,
             false => 0,
         };
         let new = (interval + headroom).clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms);
