@@ -179,7 +179,7 @@ pub struct Transmit {
 ///
 /// ```
 /// use localnet::discovery::{Decoded, Destination};
-/// # use localnet::discovery::{Config, Discovery, LocalNode};
+/// # use localnet::discovery::{Config, Discovery, LocalNode, MemberId};
 /// # let me = |id: u128| LocalNode {
 /// #     id: MemberId::from_u128(id), name: format!("n{id}"), incarnation: 1,
 /// #     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
@@ -388,7 +388,7 @@ const TOMBSTONE_MS: Millis = 150_000;
 /// The discovery state machine of one node.
 ///
 /// ```
-/// use localnet::discovery::{Config, Discovery, LocalNode, Destination};
+/// use localnet::discovery::{Config, Discovery, LocalNode, Destination, MemberId};
 /// let me = LocalNode {
 ///     id: MemberId::from_u128(1), name: "a".into(), incarnation: 1,
 ///     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
