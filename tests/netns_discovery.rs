@@ -299,8 +299,8 @@ fn a_longer_heartbeat_is_announced_and_sets_the_failure_time() {
         == 1));
     let p = &peers(&lan.sock(0))[0];
     assert_eq!(p["interval_ms"], 1000, "{p}");
-    assert_eq!(p["ttl_ms"], 3600, "{p}"); // 3.6 heartbeats (4.5 in version 1)
-    // kill -9: h0 calls it failed after about 3.6 heartbeats, not after the default 0.9 s.
+    assert_eq!(p["ttl_ms"], 3200, "{p}"); // 3.2 heartbeats (4.5 in version 1)
+    // kill -9: h0 calls it failed after about 3.2 heartbeats, not after the default 0.9 s.
     let events = watch(&lan.sock(0));
     let killed = Instant::now();
     lan.signal(slow, libc::SIGKILL);

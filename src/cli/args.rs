@@ -92,10 +92,10 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// How often to send a heartbeat in small groups; peers declare a node failed
-    /// about 3.6 heartbeats after it went silent (900 ms at the default). Longer means less traffic and slower failure
+    /// about 3.2 heartbeats after it went silent (896 ms at the default). Longer means less traffic and slower failure
     /// detection. Large groups announce less often by themselves, to keep the group
     /// within its traffic budget.
-    #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = parse_heartbeat, allow_hyphen_values = true)]
+    #[arg(long, value_name = "DUR", default_value = "280ms", value_parser = parse_heartbeat, allow_hyphen_values = true)]
     pub heartbeat: Duration,
 }
 

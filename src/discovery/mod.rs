@@ -22,11 +22,11 @@
 //!   heartbeat of a member it does not know, or whose record sequence it lacks, asks
 //!   for the record with a direct probe (bounded and rate-limited).
 //! - The interval follows the RTCP rule (RFC 3550 §6.2): group size × mean datagram
-//!   size ÷ traffic budget, never below a floor (250 ms); timers are reconsidered when
+//!   size ÷ traffic budget, never below a floor (280 ms); timers are reconsidered when
 //!   they fire, so a growing group slows down at once.
-//! - Each record carries the sender's interval and TTL (3.6 intervals: 900 ms at the
+//! - Each record carries the sender's interval and TTL (3.2 intervals: 896 ms at the
 //!   floor). A peer not heard for 3/5 of its TTL becomes suspect and is probed
-//!   directly (unicast) every TTL/36 (25 ms); it is declared failed only when its TTL
+//!   directly (unicast) every TTL/36 (24 ms); it is declared failed only when its TTL
 //!   passes with no answer.
 //! - A `goodbye` removes its sender at once; a higher incarnation replaces an entry.
 //! - Every datagram passes a per-source rate limit, then decoding, then (with a key) the
@@ -116,7 +116,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            min_interval_ms: 250,
+            min_interval_ms: 280,
             max_interval_ms: 120_000,
             budget_bytes_per_sec: 64_000,
             second_probe_ms: 100,
@@ -1015,12 +1015,7 @@ impl Discovery {
             return;
         }
         self.stats.record_requests += 1;
-        let probe = Message::Probe {
-            from: self.me.id,
-            node: (!self.cfg.observer).then(|| self.me.clone()),
-            direct: true,
-        };
-        self.send(now, Destination::Unicast(source), &probe);
+        self.send_direct_probe(now, source);
     }
 
     /// An answer announced its sender's reply window: our view settles after it. An
@@ -1103,6 +1098,19 @@ impl Discovery {
         }
         let ttl = entry.record().ttl_ms;
         let expires = entry.last_heard + ttl;
+        // Woken long after the deadline, this node was stalled (a busy host): what the
+        // peer sent meanwhile is still queued, unread. Probe once more and look again
+        // shortly, rather than fail it on stale knowledge (once per silence).
+        if now >= expires && now >= fired + LATE_MS && !entry.graced {
+            entry.graced = true;
+            entry.state = PeerState::Suspect;
+            entry.next_probe = now + probe_gap(ttl);
+            entry.armed_at = now + LATE_MS;
+            arm(&mut self.peer_timers, now + LATE_MS, id);
+            let dest = entry.source();
+            self.send_direct_probe(now, dest);
+            return;
+        }
         if now >= expires {
             if let Some(entry) = self.table.remove(&id) {
                 self.bury(now, id, entry.record().incarnation);
@@ -1131,13 +1139,18 @@ impl Discovery {
         entry.armed_at = next;
         arm(&mut self.peer_timers, next, id);
         if let Some(dest) = probe_to {
-            let probe = Message::Probe {
-                from: self.me.id,
-                node: (!self.cfg.observer).then(|| self.me.clone()),
-                direct: true,
-            };
-            self.send(now, Destination::Unicast(dest), &probe);
+            self.send_direct_probe(now, dest);
         }
+    }
+
+    /// A direct probe: asks one peer for its record, which also proves it alive.
+    fn send_direct_probe(&mut self, now: Millis, dest: SocketAddr) {
+        let probe = Message::Probe {
+            from: self.me.id,
+            node: (!self.cfg.observer).then(|| self.me.clone()),
+            direct: true,
+        };
+        self.send(now, Destination::Unicast(dest), &probe);
     }
 
     /// Drops the heap items that would be skipped when popped (their entry is gone, or
@@ -1383,14 +1396,14 @@ fn arm(timers: &mut BinaryHeap<Reverse<(Millis, MemberId)>>, at: Millis, id: Mem
 /// Most members whose record request is remembered (see [`ASK_AGAIN_MS`]).
 const MAX_RECORD_REQUESTS: usize = 256;
 
-/// A sender's TTL for its interval: 3.6 intervals (900 ms at the 250 ms floor, so
+/// A sender's TTL for its interval: 3.2 intervals (896 ms at the 280 ms floor, so
 /// that a killed node is failed everywhere within a second).
 fn ttl_for(interval: u64) -> u64 {
-    interval * 18 / 5
+    interval * 16 / 5
 }
 
-/// When a peer silent since `last_heard` becomes suspect: after 3/5 of its TTL (two
-/// heartbeats missed, 540 ms at the floor).
+/// When a peer silent since `last_heard` becomes suspect: after 3/5 of its TTL (537
+/// ms at the floor: one heartbeat missed and the next not in yet).
 ///
 /// Rounded up to a [`SUSPECT_GRID_MS`] grid, so that one timer wake-up checks many
 /// peers: an idle daemon wakes for received datagrams, not for each peer's timer.
@@ -1398,10 +1411,14 @@ fn suspect_at(last_heard: Millis, ttl: u64) -> Millis {
     (last_heard + ttl / 5 * 3).div_ceil(SUSPECT_GRID_MS) * SUSPECT_GRID_MS
 }
 
+/// How late a peer's timer must fire for this node to count itself stalled, and how
+/// long it then gives the peer (see `peer_timer`).
+const LATE_MS: Millis = 50;
+
 /// Granularity of suspicion checks (expiry itself stays exact).
 const SUSPECT_GRID_MS: Millis = 50;
 
-/// Time between direct probes of a suspect: TTL/36 (25 ms at the floor), so that a
+/// Time between direct probes of a suspect: TTL/36 (24 ms at the floor), so that a
 /// dozen probes, each answered, cover the rest of its TTL against loss.
 fn probe_gap(ttl: u64) -> u64 {
     (ttl / 36).max(10)

@@ -161,6 +161,9 @@ pub(crate) struct Entry {
     pub via_mdns: bool,
     /// Its record was authenticated (always, in an open cluster).
     pub verified: bool,
+    /// Its expiry was put off once since it was last heard, because this node woke up
+    /// too late to judge (see the core's `peer_timer`).
+    pub graced: bool,
 }
 
 impl Entry {
@@ -314,12 +317,14 @@ impl PeerTable {
                 {
                     entry.last_heard = now;
                     entry.state = PeerState::Alive;
+                    entry.graced = false;
                     return (Observed::Refreshed, unarmed(entry));
                 }
                 let visible_change = changes_what_users_see(entry.record(), &heard.record);
                 entry.heard = heard;
                 entry.last_heard = now;
                 entry.state = PeerState::Alive;
+                entry.graced = false;
                 let newly_verified = !entry.verified;
                 entry.via_multicast = true;
                 entry.verified = true;
@@ -341,6 +346,7 @@ impl PeerTable {
                     via_multicast: true,
                     via_mdns: false,
                     verified: true,
+                    graced: false,
                 });
                 (Observed::Joined, true)
             }
@@ -361,6 +367,7 @@ impl PeerTable {
         }
         entry.last_heard = now;
         entry.state = PeerState::Alive;
+        entry.graced = false;
         match seq > entry.record().seq {
             true => Beat::NeedRecord,
             false => Beat::Refreshed,
@@ -409,6 +416,7 @@ impl PeerTable {
                     via_multicast: false,
                     via_mdns: true,
                     verified: trusted,
+                    graced: false,
                 });
                 Observed::Joined
             }
