@@ -1313,9 +1313,15 @@ impl Discovery {
         }
         // More newcomers at once are answered with one multicast announcement, but no
         // more often than every half interval: a group starting all at once then stays
-        // near its budget instead of answering every probe to everyone.
+        // near its budget instead of answering every probe to everyone. A group whose
+        // interval is at the floor is well under its budget: every quarter interval.
         if let Some(last) = self.last_record_multicast {
-            let earliest = last + self.compute_interval() / 2;
+            let interval = self.compute_interval();
+            let gap = match interval <= self.cfg.min_interval_ms {
+                true => interval / 4,
+                false => interval / 2,
+            };
+            let earliest = last + gap;
             if now < earliest {
                 self.timers.set(Timer::Reply, earliest);
                 return;

@@ -14,6 +14,10 @@
 //! is handed out on [`SimConfig::threads`] threads; what each node then sends and
 //! reports is applied in recipient order, so a run is the same whatever the threads.
 //!
+//! One-shot observers ([`Sim::add_observer`]) can join a running LAN: the records
+//! they receive are logged ([`Sim::records_to_observers`]) beside their settled time
+//! ([`Sim::settled_at`]), which is what the settled-discovery tests check.
+//!
 //! ```
 //! use localnet::discovery::sim::{Sim, SimConfig};
 //! let mut sim = Sim::new(SimConfig { nodes: 10, ..SimConfig::default() });

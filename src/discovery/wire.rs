@@ -31,28 +31,58 @@
 //!
 //! # Body: a [`Message`]
 //!
-//! A postcard enum: a varint variant index, then the variant's fields in order.
+//! A postcard enum: a varint variant index (one byte, 0 to 3), then the variant's fields
+//! in order. Offsets below are from the start of the body; "v" marks a varint, whose
+//! size depends on its value. A UUID is its 16 bytes in order (as
+//! [`uuid::Uuid::as_bytes`]).
 //!
-//! | index | message | fields, in order |
+//! **Heartbeat** ([`Message::Heartbeat`], what a member multicasts every interval):
+//!
+//! | offset | size | field |
 //! |---|---|---|
-//! | 0 | [`Message::Heartbeat`] | `id` (16 bytes, the UUID's bytes in order), `incarnation` (varint), `seq` (varint) |
-//! | 1 | [`Message::Announce`] | `node` (a [`NodeRecord`], below), `reply_window_ms` (varint) |
-//! | 2 | [`Message::Probe`] | `from` (16 bytes), `node` (`0x00` absent, or `0x01` then a [`NodeRecord`]), `direct` (`0x00` false, `0x01` true; other values malformed) |
-//! | 3 | [`Message::Goodbye`] | `id` (16 bytes), `incarnation` (varint) |
+//! | 0 | 1 | `0x00` |
+//! | 1 | 16 | `id`: the sender's member id |
+//! | 17 | v | `incarnation` |
+//! | … | v | `seq`: the sender's current record version ([`NodeRecord::seq`]) |
 //!
-//! A [`NodeRecord`]:
+//! **Announce** ([`Message::Announce`], the full record):
 //!
-//! | field | encoding |
-//! |---|---|
-//! | `id` | 16 bytes |
-//! | `name` | varint length, then that many bytes of UTF-8 (invalid UTF-8: malformed) |
-//! | `incarnation` | varint |
-//! | `seq` | varint |
-//! | `addr` | `0x00`, 4 bytes of IPv4 address, varint port; or `0x01`, 16 bytes of IPv6 address, varint port |
-//! | `role` | string, as `name` |
-//! | `tags` | varint count, then per tag: key string, value string |
-//! | `interval_ms` | varint |
-//! | `ttl_ms` | varint |
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 1 | `0x01` |
+//! | 1 | … | `node`: a [`NodeRecord`] (below) |
+//! | … | v | `reply_window_ms`: the sender answers a group probe within this many ms |
+//!
+//! **Probe** ([`Message::Probe`]):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 1 | `0x02` |
+//! | 1 | 16 | `from`: the sender's member id |
+//! | 17 | 1 | `node` present: `0x00` (an observer: nothing follows for it) or `0x01`, then a [`NodeRecord`] |
+//! | … | 1 | `direct`: `0x00` a group probe, `0x01` a direct one (other values: malformed) |
+//!
+//! **Goodbye** ([`Message::Goodbye`]):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 1 | `0x03` |
+//! | 1 | 16 | `id`: the leaving member's id |
+//! | 17 | v | `incarnation`: the incarnation that leaves |
+//!
+//! **NodeRecord** ([`NodeRecord`], inside Announce and Probe):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 16 | `id` |
+//! | 16 | v + n | `name`: varint length n, then n bytes of UTF-8 (invalid UTF-8: malformed) |
+//! | … | v | `incarnation` |
+//! | … | v | `seq` |
+//! | … | 1 + 4 + v or 1 + 16 + v | `addr`: `0x00`, the IPv4 address's 4 bytes, varint port; or `0x01`, the IPv6 address's 16 bytes, varint port |
+//! | … | v + n | `role`: a string, as `name` |
+//! | … | v + … | `tags`: varint count, then per tag its key and its value, strings as `name` |
+//! | … | v | `interval_ms` |
+//! | … | v | `ttl_ms` |
 //!
 //! Sizes, for a daemon (incarnation = its start time in ms, 6 varint bytes): a
 //! heartbeat is **26 bytes** open and **50** keyed (68 and 92 on an Ethernet wire with
