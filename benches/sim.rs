@@ -16,7 +16,7 @@
 //!   the time from the *last* start until every node lists every other (the JSON also
 //!   has it from t = 0, and when the last start was).
 //! - **announcement interval**: min / median / max over the nodes of the interval in
-//!   force in steady state; each node advertises a TTL of 4.5 intervals.
+//!   force in steady state; each node advertises a TTL of 3.2 intervals.
 //! - **steady traffic**: bytes per second sent in steady state, from 5 s after
 //!   convergence, over 15 s or two median announcement intervals if longer (nodes that
 //!   started within a second announce more or less in step, so a shorter window would

@@ -99,7 +99,9 @@ pub struct FindOptions {
     /// (likewise), else [`control::default_path`] if a daemon answers there, else a
     /// discovery of its own.
     pub control: Option<PathBuf>,
-    /// How long to look (and the longest wait for `wait_for`).
+    /// The longest time to look. Without `wait_for`, a discovery of its own returns
+    /// sooner, once every member that answers its probes has answered
+    /// ([`NodeHandle::wait_settled`]).
     pub timeout: Duration,
     /// Return as soon as this many peers are known.
     pub wait_for: Option<usize>,
@@ -119,7 +121,8 @@ impl Default for FindOptions {
 }
 
 /// Lists the peers on the LAN: asks the local daemon if one answers on the control
-/// socket, else discovers on its own for `timeout`.
+/// socket, else discovers on its own until every member has answered (at most
+/// `timeout`).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), localnet::Error> {
@@ -207,11 +210,23 @@ pub async fn find_peers_explained(opts: &FindOptions) -> Result<(Vec<Peer>, Vec<
     }
     let mut node_opts = opts.node.clone();
     node_opts.protocol.observer = true;
+    let started = std::time::Instant::now();
     let node = Node::start(node_opts).await?;
     let handle = node.handle();
-    let found = handle
-        .wait_for(opts.wait_for.unwrap_or(usize::MAX), opts.timeout)
-        .await;
+    // With no count to wait for, the answer is complete once the view is settled:
+    // every member that answers has answered (the timeout stays the upper bound).
+    // Settled with nobody found, it waits on for anyone until the timeout: members
+    // that cannot answer (a clock off, another key) are heard meanwhile, for the hints.
+    let found = match opts.wait_for {
+        Some(n) => handle.wait_for(n, opts.timeout).await,
+        None => match handle.wait_settled(opts.timeout).await {
+            Ok(peers) if peers.is_empty() => {
+                let left = opts.timeout.saturating_sub(started.elapsed());
+                handle.wait_for(1, left).await
+            }
+            other => other,
+        },
+    };
     let mut hints = Vec::new();
     if let Ok(peers) = &found
         && short(peers)

@@ -105,6 +105,7 @@ fn check_bounds(f: &Footprint) -> Result<(), TestCaseError> {
     prop_assert!(f.tombstones <= 2 * MAX_PEERS, "{f:?}");
     prop_assert!(f.rejections <= MAX_REJECTIONS, "{f:?}");
     prop_assert!(f.timers <= 4 * MAX_PEERS + 64, "{f:?}");
+    prop_assert!(f.record_requests <= 256, "{f:?}");
     prop_assert!(f.transmits == 0 && f.events == 0, "{f:?}");
     Ok(())
 }
@@ -118,22 +119,44 @@ fn record() -> impl Strategy<Value = NodeRecord> {
         prop_oneof![Just(1u64), 1u64..100, Just(u64::MAX)],
         prop::collection::btree_map("[a-z]{1,4}", "[a-z0-9]{0,6}", 0..3),
         any::<u16>(),
+        prop_oneof![0u64..4, any::<u64>()],
     )
-        .prop_map(|(id, name, inc, ivl, ttl_factor, tags, port)| NodeRecord {
-            id: Uuid::from_u128(id + 2),
-            name,
-            incarnation: inc % 8,
-            addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-            role: "daemon".into(),
-            tags,
-            interval_ms: ivl,
-            ttl_ms: ivl.saturating_mul(ttl_factor),
-        })
+        .prop_map(
+            |(id, name, inc, ivl, ttl_factor, tags, port, seq)| NodeRecord {
+                id: Uuid::from_u128(id + 2),
+                name,
+                incarnation: inc % 8,
+                seq,
+                addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                role: "daemon".into(),
+                tags,
+                interval_ms: ivl,
+                ttl_ms: ivl.saturating_mul(ttl_factor),
+            },
+        )
 }
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        record().prop_map(|node| Message::Announce { node }),
+        (0u128..64, 0u64..8, prop_oneof![0u64..4, any::<u64>()]).prop_map(
+            |(id, incarnation, seq)| Message::Heartbeat {
+                id: Uuid::from_u128(id + 2),
+                incarnation,
+                seq
+            }
+        ),
+        // Heartbeats of ever new members: each asks for a record (bounded).
+        (any::<u128>(), any::<u64>()).prop_map(|(id, incarnation)| Message::Heartbeat {
+            id: Uuid::from_u128(id),
+            incarnation,
+            seq: 1
+        }),
+        (record(), prop_oneof![0u64..100, any::<u64>()]).prop_map(|(node, reply_window_ms)| {
+            Message::Announce {
+                node,
+                reply_window_ms,
+            }
+        }),
         (0u128..64, prop::option::of(record()), any::<bool>()).prop_map(|(from, node, direct)| {
             let from = Uuid::from_u128(from + 2);
             let node = node.map(|mut n| {
@@ -163,7 +186,10 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
         (
             any::<usize>(),
-            prop::sample::select(b"{}[]\":,0123456789-eE.\\ntruefalse".to_vec())
+            prop_oneof![
+                prop::sample::select(vec![0x00u8, 0x01, 0x02, 0x7f, 0x80, 0xff]),
+                any::<u8>()
+            ]
         )
             .prop_map(|(i, b)| Mutation::Insert(i, b)),
         any::<usize>().prop_map(Mutation::Remove),
@@ -229,13 +255,18 @@ fn payload() -> impl Strategy<Value = Payload> {
         Just(Signing::Other),
     ];
     prop_oneof![
-        // Random bytes, and random bytes that start like a datagram.
+        // Random bytes, and random bytes that start like a datagram: open, keyed, or
+        // of protocol version 1 (JSON).
         2 => prop::collection::vec(any::<u8>(), 0..1300).prop_map(Payload::Raw),
-        1 => prop::collection::vec(any::<u8>(), 0..200).prop_map(|b| {
-            let mut v = b"{\"v\":1,\"m\":".to_vec();
-            v.extend(b);
-            Payload::Raw(v)
-        }),
+        1 => (
+            prop::sample::select(vec![&b"\x02\x00"[..], &b"\x02\x01"[..], &b"{\"v\":1,\"m\":"[..]]),
+            prop::collection::vec(any::<u8>(), 0..200)
+        )
+            .prop_map(|(start, b)| {
+                let mut v = start.to_vec();
+                v.extend(b);
+                Payload::Raw(v)
+            }),
         // Valid messages, perhaps mutated.
         4 => (message(), signing, prop::collection::vec(mutation(), 0..4))
             .prop_map(|(m, s, muts)| Payload::Message(m, s, muts)),
@@ -334,6 +365,7 @@ fn joining_and_leaving_forever_stays_bounded() {
                 id,
                 name: format!("n{i}"),
                 incarnation: 1,
+                seq: 1,
                 addr: "0.0.0.0:7000".parse().unwrap(),
                 role: "daemon".into(),
                 tags: BTreeMap::new(),
@@ -342,7 +374,14 @@ fn joining_and_leaving_forever_stays_bounded() {
             };
             let source = SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 7000));
             let sign = |ctr| key.as_ref().map(|k| (k, Auth { ctr }));
-            let hello = wire::encode(&Message::Announce { node }, sign(now * 1000)).unwrap();
+            let hello = wire::encode(
+                &Message::Announce {
+                    node,
+                    reply_window_ms: 2,
+                },
+                sign(now * 1000),
+            )
+            .unwrap();
             let bye = wire::encode(
                 &Message::Goodbye { id, incarnation: 1 },
                 sign(now * 1000 + 1),
@@ -369,6 +408,62 @@ fn joining_and_leaving_forever_stays_bounded() {
         assert!(max.replay <= 2 * MAX_PEERS, "{max:?}");
         assert!(max.timers <= 4 * MAX_PEERS + 64, "{max:?}");
     }
+}
+
+/// Every well-formed message survives encoding and decoding unchanged, open and keyed,
+/// and the decoder takes any bytes without panicking: random ones, and every cut and
+/// single-byte change of a valid datagram.
+#[test]
+fn datagrams_round_trip_and_the_decoder_takes_any_bytes() {
+    let sane = (message(), 1u64..10_000, 1u16..).prop_map(|(mut msg, ivl, port)| {
+        let fix = |n: &mut NodeRecord| {
+            n.interval_ms = ivl;
+            n.ttl_ms = ivl.saturating_mul(4);
+            n.addr.set_port(port);
+        };
+        match &mut msg {
+            Message::Announce { node, .. } => fix(node),
+            Message::Probe {
+                node: Some(node), ..
+            } => fix(node),
+            _ => {}
+        }
+        msg
+    });
+    let strategy = (
+        sane,
+        any::<u64>(),
+        any::<usize>(),
+        any::<u8>(),
+        prop::collection::vec(any::<u8>(), 0..1300),
+    );
+    let key = the_key();
+    fuzz("wire_round_trip", strategy, |(msg, ctr, at, byte, junk)| {
+        let open = wire::encode(&msg, None).unwrap();
+        prop_assert_eq!(wire::decode(&open, None), Ok((msg.clone(), None)));
+        let auth = Auth { ctr };
+        let keyed = wire::encode(&msg, Some((&key, auth))).unwrap();
+        prop_assert_eq!(
+            wire::decode(&keyed, Some(&key)),
+            Ok((msg.clone(), Some(auth)))
+        );
+        for bytes in [&open, &keyed] {
+            let _ = wire::decode(&bytes[..at % bytes.len()], None);
+            let _ = wire::decode(&bytes[..at % bytes.len()], Some(&key));
+            let mut changed = bytes.clone();
+            changed[at % bytes.len()] ^= byte | 1;
+            let _ = wire::decode(&changed, None);
+            // A changed keyed datagram never passes the key check.
+            if bytes == &keyed {
+                prop_assert!(wire::decode(&changed, Some(&key)).is_err());
+            }
+            let _ = wire::claimed_sender(&changed);
+        }
+        let _ = wire::decode(&junk, None);
+        let _ = wire::decode(&junk, Some(&key));
+        let _ = wire::claimed_sender(&junk);
+        Ok(())
+    });
 }
 
 fn frame() -> impl Strategy<Value = Frame> {

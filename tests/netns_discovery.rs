@@ -168,6 +168,8 @@ kinds = [
   lambda: (good + " " * 1300).encode(),
   lambda: good.replace('"ttl":900', '"ttl":-5').encode(),
   lambda: json.dumps({{"v":1,"m":{{"type":"goodbye","id":"not-a-uuid","inc":1}}}}).encode(),
+  lambda: b"\x02\x00" + bytes(random.getrandbits(8) for _ in range(random.randint(0, 60))),
+  lambda: b"\x02\x01" + bytes(random.getrandbits(8) for _ in range(random.randint(0, 60))),
 ]
 for n in range(10000):
     data = kinds[n % len(kinds)]()
@@ -192,6 +194,7 @@ for n in range(10000):
         "dropped_malformed",
         "dropped_oversize",
         "dropped_version",
+        "dropped_legacy",
         "dropped_rate",
     ]
     .iter()
@@ -272,8 +275,8 @@ fn a_longer_heartbeat_is_announced_and_sets_the_failure_time() {
     assert!(knows_peers(&lan, 0, 1));
     let p = &peers(&lan.sock(0))[0];
     assert_eq!(p["interval_ms"], 1000, "{p}");
-    assert_eq!(p["ttl_ms"], 4500, "{p}");
-    // kill -9: h0 calls it failed after about 4 heartbeats, not after the default 0.8 s.
+    assert_eq!(p["ttl_ms"], 3200, "{p}"); // 3.2 heartbeats (4.5 in version 1)
+    // kill -9: h0 calls it failed after about 3.2 heartbeats, not after the default 0.9 s.
     let events = watch(&lan.sock(0));
     let killed = Instant::now();
     lan.signal(slow, libc::SIGKILL);

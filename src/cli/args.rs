@@ -91,11 +91,11 @@ pub struct DaemonArgs {
     /// Directory where the node id persists across restarts.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// How often to announce in small groups; peers declare a node failed about 4
-    /// heartbeats after it went silent. Longer means less traffic and slower failure
+    /// How often to send a heartbeat in small groups; peers declare a node failed
+    /// about 3.2 heartbeats after it went silent (896 ms at the default). Longer means less traffic and slower failure
     /// detection. Large groups announce less often by themselves, to keep the group
     /// within its traffic budget.
-    #[arg(long, value_name = "DUR", default_value = "200ms", value_parser = parse_heartbeat, allow_hyphen_values = true)]
+    #[arg(long, value_name = "DUR", default_value = "280ms", value_parser = parse_heartbeat, allow_hyphen_values = true)]
     pub heartbeat: Duration,
 }
 
@@ -119,7 +119,8 @@ pub struct PeersArgs {
     /// Return as soon as this many peers are known.
     #[arg(long, value_name = "N")]
     pub wait_for: Option<usize>,
-    /// How long to discover when no daemon answers (and the longest wait for --wait-for).
+    /// The longest time to discover when no daemon answers (and the longest wait for
+    /// --wait-for); without --wait-for it returns once every member has answered.
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub timeout: Duration,
     #[command(flatten)]
@@ -163,7 +164,8 @@ pub struct MasterArgs {
     /// are found within --wait).
     #[arg(long, value_name = "N")]
     pub slaves: Option<usize>,
-    /// How long to look for slaves.
+    /// The longest time to look for slaves (without a count to wait for, a search of
+    /// its own returns once every member has answered).
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub wait: Duration,
     /// Only slaves with this tag, KEY=VALUE (repeatable: all must match).
@@ -205,7 +207,8 @@ pub struct TerminateArgs {
     /// Slaves to terminate, as nid://IP:PORT, IP:PORT or name.
     #[arg(value_name = "NODE", required_unless_present = "all")]
     pub nodes: Vec<String>,
-    /// How long to look for slaves.
+    /// The longest time to look for slaves (without a count to wait for, a search of
+    /// its own returns once every member has answered).
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub wait: Duration,
     /// A local daemon's control socket to ask for slaves first.

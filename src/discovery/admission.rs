@@ -1,8 +1,9 @@
 //! What a datagram must pass before the protocol acts on it, each a small pure type:
 //! the per-source rate limit ([`RateLimiter`]), the replay guard of authenticated
 //! datagrams ([`ReplayGuard`]), the memory of refused sources ([`Rejections`], what
-//! `localnet peers` explains) and the gate that keeps dropped-datagram warnings from
-//! flooding the log ([`LogGate`]).
+//! `localnet peers` explains), the gate that keeps dropped-datagram warnings from
+//! flooding the log ([`LogGate`]) and the one that bounds what heartbeats of unknown
+//! members make us send ([`RequestGate`]).
 //!
 //! None of them knows the others: when the rate limiter or the replay guard is full it
 //! says so ([`RateVerdict::Crowded`], [`Freshness::Crowded`]), and the core forgets what
@@ -240,6 +241,64 @@ impl ReplayGuard {
     }
 }
 
+/// Record requests per second, sustained ([`RequestGate`]).
+const REQUESTS_PER_SEC: f64 = 64.0;
+/// Record requests in a burst ([`RequestGate`]).
+const REQUEST_BURST: f64 = 64.0;
+
+/// Whether to ask a member heard only by its heartbeat for its record: each member
+/// at most once per `again_ms`, at most [`REQUESTS_PER_SEC`] in all (bursts of
+/// [`REQUEST_BURST`]), and at most `cap` members remembered.
+#[derive(Debug)]
+pub(crate) struct RequestGate {
+    asked: HashMap<MemberId, Millis>,
+    cap: usize,
+    again_ms: Millis,
+    tokens: f64,
+    at: Millis,
+}
+
+impl RequestGate {
+    /// A gate remembering at most `cap` members, asking each at most every `again_ms`.
+    pub(crate) fn new(cap: usize, again_ms: Millis) -> Self {
+        Self {
+            asked: HashMap::default(),
+            cap,
+            again_ms,
+            tokens: REQUEST_BURST,
+            at: 0,
+        }
+    }
+
+    /// How many members are remembered.
+    pub(crate) fn len(&self) -> usize {
+        self.asked.len()
+    }
+
+    /// Whether `id` may be asked for its record now (and if so, remembers it).
+    pub(crate) fn allow(&mut self, now: Millis, id: MemberId) -> bool {
+        let again = self.again_ms;
+        if self.asked.get(&id).is_some_and(|t| now < t + again) {
+            return false;
+        }
+        let elapsed = now.saturating_sub(self.at) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed * REQUESTS_PER_SEC).min(REQUEST_BURST);
+        self.at = self.at.max(now);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        if self.asked.len() >= self.cap && !self.asked.contains_key(&id) {
+            self.asked.retain(|_, t| now < *t + again);
+            if self.asked.len() >= self.cap {
+                return false;
+            }
+        }
+        self.tokens -= 1.0;
+        self.asked.insert(id, now);
+        true
+    }
+}
+
 /// How often a [`LogGate`] lets a warning through.
 const LOG_EVERY_MS: Millis = 10_000;
 
@@ -283,6 +342,8 @@ pub enum Refusal {
     SenderKeyed,
     /// The sender has no cluster key and this node has one.
     SenderUnkeyed,
+    /// The sender speaks protocol version 1 (JSON datagrams): it runs an older localnet.
+    OldVersion,
 }
 
 impl std::fmt::Display for Refusal {
@@ -301,6 +362,10 @@ impl std::fmt::Display for Refusal {
             Refusal::SenderUnkeyed => {
                 write!(f, "key mismatch (it has no cluster key, this node has one)")
             }
+            Refusal::OldVersion => write!(
+                f,
+                "protocol version 1 (an older localnet): run the same localnet version everywhere"
+            ),
         }
     }
 }
@@ -531,6 +596,34 @@ mod tests {
             guard.check(later, third, auth_at(later, 0)),
             Freshness::Fresh
         );
+    }
+
+    #[test]
+    fn record_requests_are_spaced_per_member_rate_limited_and_bounded() {
+        let mut gate = RequestGate::new(100, 500);
+        let a = MemberId::from_u128(1);
+        assert!(gate.allow(1000, a));
+        assert!(!gate.allow(1100, a), "asked lately");
+        assert!(gate.allow(1500, a));
+        // A burst of new members: the bucket ends it, then refills at its rate.
+        let allowed = (2..200u128)
+            .filter(|&i| gate.allow(1500, MemberId::from_u128(i)))
+            .count();
+        assert_eq!(allowed, REQUEST_BURST as usize - 1);
+        assert!(!gate.allow(1500, MemberId::from_u128(1000)));
+        assert!(gate.allow(1600, MemberId::from_u128(1000)), "refilled");
+        // Never more than `cap` remembered.
+        let mut small = RequestGate::new(4, 500);
+        for i in 0..4 {
+            assert!(small.allow(0, MemberId::from_u128(i)));
+        }
+        assert!(!small.allow(0, MemberId::from_u128(9)));
+        assert_eq!(small.len(), 4);
+        assert!(
+            small.allow(600, MemberId::from_u128(9)),
+            "the stale are forgotten"
+        );
+        assert_eq!(small.len(), 1);
     }
 
     #[test]

@@ -10,15 +10,24 @@
 //!
 //! The protocol in short:
 //! - A starting node multicasts a `probe` that carries its own record, and once more
-//!   shortly after. Members answer with a unicast `announce` after a random delay that
-//!   grows with the group; a member that has several probes to answer by then multicasts
-//!   one announcement instead. So a newcomer learns the LAN in about one round trip.
-//! - Members multicast an `announce` every interval. The interval follows the RTCP rule
-//!   (RFC 3550 §6.2): group size × mean announcement size ÷ traffic budget, never below a
-//!   floor; timers are reconsidered when they fire, so a growing group slows down at once.
-//! - Each announcement carries the sender's interval and TTL (4.5 intervals). A peer
-//!   not heard for half its TTL becomes suspect and is probed directly (unicast) every
-//!   quarter interval; it is declared failed only when its TTL passes with no answer.
+//!   shortly after. Members answer with a unicast `announce` (their full record) after a
+//!   random delay within their *reply window*, which grows with the group; a member that
+//!   has more probes to answer by then than it answers one by one multicasts one
+//!   announcement instead. So a newcomer learns the LAN in about one round trip. Each
+//!   answer carries its sender's reply window, so a one-shot observer knows when no more
+//!   answers can come ([`Discovery::settled_at`]) instead of waiting for a timeout.
+//! - Members multicast a small `heartbeat` every interval: id, incarnation and the
+//!   sequence number of their record. The full record goes out when it changes, in
+//!   answers to probes, and at a slow refresh (every ~20 s). A receiver that hears a
+//!   heartbeat of a member it does not know, or whose record sequence it lacks, asks
+//!   for the record with a direct probe (bounded and rate-limited).
+//! - The interval follows the RTCP rule (RFC 3550 §6.2): group size × mean datagram
+//!   size ÷ traffic budget, never below a floor (280 ms); timers are reconsidered when
+//!   they fire, so a growing group slows down at once.
+//! - Each record carries the sender's interval and TTL (3.2 intervals: 896 ms at the
+//!   floor). A peer not heard for 3/5 of its TTL becomes suspect and is probed
+//!   directly (unicast) every TTL/36 (24 ms); it is declared failed only when its TTL
+//!   passes with no answer.
 //! - A `goodbye` removes its sender at once; a higher incarnation replaces an entry.
 //! - Every datagram passes a per-source rate limit, then decoding, then (with a key) the
 //!   replay check: the sender's microsecond counter must be within the replay window of
@@ -56,11 +65,13 @@ use serde::Serialize;
 /// (see the module comment for the other names of a node).
 pub type MemberId = uuid::Uuid;
 
-use self::admission::{Freshness, LogGate, RateLimiter, RateVerdict, Rejections, ReplayGuard};
+use self::admission::{
+    Freshness, LogGate, RateLimiter, RateVerdict, Rejections, ReplayGuard, RequestGate,
+};
 pub use self::admission::{MAX_REJECTIONS, Refusal, Rejection};
 use self::timer::{Timer, TimerTable};
 use self::wire::{Auth, DecodeError, HEADER_OVERHEAD, Message, NodeRecord};
-use crate::discovery::peers::{Heard, Observed, PeerState, PeerTable};
+use crate::discovery::peers::{Beat, Heard, Observed, PeerState, PeerTable};
 pub use crate::discovery::peers::{Millis, Peer, PeerEvent};
 use crate::key::ClusterKey;
 
@@ -76,6 +87,17 @@ pub struct Config {
     pub budget_bytes_per_sec: u64,
     /// When a starting node sends its second probe.
     pub second_probe_ms: u64,
+    /// When a starting observer sends its second probe (soon, so that a one-shot
+    /// discovery settles early; later when the first answers say that the group's
+    /// reply window is longer).
+    pub observer_second_probe_ms: u64,
+    /// How often a member multicasts its full record although nothing changed (a
+    /// slow refresh, jittered by ±25 %); heartbeats go out in between.
+    pub refresh_ms: u64,
+    /// How long after the last possible answer to its probes a node counts its view
+    /// as settled ([`Discovery::settled_at`]), plus a quarter of the reply window:
+    /// room for scheduling delays on a busy host.
+    pub settle_margin_ms: u64,
     /// Most peers kept; more are ignored (and counted).
     pub max_peers: usize,
     /// Datagrams per second accepted from one source address (sustained).
@@ -94,10 +116,13 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            min_interval_ms: 200,
+            min_interval_ms: 280,
             max_interval_ms: 120_000,
             budget_bytes_per_sec: 64_000,
             second_probe_ms: 100,
+            observer_second_probe_ms: 30,
+            refresh_ms: 20_000,
+            settle_margin_ms: 20,
             max_peers: 4096,
             rate_per_source: 50,
             burst_per_source: 100,
@@ -154,7 +179,7 @@ pub struct Transmit {
 ///
 /// ```
 /// use localnet::discovery::{Decoded, Destination};
-/// # use localnet::discovery::{Config, Discovery, LocalNode};
+/// # use localnet::discovery::{Config, Discovery, LocalNode, MemberId};
 /// # let me = |id: u128| LocalNode {
 /// #     id: localnet::MemberId::from_u128(id), name: format!("n{id}"), incarnation: 1,
 /// #     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
@@ -185,7 +210,15 @@ pub struct Decoded {
 
 #[derive(Clone, Debug)]
 enum Body {
-    Announce(Arc<Heard>),
+    Heartbeat {
+        id: MemberId,
+        incarnation: u64,
+        seq: u64,
+    },
+    Announce {
+        heard: Arc<Heard>,
+        reply_window_ms: u64,
+    },
     Probe {
         from: MemberId,
         node: Option<Arc<Heard>>,
@@ -208,7 +241,22 @@ impl Decoded {
         let (msg, auth) = wire::decode(bytes, key)?;
         let heard = |node| Arc::new(Heard::new(node, source));
         let body = match msg {
-            Message::Announce { node } => Body::Announce(heard(node)),
+            Message::Heartbeat {
+                id,
+                incarnation,
+                seq,
+            } => Body::Heartbeat {
+                id,
+                incarnation,
+                seq,
+            },
+            Message::Announce {
+                node,
+                reply_window_ms,
+            } => Body::Announce {
+                heard: heard(node),
+                reply_window_ms,
+            },
             Message::Probe { from, node, direct } => Body::Probe {
                 from,
                 node: node.map(heard),
@@ -235,10 +283,16 @@ impl Decoded {
         self.size
     }
 
+    /// Whether it carries its sender's full record (an announcement: an answer to a
+    /// probe, a change or a refresh), not a heartbeat, probe or goodbye.
+    pub fn is_record(&self) -> bool {
+        matches!(self.body, Body::Announce { .. })
+    }
+
     /// The name in the record it carries, if any.
     fn claimed_name(&self) -> Option<String> {
         match &self.body {
-            Body::Announce(heard)
+            Body::Announce { heard, .. }
             | Body::Probe {
                 node: Some(heard), ..
             } => Some(heard.record.name.clone()),
@@ -249,7 +303,8 @@ impl Decoded {
     /// The node id of the sender.
     pub fn sender(&self) -> MemberId {
         match &self.body {
-            Body::Announce(heard) => heard.record.id,
+            Body::Heartbeat { id, .. } => *id,
+            Body::Announce { heard, .. } => heard.record.id,
             Body::Probe { from, .. } => *from,
             Body::Goodbye { id, .. } => *id,
         }
@@ -267,12 +322,17 @@ pub struct Stats {
     pub sent: u64,
     /// Bytes of the datagrams queued for sending, without IP and UDP headers.
     pub sent_bytes: u64,
-    /// Datagrams dropped because they did not decode (not valid JSON or not a message).
+    /// Datagrams dropped because they did not decode (not a message of this version).
     pub dropped_malformed: u64,
     /// Datagrams dropped because they were over [`wire::MAX_DATAGRAM`] bytes.
     pub dropped_oversize: u64,
-    /// Datagrams dropped because they carried another protocol version.
+    /// Datagrams dropped because they carried another protocol version (not 1).
     pub dropped_version: u64,
+    /// Datagrams dropped because they were of protocol version 1 (JSON): from a node
+    /// running an older localnet.
+    pub dropped_legacy: u64,
+    /// Direct probes sent to ask a member heard only by its heartbeat for its record.
+    pub record_requests: u64,
     /// Datagrams dropped because they were not authenticated with this cluster's key.
     pub dropped_auth: u64,
     /// Authenticated datagrams dropped as replayed, too far off our clock, or from a sender with no room to track.
@@ -298,6 +358,8 @@ pub struct Footprint {
     pub tombstones: usize,
     /// Sources whose refusals are remembered.
     pub rejections: usize,
+    /// Members whose record was asked for lately.
+    pub record_requests: usize,
     /// Datagrams waiting for [`Discovery::poll_transmit`].
     pub transmits: usize,
     /// Events waiting for [`Discovery::poll_event`].
@@ -326,7 +388,7 @@ const TOMBSTONE_MS: Millis = 150_000;
 /// The discovery state machine of one node.
 ///
 /// ```
-/// use localnet::discovery::{Config, Discovery, LocalNode, Destination};
+/// use localnet::discovery::{Config, Discovery, LocalNode, Destination, MemberId};
 /// let me = LocalNode {
 ///     id: localnet::MemberId::from_u128(1), name: "a".into(), incarnation: 1,
 ///     addr: "0.0.0.0:7000".parse().unwrap(), role: "daemon".into(), tags: Default::default(),
@@ -336,6 +398,22 @@ const TOMBSTONE_MS: Millis = 150_000;
 /// let probe = node.poll_transmit().unwrap();
 /// assert_eq!(probe.dest, Destination::Group);
 /// assert_eq!(node.poll_timeout(), Some(100)); // the second probe
+/// ```
+///
+/// An observer tells when its view is complete: no answer to its probes can come
+/// after [`Discovery::settled_at`].
+///
+/// ```
+/// use localnet::discovery::{Config, Discovery, LocalNode, MemberId};
+/// let me = LocalNode {
+///     id: MemberId::from_u128(1), name: "obs".into(), incarnation: 1,
+///     addr: "0.0.0.0:7000".parse().unwrap(), role: "observer".into(), tags: Default::default(),
+/// };
+/// let cfg = Config { observer: true, ..Config::default() };
+/// let mut obs = Discovery::new(cfg, me, None, 1, 0).unwrap();
+/// obs.start(0);
+/// // No answer yet: the longest reply window any group may have, after the second probe.
+/// assert!(obs.settled_at().unwrap() > 1000);
 /// ```
 pub struct Discovery {
     cfg: Config,
@@ -349,11 +427,27 @@ pub struct Discovery {
     timers: TimerTable,
     started: bool,
     leaving: bool,
+    /// When we last multicast (a heartbeat or our record).
     last_announce: Option<Millis>,
+    /// When we last multicast our record (answers to several newcomers are no more
+    /// frequent than every half interval).
+    last_record_multicast: Option<Millis>,
+    /// When our record is multicast again although nothing changed.
+    next_refresh: Millis,
     /// Probes waiting for our answer.
     pending_replies: Pending,
-    /// Mean size of an announcement on the wire, headers included (RTCP's avg_rtcp_size).
+    /// Mean size of a multicast datagram on the wire, headers included (RTCP's
+    /// avg_rtcp_size): heartbeats, mostly.
     avg_size: f64,
+    /// Size of our record's announcement on the wire, headers included.
+    record_size: f64,
+    /// When we sent our first and our latest group probe.
+    first_probe_at: Option<Millis>,
+    last_probe_at: Option<Millis>,
+    /// The longest reply window announced by anyone who answered.
+    reply_window_heard: Option<u64>,
+    /// Which members we asked for their record lately (bounded, rate-limited).
+    record_requests: RequestGate,
     rng: fastrand::Rng,
     limiter: RateLimiter,
     replay: ReplayGuard,
@@ -367,15 +461,24 @@ pub struct Discovery {
     rejections: Rejections,
 }
 
-/// Who waits for an answer to a probe. Only this matters: one newcomer gets a unicast
-/// answer, several get one multicast announcement (so nothing else is stored, and a
-/// thousand probes cost no more than two).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pending {
-    Nobody,
-    One(SocketAddr),
-    Several,
+/// Who waits for an answer to a probe: up to [`DIRECT_ANSWERS`] newcomers get a
+/// unicast answer each, within the reply window; more get one multicast announcement
+/// (so nothing else is stored, and a thousand probes cost no more than five). Observers
+/// go first in the unicast list: they settle by the reply window, members do not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Pending {
+    /// Sources answered by unicast, and whether each is an observer.
+    direct: Vec<(SocketAddr, bool)>,
+    /// More asked: a multicast answer is due.
+    several: bool,
 }
+
+/// Most probes answered one by one (by unicast) per reply.
+const DIRECT_ANSWERS: usize = 4;
+/// The longest reply window of any member (the spread of answers in a huge group).
+pub const MAX_REPLY_WINDOW_MS: u64 = 1000;
+/// How long, at least, before a member is asked again for its record.
+const ASK_AGAIN_MS: Millis = 500;
 
 impl Discovery {
     /// Builds a node. `seed` drives its random choices (timer jitter), so a simulation
@@ -398,6 +501,7 @@ impl Discovery {
             addr: me.addr,
             role: me.role,
             tags: me.tags,
+            seq: 1,
             interval_ms: cfg.min_interval_ms,
             ttl_ms: ttl_for(cfg.min_interval_ms),
         };
@@ -418,8 +522,15 @@ impl Discovery {
             started: false,
             leaving: false,
             last_announce: None,
-            pending_replies: Pending::Nobody,
+            last_record_multicast: None,
+            next_refresh: now,
+            pending_replies: Pending::default(),
             avg_size: 0.0,
+            record_size: 0.0,
+            first_probe_at: None,
+            last_probe_at: None,
+            reply_window_heard: None,
+            record_requests: RequestGate::new(MAX_RECORD_REQUESTS, ASK_AGAIN_MS),
             rng: fastrand::Rng::with_seed(seed),
             limiter,
             replay,
@@ -431,14 +542,41 @@ impl Discovery {
             rejections: Rejections::default(),
         };
         // Check the largest form of our record now rather than fail later.
-        let size = node.largest_announcement()?;
-        node.avg_size = size as f64;
+        node.largest_announcement()?;
+        node.record_size = node.record_wire_size() as f64;
+        // What the group multicasts is mostly heartbeats.
+        node.avg_size = node.heartbeat_wire_size() as f64;
         Ok(node)
+    }
+
+    /// The size on the wire of our heartbeat, headers included.
+    fn heartbeat_wire_size(&self) -> usize {
+        let auth = self.key.as_ref().map(|k| (k, Auth { ctr: u64::MAX }));
+        wire::encode(&self.heartbeat_message(), auth).map_or(0, |b| b.len()) + HEADER_OVERHEAD
+    }
+
+    /// The size on the wire of our record's announcement, headers included.
+    fn record_wire_size(&self) -> usize {
+        let auth = self.key.as_ref().map(|k| (k, Auth { ctr: u64::MAX }));
+        let msg = Message::Announce {
+            node: self.me.clone(),
+            reply_window_ms: MAX_REPLY_WINDOW_MS,
+        };
+        wire::encode(&msg, auth).map_or(0, |b| b.len()) + HEADER_OVERHEAD
+    }
+
+    fn heartbeat_message(&self) -> Message {
+        Message::Heartbeat {
+            id: self.me.id,
+            incarnation: self.me.incarnation,
+            seq: self.me.seq,
+        }
     }
 
     /// The size on the wire of our largest possible message, headers included.
     fn largest_announcement(&self) -> Result<usize, ConfigError> {
         let mut big = self.me.clone();
+        big.seq = u64::MAX;
         big.interval_ms = u64::MAX;
         big.ttl_ms = u64::MAX;
         let msg = Message::Probe {
@@ -450,8 +588,8 @@ impl Discovery {
         match wire::encode(&msg, auth) {
             Ok(bytes) => Ok(bytes.len() + HEADER_OVERHEAD),
             Err(_) => {
-                let body = serde_json::to_string(&msg).map(|s| s.len()).unwrap_or(0);
-                Err(ConfigError::RecordTooLarge(body + 100))
+                let body = postcard::to_allocvec(&msg).map(|b| b.len()).unwrap_or(0);
+                Err(ConfigError::RecordTooLarge(body + 26))
             }
         }
     }
@@ -513,6 +651,7 @@ impl Discovery {
             replay: self.replay.len(),
             tombstones: self.tombstones.len(),
             rejections: self.rejections.len(),
+            record_requests: self.record_requests.len(),
             transmits: self.transmits.len(),
             events: self.events.len(),
         }
@@ -528,13 +667,37 @@ impl Discovery {
             return;
         }
         self.send_probe(now);
-        self.timers
-            .set(Timer::SecondProbe, now + self.cfg.second_probe_ms);
+        let second = match self.cfg.observer {
+            true => self.cfg.observer_second_probe_ms,
+            false => self.cfg.second_probe_ms,
+        };
+        self.timers.set(Timer::SecondProbe, now + second);
         if !self.cfg.observer {
             let interval = self.compute_interval();
             let at = now + self.jittered(interval);
             self.timers.set(Timer::Announce, at);
+            // Our probe carried the record: the first refresh is a refresh period away.
+            self.next_refresh = now + self.refresh_gap();
         }
+    }
+
+    /// When no more answers to our probes can come, plus a margin: the time after
+    /// which a one-shot observer knows every member that answered (see
+    /// [`Config::settle_margin_ms`]). It is the last probe's time (sent or due) plus
+    /// the longest reply window announced by an answer, so it moves later when an
+    /// answer says the group is bigger; with no answer at all it assumes the longest
+    /// window any group has ([`MAX_REPLY_WINDOW_MS`]). `None` before [`Discovery::start`]
+    /// and when multicast is off (mDNS alone has no such bound).
+    pub fn settled_at(&self) -> Option<Millis> {
+        if !self.started || !self.cfg.multicast {
+            return None;
+        }
+        let last_probe = self.timers.get(Timer::SecondProbe).or(self.last_probe_at)?;
+        let window = self
+            .reply_window_heard
+            .unwrap_or(MAX_REPLY_WINDOW_MS)
+            .min(MAX_REPLY_WINDOW_MS);
+        Some(last_probe + window + self.cfg.settle_margin_ms + window / 4)
     }
 
     /// Leaves the group: a goodbye (sent twice against loss), then silence.
@@ -546,7 +709,7 @@ impl Discovery {
         self.timers.stop(Timer::SecondProbe);
         self.timers.stop(Timer::Announce);
         self.timers.stop(Timer::Reply);
-        self.pending_replies = Pending::Nobody;
+        self.pending_replies = Pending::default();
         if self.started && !self.cfg.observer && self.cfg.multicast {
             let bye = Message::Goodbye {
                 id: self.me.id,
@@ -568,7 +731,9 @@ impl Discovery {
             self.me.tags = old;
             return Err(e);
         }
+        self.record_size = self.record_wire_size() as f64;
         if self.started && !self.leaving && !self.cfg.observer && self.cfg.multicast {
+            self.me.seq += 1;
             self.announce(now, Destination::Group);
         }
         Ok(())
@@ -633,12 +798,18 @@ impl Discovery {
         match Decoded::new(source, bytes, self.key.as_ref()) {
             Ok(decoded) => self.handle_admitted(now, &decoded),
             Err(err) => {
-                if err == DecodeError::Auth {
-                    let why = match wire::key_mismatch(bytes, self.key.is_some()) {
-                        wire::KeyMismatch::OtherKey => Refusal::OtherKey,
-                        wire::KeyMismatch::SenderKeyed => Refusal::SenderKeyed,
-                        wire::KeyMismatch::SenderUnkeyed => Refusal::SenderUnkeyed,
-                    };
+                let why = match err {
+                    DecodeError::Auth => {
+                        Some(match wire::key_mismatch(bytes, self.key.is_some()) {
+                            wire::KeyMismatch::OtherKey => Refusal::OtherKey,
+                            wire::KeyMismatch::SenderKeyed => Refusal::SenderKeyed,
+                            wire::KeyMismatch::SenderUnkeyed => Refusal::SenderUnkeyed,
+                        })
+                    }
+                    DecodeError::Legacy => Some(Refusal::OldVersion),
+                    _ => None,
+                };
+                if let Some(why) = why {
                     self.rejections
                         .record(now, source, why, || wire::claimed_sender(bytes));
                 }
@@ -696,6 +867,7 @@ impl Discovery {
             DecodeError::Oversize => self.stats.dropped_oversize += 1,
             DecodeError::Malformed => self.stats.dropped_malformed += 1,
             DecodeError::Version => self.stats.dropped_version += 1,
+            DecodeError::Legacy => self.stats.dropped_legacy += 1,
             DecodeError::Auth => self.stats.dropped_auth += 1,
         }
         if err != DecodeError::Version {
@@ -738,12 +910,22 @@ impl Discovery {
             }
         }
         match &decoded.body {
-            Body::Announce(heard) => {
-                if heard.record.id == self.me.id {
-                    return;
-                }
+            &Body::Heartbeat {
+                id,
+                incarnation,
+                seq,
+            } => {
                 let size = (decoded.size + HEADER_OVERHEAD) as f64;
                 self.avg_size += (size - self.avg_size) / 16.0;
+                self.heartbeat_heard(now, source, id, incarnation, seq);
+            }
+            Body::Announce {
+                heard,
+                reply_window_ms,
+            } => {
+                let size = (decoded.size + HEADER_OVERHEAD) as f64;
+                self.avg_size += (size - self.avg_size) / 16.0;
+                self.window_heard(*reply_window_ms);
                 self.observe(now, Arc::clone(heard));
             }
             Body::Probe { from, node, direct } => {
@@ -758,7 +940,7 @@ impl Discovery {
                 if *direct {
                     self.announce(now, Destination::Unicast(source));
                 } else {
-                    self.queue_reply(now, source);
+                    self.queue_reply(now, source, node.is_none());
                 }
             }
             &Body::Goodbye { id, incarnation } => {
@@ -807,6 +989,52 @@ impl Discovery {
             && let Some(entry) = self.table.remove(&id)
         {
             self.events.push_back(PeerEvent::Left(entry.snapshot(now)));
+        }
+    }
+
+    /// A heartbeat: refreshes a known peer; asks for the record of a member we do not
+    /// know (or know only through mDNS, or in an older version or incarnation).
+    fn heartbeat_heard(
+        &mut self,
+        now: Millis,
+        source: SocketAddr,
+        id: MemberId,
+        incarnation: u64,
+        seq: u64,
+    ) {
+        if self.table.heartbeat(id, incarnation, seq, now) == Beat::NeedRecord {
+            self.request_record(now, id, source);
+        }
+    }
+
+    /// Asks `id` (at `source`) for its record with a direct probe, unless it was asked
+    /// lately or too many were asked: bounded and rate-limited, so that a flood of
+    /// heartbeats of unknown members makes no flood of probes.
+    fn request_record(&mut self, now: Millis, id: MemberId, source: SocketAddr) {
+        if !self.started || !self.cfg.multicast || !self.record_requests.allow(now, id) {
+            return;
+        }
+        self.stats.record_requests += 1;
+        self.send_direct_probe(now, source);
+    }
+
+    /// An answer announced its sender's reply window: our view settles after it. An
+    /// observer's second probe goes out only after the first one's answers (a member
+    /// that has not answered yet when the second probe comes answers both at once).
+    fn window_heard(&mut self, window: u64) {
+        let window = window.min(MAX_REPLY_WINDOW_MS);
+        if self.reply_window_heard.is_some_and(|w| w >= window) {
+            return;
+        }
+        self.reply_window_heard = Some(window);
+        if self.cfg.observer
+            && let (Some(second), Some(first)) =
+                (self.timers.get(Timer::SecondProbe), self.first_probe_at)
+        {
+            let after_answers = first + window + 5;
+            if after_answers > second {
+                self.timers.set(Timer::SecondProbe, after_answers);
+            }
         }
     }
 
@@ -870,6 +1098,19 @@ impl Discovery {
         }
         let ttl = entry.record().ttl_ms;
         let expires = entry.last_heard + ttl;
+        // Woken long after the deadline, this node was stalled (a busy host): what the
+        // peer sent meanwhile is still queued, unread. Probe once more and look again
+        // shortly, rather than fail it on stale knowledge (once per silence).
+        if now >= expires && now >= fired + LATE_MS && !entry.graced {
+            entry.graced = true;
+            entry.state = PeerState::Suspect;
+            entry.next_probe = now + probe_gap(ttl);
+            entry.armed_at = now + LATE_MS;
+            arm(&mut self.peer_timers, now + LATE_MS, id);
+            let dest = entry.source();
+            self.send_direct_probe(now, dest);
+            return;
+        }
         if now >= expires {
             if let Some(entry) = self.table.remove(&id) {
                 self.bury(now, id, entry.record().incarnation);
@@ -891,20 +1132,25 @@ impl Discovery {
         }
         let mut probe_to = None;
         if now >= entry.next_probe {
-            entry.next_probe = now + probe_gap(entry.record().interval_ms);
+            entry.next_probe = now + probe_gap(ttl);
             probe_to = Some(entry.source());
         }
         let next = entry.next_probe.min(expires);
         entry.armed_at = next;
         arm(&mut self.peer_timers, next, id);
         if let Some(dest) = probe_to {
-            let probe = Message::Probe {
-                from: self.me.id,
-                node: (!self.cfg.observer).then(|| self.me.clone()),
-                direct: true,
-            };
-            self.send(now, Destination::Unicast(dest), &probe);
+            self.send_direct_probe(now, dest);
         }
+    }
+
+    /// A direct probe: asks one peer for its record, which also proves it alive.
+    fn send_direct_probe(&mut self, now: Millis, dest: SocketAddr) {
+        let probe = Message::Probe {
+            from: self.me.id,
+            node: (!self.cfg.observer).then(|| self.me.clone()),
+            direct: true,
+        };
+        self.send(now, Destination::Unicast(dest), &probe);
     }
 
     /// Drops the heap items that would be skipped when popped (their entry is gone, or
@@ -923,32 +1169,77 @@ impl Discovery {
         let interval = self.compute_interval();
         // Forward reconsideration (RFC 3550 §6.3.6): the group may have grown since the
         // timer was set; if the new interval has not yet passed, wait for it.
-        // But never stay silent long enough for peers to suspect us under the TTL we
-        // last announced: announce then, with the new interval and TTL.
+        // But never stay silent longer than the interval peers hold for us: beat then
+        // (with a new record when the interval must grow).
         if let Some(last) = self.last_announce {
             let reconsidered = last + interval;
-            let before_suspicion = last + self.me.ttl_ms * 2 / 5;
-            if reconsidered > now && reconsidered > due && now < before_suspicion {
+            let advertised = last + self.me.interval_ms;
+            if reconsidered > now && reconsidered > due && now < advertised {
                 self.timers
-                    .set(Timer::Announce, reconsidered.min(before_suspicion));
+                    .set(Timer::Announce, reconsidered.min(advertised));
                 return;
             }
         }
-        self.announce(now, Destination::Group);
+        self.beat(now, interval);
     }
 
-    /// Sends our announcement; a multicast one also resets the periodic timer.
+    /// The periodic multicast: a heartbeat, or our record when its timing must change
+    /// (peers hold our interval and TTL) or its slow refresh is due.
+    fn beat(&mut self, now: Millis, interval: u64) {
+        if self.retimed(interval).is_some() || now >= self.next_refresh {
+            self.announce(now, Destination::Group);
+        } else {
+            let msg = self.heartbeat_message();
+            self.multicast_sent(now, interval);
+            if let Some(size) = self.send(now, Destination::Group, &msg) {
+                self.avg_size += ((size + HEADER_OVERHEAD) as f64 - self.avg_size) / 16.0;
+            }
+        }
+    }
+
+    /// The interval to advertise when the one in force (`interval`) no longer fits
+    /// the advertised one, else `None`. Beats may come faster than advertised but
+    /// never slower; advertising with an eighth of headroom above the floor keeps a
+    /// slowly growing group from changing its records at every beat (and costs an
+    /// eighth more failure detection time), and a group that shrank to less than half
+    /// re-advertises (a shorter TTL: faster failure detection).
+    fn retimed(&self, interval: u64) -> Option<u64> {
+        let advertised = self.me.interval_ms;
+        if interval <= advertised && interval >= advertised / 2 {
+            return None;
+        }
+        let headroom = match interval > self.cfg.min_interval_ms {
+            true => interval / 8,
+            false => 0,
+        };
+        let new = (interval + headroom).clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms);
+        (new != advertised).then_some(new)
+    }
+
+    /// A multicast went out (heartbeat or record): the periodic timer restarts.
+    fn multicast_sent(&mut self, now: Millis, interval: u64) {
+        self.last_announce = Some(now);
+        let at = now + self.jittered(interval);
+        self.timers.set(Timer::Announce, at);
+    }
+
+    /// Sends our record (with our reply window); a multicast one also resets the
+    /// periodic timer and the slow refresh.
     fn announce(&mut self, now: Millis, dest: Destination) {
         if dest == Destination::Group {
             let interval = self.compute_interval();
-            self.me.interval_ms = interval;
-            self.me.ttl_ms = ttl_for(interval);
-            self.last_announce = Some(now);
-            let at = now + self.jittered(interval);
-            self.timers.set(Timer::Announce, at);
+            if let Some(advertised) = self.retimed(interval) {
+                self.me.interval_ms = advertised;
+                self.me.ttl_ms = ttl_for(advertised);
+                self.me.seq += 1;
+            }
+            self.multicast_sent(now, interval);
+            self.last_record_multicast = Some(now);
+            self.next_refresh = now + self.refresh_gap();
         }
         let msg = Message::Announce {
             node: self.me.clone(),
+            reply_window_ms: self.reply_window(),
         };
         if let Some(size) = self.send(now, dest, &msg)
             && dest == Destination::Group
@@ -957,51 +1248,87 @@ impl Discovery {
         }
     }
 
+    /// The time to the next slow refresh of our record: [`Config::refresh_ms`] ± 25 %.
+    fn refresh_gap(&mut self) -> u64 {
+        let base = self.cfg.refresh_ms;
+        base - base / 4 + self.rng.u64(0..=base / 2)
+    }
+
     fn send_probe(&mut self, now: Millis) {
         let probe = Message::Probe {
             from: self.me.id,
             node: (!self.cfg.observer).then(|| self.me.clone()),
             direct: false,
         };
+        self.first_probe_at.get_or_insert(now);
+        self.last_probe_at = Some(now);
         self.send(now, Destination::Group, &probe);
     }
 
-    fn queue_reply(&mut self, now: Millis, to: SocketAddr) {
-        self.pending_replies = match self.pending_replies {
-            Pending::Nobody => Pending::One(to),
-            Pending::One(one) if one == to => return,
-            Pending::One(_) | Pending::Several => Pending::Several,
-        };
-        if self.timers.get(Timer::Reply).is_none() {
-            // Spread the group's answers so that, all together, they would fit in a
-            // quarter second of budget... at four times the budget: fast for small
-            // groups, bounded for large ones.
-            let n = self.table.len() as f64 + 1.0;
-            let spread = n * self.avg_size * 1000.0 / (4.0 * self.cfg.budget_bytes_per_sec as f64);
-            let spread = (spread as u64).clamp(2, 1000);
-            let at = now + self.rng.u64(0..=spread);
+    /// How long after a group probe we may answer it: the group's answers are spread
+    /// so that, all together, they would fit in a quarter second at four times the
+    /// budget (fast for small groups, bounded for large ones). Announced in every
+    /// answer, so that observers know when no more can come.
+    fn reply_window(&self) -> u64 {
+        let n = self.table.len() as f64 + 1.0;
+        let size = self.avg_size.max(self.record_size);
+        let spread = n * size * 1000.0 / (4.0 * self.cfg.budget_bytes_per_sec as f64);
+        (spread as u64).clamp(2, MAX_REPLY_WINDOW_MS)
+    }
+
+    /// A group probe from `to` (an observer's, if `observer`) waits for our answer.
+    fn queue_reply(&mut self, now: Millis, to: SocketAddr, observer: bool) {
+        let pending = &mut self.pending_replies;
+        let mut direct = true;
+        if pending.direct.iter().any(|(a, _)| *a == to) {
+            return;
+        } else if pending.direct.len() < DIRECT_ANSWERS {
+            pending.direct.push((to, observer));
+        } else if let Some(slot) = pending.direct.iter_mut().find(|(_, o)| observer && !*o) {
+            // A member gives its place to the observer: it gets the multicast answer.
+            *slot = (to, true);
+            pending.several = true;
+        } else {
+            pending.several = true;
+            direct = false;
+        }
+        let window = self.reply_window();
+        let at = now + self.rng.u64(0..=window);
+        // A multicast answer put off for the budget must not make a unicast one late.
+        if self
+            .timers
+            .get(Timer::Reply)
+            .is_none_or(|t| direct && t > now + window)
+        {
             self.timers.set(Timer::Reply, at);
         }
     }
 
     fn answer_probes(&mut self, now: Millis) {
-        // Several newcomers at once are answered with one multicast announcement, but
-        // no more often than every half interval: a group starting all at once then
-        // stays near its budget instead of answering every probe to everyone.
-        if self.pending_replies == Pending::Several
-            && let Some(last) = self.last_announce
-        {
-            let earliest = last + self.compute_interval() / 2;
+        for (to, _) in std::mem::take(&mut self.pending_replies.direct) {
+            self.announce(now, Destination::Unicast(to));
+        }
+        if !self.pending_replies.several {
+            return;
+        }
+        // More newcomers at once are answered with one multicast announcement, but no
+        // more often than every half interval: a group starting all at once then stays
+        // near its budget instead of answering every probe to everyone. A group whose
+        // interval is at the floor is well under its budget: every quarter interval.
+        if let Some(last) = self.last_record_multicast {
+            let interval = self.compute_interval();
+            let gap = match interval <= self.cfg.min_interval_ms {
+                true => interval / 4,
+                false => interval / 2,
+            };
+            let earliest = last + gap;
             if now < earliest {
                 self.timers.set(Timer::Reply, earliest);
                 return;
             }
         }
-        match std::mem::replace(&mut self.pending_replies, Pending::Nobody) {
-            Pending::Nobody => {}
-            Pending::One(one) => self.announce(now, Destination::Unicast(one)),
-            Pending::Several => self.announce(now, Destination::Group),
-        }
+        self.pending_replies.several = false;
+        self.announce(now, Destination::Group);
     }
 
     fn compute_interval(&self) -> u64 {
@@ -1072,25 +1399,35 @@ fn arm(timers: &mut BinaryHeap<Reverse<(Millis, MemberId)>>, at: Millis, id: Mem
     timers.push(Reverse((at, id)));
 }
 
-/// A sender's TTL for its interval: 4.5 intervals.
+/// Most members whose record request is remembered (see [`ASK_AGAIN_MS`]).
+const MAX_RECORD_REQUESTS: usize = 256;
+
+/// A sender's TTL for its interval: 3.2 intervals (896 ms at the 280 ms floor, so
+/// that a killed node is failed everywhere within a second).
 fn ttl_for(interval: u64) -> u64 {
-    interval * 9 / 2
+    interval * 16 / 5
 }
 
-/// When a peer silent since `last_heard` becomes suspect: after half its TTL.
+/// When a peer silent since `last_heard` becomes suspect: after 3/5 of its TTL (537
+/// ms at the floor: one heartbeat missed and the next not in yet).
 ///
 /// Rounded up to a [`SUSPECT_GRID_MS`] grid, so that one timer wake-up checks many
 /// peers: an idle daemon wakes for received datagrams, not for each peer's timer.
 fn suspect_at(last_heard: Millis, ttl: u64) -> Millis {
-    (last_heard + ttl / 2).div_ceil(SUSPECT_GRID_MS) * SUSPECT_GRID_MS
+    (last_heard + ttl / 5 * 3).div_ceil(SUSPECT_GRID_MS) * SUSPECT_GRID_MS
 }
+
+/// How late a peer's timer must fire for this node to count itself stalled, and how
+/// long it then gives the peer (see `peer_timer`).
+const LATE_MS: Millis = 50;
 
 /// Granularity of suspicion checks (expiry itself stays exact).
 const SUSPECT_GRID_MS: Millis = 50;
 
-/// Time between direct probes of a suspect.
-fn probe_gap(interval: u64) -> u64 {
-    (interval / 4).max(10)
+/// Time between direct probes of a suspect: TTL/36 (24 ms at the floor), so that a
+/// dozen probes, each answered, cover the rest of its TTL against loss.
+fn probe_gap(ttl: u64) -> u64 {
+    (ttl / 36).max(10)
 }
 
 #[cfg(test)]

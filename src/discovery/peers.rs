@@ -161,6 +161,9 @@ pub(crate) struct Entry {
     pub via_mdns: bool,
     /// Its record was authenticated (always, in an open cluster).
     pub verified: bool,
+    /// Its expiry was put off once since it was last heard, because this node woke up
+    /// too late to judge (see the core's `peer_timer`).
+    pub graced: bool,
 }
 
 impl Entry {
@@ -224,6 +227,19 @@ pub(crate) enum Observed {
     Stale,
     /// The table is full: ignored.
     Full,
+}
+
+/// What a heartbeat did to the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Beat {
+    /// A known peer is alive, and its record is the latest.
+    Refreshed,
+    /// Its record is needed: the sender is not known (or only through mDNS), restarted
+    /// (a higher incarnation), or has a newer record than the one held (a known peer
+    /// is refreshed too then).
+    NeedRecord,
+    /// An older incarnation: ignored.
+    Stale,
 }
 
 /// The bounded peer table: one [`Entry`] per node id.
@@ -294,10 +310,21 @@ impl PeerTable {
                 if heard.record.incarnation < entry.record().incarnation {
                     return (Observed::Stale, unarmed(entry));
                 }
+                // An older version of the record held (reordered): liveness only.
+                if heard.record.incarnation == entry.record().incarnation
+                    && heard.record.seq < entry.record().seq
+                    && entry.via_multicast
+                {
+                    entry.last_heard = now;
+                    entry.state = PeerState::Alive;
+                    entry.graced = false;
+                    return (Observed::Refreshed, unarmed(entry));
+                }
                 let visible_change = changes_what_users_see(entry.record(), &heard.record);
                 entry.heard = heard;
                 entry.last_heard = now;
                 entry.state = PeerState::Alive;
+                entry.graced = false;
                 let newly_verified = !entry.verified;
                 entry.via_multicast = true;
                 entry.verified = true;
@@ -319,9 +346,31 @@ impl PeerTable {
                     via_multicast: true,
                     via_mdns: false,
                     verified: true,
+                    graced: false,
                 });
                 (Observed::Joined, true)
             }
+        }
+    }
+
+    /// Records a heartbeat of `id` (its incarnation and record version) heard at `now`.
+    pub fn heartbeat(&mut self, id: MemberId, incarnation: u64, seq: u64, now: Millis) -> Beat {
+        let Some(entry) = self.get_mut(&id) else {
+            return Beat::NeedRecord;
+        };
+        let held = entry.record().incarnation;
+        if incarnation < held {
+            return Beat::Stale;
+        }
+        if incarnation > held || !entry.via_multicast {
+            return Beat::NeedRecord;
+        }
+        entry.last_heard = now;
+        entry.state = PeerState::Alive;
+        entry.graced = false;
+        match seq > entry.record().seq {
+            true => Beat::NeedRecord,
+            false => Beat::Refreshed,
         }
     }
 
@@ -345,6 +394,7 @@ impl PeerTable {
                 }
                 // Keep multicast timing when the peer also speaks multicast.
                 if entry.via_multicast {
+                    record.seq = entry.record().seq;
                     record.interval_ms = entry.record().interval_ms;
                     record.ttl_ms = entry.record().ttl_ms;
                 }
@@ -366,6 +416,7 @@ impl PeerTable {
                     via_multicast: false,
                     via_mdns: true,
                     verified: trusted,
+                    graced: false,
                 });
                 Observed::Joined
             }
@@ -382,6 +433,7 @@ mod tests {
             id: MemberId::from_u128(id),
             name: format!("n{id}"),
             incarnation,
+            seq: 1,
             addr: "0.0.0.0:5000".parse().unwrap(),
             role: "daemon".into(),
             tags: BTreeMap::new(),

@@ -14,6 +14,10 @@
 //! is handed out on [`SimConfig::threads`] threads; what each node then sends and
 //! reports is applied in recipient order, so a run is the same whatever the threads.
 //!
+//! One-shot observers ([`Sim::add_observer`]) can join a running LAN: the records
+//! they receive are logged ([`Sim::records_to_observers`]) beside their settled time
+//! ([`Sim::settled_at`]), which is what the settled-discovery tests check.
+//!
 //! ```
 //! use localnet::discovery::sim::{Sim, SimConfig};
 //! let mut sim = Sim::new(SimConfig { nodes: 10, ..SimConfig::default() });
@@ -93,7 +97,9 @@ pub struct Seen {
     pub event: PeerEvent,
 }
 
-/// A datagram as the simulated network carries it.
+/// A datagram as the simulated network carries it (one per datagram, behind an `Rc`:
+/// the size of its variants does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Packet {
     /// Decoded once for every recipient; with a second thread, decoded once more for
     /// the recipients it serves, so that the threads share no reference counts.
@@ -125,6 +131,8 @@ struct Effects {
     timers: Vec<(Millis, usize)>,
     /// Peer counts (before, after) of running nodes whose count changed.
     counts: Vec<(usize, usize)>,
+    /// Records delivered to observers: (virtual ms, observer).
+    records: Vec<(Millis, usize)>,
 }
 
 /// One datagram arriving at one or more nodes at the same time.
@@ -164,6 +172,9 @@ struct SimNode {
     core: Discovery,
     addr: SocketAddr,
     run: Run,
+    /// An observer ([`Sim::add_observer`]): not a member, so not counted by
+    /// [`Sim::running`] nor [`Sim::converged`].
+    observer: bool,
     /// The deadline of this node's live item in the timer heap.
     armed: Option<Millis>,
 }
@@ -193,6 +204,9 @@ pub struct Sim {
     pub bytes_per_second: Vec<u64>,
     /// Datagram copies delivered.
     pub delivered: u64,
+    /// Every record (announcement) delivered to an observer ([`Sim::add_observer`]):
+    /// (virtual ms, observer index). What settles a one-shot discovery.
+    pub records_to_observers: Vec<(Millis, usize)>,
     running: usize,
     unstarted: usize,
 }
@@ -227,6 +241,7 @@ impl Sim {
                 core,
                 addr,
                 run: Run::NotStarted,
+                observer: false,
                 armed: None,
             });
             by_addr.insert(addr, i);
@@ -250,6 +265,7 @@ impl Sim {
             seen: Vec::new(),
             bytes_per_second: Vec::new(),
             delivered: 0,
+            records_to_observers: Vec::new(),
             running: 0,
         }
     }
@@ -287,9 +303,65 @@ impl Sim {
         self.started_at[i]
     }
 
+    /// Adds a one-shot observer (the protocol settings with `observer: true`), not
+    /// started; returns its index. Start it with [`Sim::start`]; it is not counted as a
+    /// running node, and [`Sim::start_all`] leaves it alone.
+    ///
+    /// ```
+    /// # use localnet::discovery::sim::{Sim, SimConfig};
+    /// let mut sim = Sim::new(SimConfig { nodes: 5, ..SimConfig::default() });
+    /// sim.start_all(0, 0);
+    /// sim.run_until_converged(1_000).unwrap();
+    /// let obs = sim.add_observer();
+    /// sim.start(obs);
+    /// let settled = sim.settled_at(obs).unwrap();
+    /// sim.run_until(settled);
+    /// assert_eq!(sim.node(obs).peer_count(), 5);
+    /// assert!(sim.converged(), "the members do not list it");
+    /// ```
+    pub fn add_observer(&mut self) -> usize {
+        let i = self.nodes.len();
+        let addr = SocketAddr::from(([10, 254, (i >> 8) as u8, i as u8], 40000));
+        let id = MemberId::from_u64_pair(self.rng.u64(..), self.rng.u64(..));
+        let me = LocalNode {
+            id,
+            name: format!("observer{i}"),
+            incarnation: 1,
+            addr: SocketAddr::new(addr.ip(), 7000),
+            role: "observer".into(),
+            tags: Default::default(),
+        };
+        let cfg = Config {
+            observer: true,
+            ..self.cfg.protocol.clone()
+        };
+        let core = Discovery::new(cfg, me, self.cfg.key.clone(), self.rng.u64(..), EPOCH)
+            .expect("simulated node records are small");
+        self.nodes.push(SimNode {
+            core,
+            addr,
+            run: Run::NotStarted,
+            observer: true,
+            armed: None,
+        });
+        self.by_addr.insert(addr, i);
+        self.ids.push(id);
+        self.last_sent.push(None);
+        self.started_at.push(None);
+        i
+    }
+
+    /// When node `i`'s view is settled ([`Discovery::settled_at`]), in virtual ms.
+    pub fn settled_at(&self, i: usize) -> Option<Millis> {
+        self.nodes[i]
+            .core
+            .settled_at()
+            .map(|t| t.saturating_sub(EPOCH))
+    }
+
     /// Starts every node at a random time in `[at, at + spread_ms]`.
     pub fn start_all(&mut self, at: Millis, spread_ms: u64) {
-        for i in 0..self.nodes.len() {
+        for i in (0..self.nodes.len()).filter(|&i| !self.nodes[i].observer) {
             let t = at + self.rng.u64(0..=spread_ms);
             self.timers.push(Reverse((t, usize::MAX - i)));
         }
@@ -301,10 +373,12 @@ impl Sim {
             return;
         }
         self.nodes[i].run = Run::Running;
-        self.running += 1;
-        self.unstarted -= 1;
+        if !self.nodes[i].observer {
+            self.running += 1;
+            self.unstarted -= 1;
+            self.with_peers[self.nodes[i].core.peer_count()] += 1;
+        }
         self.started_at[i] = Some(self.now);
-        self.with_peers[self.nodes[i].core.peer_count()] += 1;
         let now = EPOCH + self.now;
         let before = self.nodes[i].core.peer_count();
         self.nodes[i].core.start(now);
@@ -315,8 +389,10 @@ impl Sim {
     pub fn kill(&mut self, i: usize) {
         if self.nodes[i].run == Run::Running {
             self.nodes[i].run = Run::Stopped;
-            self.running -= 1;
-            self.with_peers[self.nodes[i].core.peer_count()] -= 1;
+            if !self.nodes[i].observer {
+                self.running -= 1;
+                self.with_peers[self.nodes[i].core.peer_count()] -= 1;
+            }
         }
     }
 
@@ -328,8 +404,10 @@ impl Sim {
             let before = self.nodes[i].core.peer_count();
             self.after_step(i, before);
             self.nodes[i].run = Run::Stopped;
-            self.running -= 1;
-            self.with_peers[self.nodes[i].core.peer_count()] -= 1;
+            if !self.nodes[i].observer {
+                self.running -= 1;
+                self.with_peers[self.nodes[i].core.peer_count()] -= 1;
+            }
         }
     }
 
@@ -453,6 +531,7 @@ impl Sim {
     fn apply(&mut self, out: Effects) {
         self.delivered += out.delivered;
         self.seen.extend(out.seen);
+        self.records_to_observers.extend(out.records);
         for (i, tx) in out.transmits {
             let second = (self.now / 1000) as usize;
             if self.bytes_per_second.len() <= second {
@@ -568,6 +647,9 @@ fn serve(
             continue;
         }
         out.delivered += 1;
+        if node.observer && matches!(packet, Packet::Decoded(d, _) if d.is_record()) {
+            out.records.push((now, i));
+        }
         let before = node.core.peer_count();
         packet.deliver(&mut node.core, EPOCH + now, second_thread);
         collect(node, i, now, before, keep, &mut out);
@@ -607,7 +689,7 @@ fn collect(
         }
     }
     let after = node.core.peer_count();
-    if after != peers_before && node.run == Run::Running {
+    if after != peers_before && node.run == Run::Running && !node.observer {
         out.counts.push((peers_before, after));
     }
 }

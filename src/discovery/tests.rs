@@ -84,7 +84,7 @@ fn goodbye_removes_and_silence_fails() {
     a.handle_datagram(t + 10, addr(2), &bye[1].payload);
     assert!(matches!(&events(&mut a)[..], [PeerEvent::Left(p)] if p.name == "n2"));
     // c is never heard again: suspect, probed directly, then failed at its TTL.
-    let ttl = ttl_for(200);
+    let ttl = ttl_for(Config::default().min_interval_ms);
     let mut now = t;
     let mut direct_probes = 0;
     while a.peer_count() > 0 {
@@ -181,16 +181,17 @@ fn observer_is_never_listed_and_never_announces() {
     assert_eq!(reply.dest, Destination::Unicast(addr(2)));
     obs.handle_datagram(at, addr(1), &reply.payload);
     assert_eq!(obs.peer_count(), 1);
-    // Observers send no announcements, whatever the time.
+    // Observers send no announcements (nor heartbeats), whatever the time.
     for _ in 0..50 {
         let next = obs.poll_timeout().unwrap();
         obs.handle_timeout(next);
     }
-    assert!(
-        drain(&mut obs)
-            .iter()
-            .all(|x| !String::from_utf8_lossy(&x.payload).contains("announce"))
-    );
+    let sent = drain(&mut obs);
+    assert!(!sent.is_empty(), "its second probe at least");
+    assert!(sent.iter().all(|x| matches!(
+        wire::decode(&x.payload, None),
+        Ok((Message::Probe { node: None, .. }, _))
+    )));
     obs.leave(t + 100_000);
     assert!(drain(&mut obs).is_empty(), "observers say no goodbye");
 }
@@ -279,6 +280,7 @@ fn refusals_are_recorded_per_source_and_explain_unverified_peers() {
         id: MemberId::from_u128(id),
         name: format!("n{id}"),
         incarnation: 1,
+        seq: 0,
         addr: SocketAddr::from(([10, 0, 0, ip], 7000)),
         role: "daemon".into(),
         tags: BTreeMap::new(),
@@ -345,6 +347,7 @@ fn mdns_entries_merge_with_multicast_and_tombstones_hold() {
         id: MemberId::from_u128(2),
         name: "n2".into(),
         incarnation,
+        seq: 0,
         addr: "10.0.0.2:7000".parse().unwrap(),
         role: "daemon".into(),
         tags: BTreeMap::new(),
@@ -389,14 +392,14 @@ fn rate_limit_per_source() {
     let mut a = node(1, None, false);
     a.start(t);
     for _ in 0..1000 {
-        a.handle_datagram(t, addr(9), b"junk");
+        a.handle_datagram(t, addr(9), b"\x02junk");
     }
     let s = a.stats().clone();
     assert_eq!(s.dropped_malformed, 100);
     assert_eq!(s.dropped_rate, 900);
     // Other sources are unaffected, and the bucket refills.
-    a.handle_datagram(t, addr(8), b"junk");
-    a.handle_datagram(t + 1000, addr(9), b"junk");
+    a.handle_datagram(t, addr(8), b"\x02junk");
+    a.handle_datagram(t + 1000, addr(9), b"\x02junk");
     assert_eq!(a.stats().dropped_malformed, 102);
 }
 
@@ -481,7 +484,7 @@ fn interval_follows_group_size_and_budget() {
     let t = 1_000_000;
     let mut a = node(1, None, false);
     a.start(t);
-    assert_eq!(a.compute_interval(), 200);
+    assert_eq!(a.compute_interval(), Config::default().min_interval_ms);
     for i in 0..2000u128 {
         let mut b = node(10_000 + i, None, false);
         b.start(t);
@@ -496,5 +499,254 @@ fn interval_follows_group_size_and_budget() {
         (interval as f64 - expected).abs() < 2.0,
         "{interval} vs {expected}"
     );
-    assert!(interval > 5_000);
+    assert!(interval > 1_000);
+}
+
+/// An idle member multicasts small heartbeats, and its full record only at the slow
+/// refresh; a receiver that knows it stays refreshed by the heartbeats alone.
+#[test]
+fn idle_members_send_heartbeats_and_a_slow_refresh() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    a.start(t);
+    b.start(t);
+    let probe = drain(&mut b).remove(0);
+    a.handle_datagram(t, addr(2), &probe.payload);
+    drain(&mut a);
+    let (mut heartbeats, mut records) = (0, 0);
+    let mut now = t;
+    while now < t + 60_000 {
+        now = b.poll_timeout().unwrap();
+        b.handle_timeout(now);
+        for x in drain(&mut b) {
+            match wire::decode(&x.payload, None).unwrap().0 {
+                Message::Heartbeat { .. } => {
+                    assert!(x.payload.len() <= 30, "{}", x.payload.len());
+                    heartbeats += 1;
+                }
+                Message::Announce { .. } => records += 1,
+                Message::Probe { .. } if now < t + 1_000 => {} // its second probe
+                other => panic!("unexpected {other:?}"),
+            }
+            a.handle_datagram(now, addr(2), &x.payload);
+        }
+        a.handle_timeout(now.min(a.poll_timeout().unwrap()));
+        // No suspicion, no record request: no direct probe.
+        assert!(drain(&mut a).iter().all(|x| !matches!(
+            wire::decode(&x.payload, None),
+            Ok((Message::Probe { direct: true, .. }, _))
+        )));
+    }
+    // One every 280 to 308 ms, and a record every 15 to 25 s.
+    assert!((190..=215).contains(&heartbeats), "{heartbeats}");
+    assert!((2..=4).contains(&records), "{records}");
+    assert_eq!(a.peer_count(), 1, "kept alive by heartbeats");
+    assert_eq!(a.stats().record_requests, 0, "nothing to ask");
+}
+
+/// A heartbeat of a member not known (or whose newer record is not held) makes a
+/// direct probe asking for the record, once per member until it is due again; the
+/// answer brings the record.
+#[test]
+fn unknown_heartbeats_ask_for_the_record_bounded() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    a.start(t);
+    b.start(t);
+    drain(&mut a);
+    drain(&mut b); // b's probes are lost: a does not know it
+    let beat = |b: &Discovery| wire::encode(&b.heartbeat_message(), None).unwrap();
+    a.handle_datagram(t + 1, addr(2), &beat(&b));
+    a.handle_datagram(t + 2, addr(2), &beat(&b));
+    let asks = drain(&mut a);
+    assert_eq!(asks.len(), 1, "asked once");
+    assert_eq!(asks[0].dest, Destination::Unicast(addr(2)));
+    assert!(matches!(
+        wire::decode(&asks[0].payload, None),
+        Ok((
+            Message::Probe {
+                direct: true,
+                node: Some(_),
+                ..
+            },
+            _
+        ))
+    ));
+    b.handle_datagram(t + 3, addr(1), &asks[0].payload);
+    let answer = drain(&mut b).remove(0);
+    a.handle_datagram(t + 4, addr(2), &answer.payload);
+    assert_eq!(a.peer_count(), 1);
+    // Known and up to date: no more asking.
+    a.handle_datagram(t + 600, addr(2), &beat(&b));
+    assert!(drain(&mut a).is_empty());
+    // b changes its tags: a hears only a heartbeat with the new seq and asks again.
+    b.set_tags(t + 700, [("k".to_string(), "v".to_string())].into())
+        .unwrap();
+    drain(&mut b);
+    a.handle_datagram(t + 701, addr(2), &beat(&b));
+    assert_eq!(drain(&mut a).len(), 1);
+    // A flood of heartbeats of ever new members asks at a bounded rate.
+    for i in 0..10_000u32 {
+        let hb = Message::Heartbeat {
+            id: MemberId::from_u128(1_000 + u128::from(i)),
+            incarnation: 1,
+            seq: 1,
+        };
+        let src = SocketAddr::from(([10, 9, (i >> 8) as u8, i as u8], 9000));
+        a.handle_datagram(t + 800, src, &wire::encode(&hb, None).unwrap());
+    }
+    assert!(drain(&mut a).len() <= 64);
+    assert!(a.footprint().record_requests <= MAX_RECORD_REQUESTS);
+}
+
+/// Version 1 (JSON) datagrams are ignored, counted apart, and explained per source.
+#[test]
+fn version_1_datagrams_are_counted_and_explained() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    a.start(t);
+    let v1 = br#"{"v":1,"m":{"type":"announce","node":{"id":"00000000-0000-0000-0000-000000000009","name":"old","inc":1,"addr":"0.0.0.0:1","role":"r","ivl":200,"ttl":900}}}"#;
+    a.handle_datagram(t, addr(9), v1);
+    a.handle_datagram(t + 1, addr(9), v1);
+    assert_eq!(a.stats().dropped_legacy, 2);
+    assert_eq!(a.peer_count(), 0);
+    let seen = a.rejections(t + 2);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].reason, Refusal::OldVersion);
+    assert_eq!(seen[0].name.as_deref(), Some("old"));
+    assert_eq!(seen[0].count, 2);
+}
+
+/// An observer's settled time: the longest window before any answer, then its last
+/// probe plus the longest window answered plus the margin; never before an answer.
+#[test]
+fn settled_at_follows_the_answers_reply_windows() {
+    let t = 1_000_000;
+    let mut obs = node(9, None, true);
+    assert_eq!(obs.settled_at(), None, "not started");
+    obs.start(t);
+    let probe = drain(&mut obs).remove(0);
+    let cfg = Config::default();
+    let second = t + cfg.observer_second_probe_ms;
+    let margin = |w: u64| cfg.settle_margin_ms + w / 4;
+    assert_eq!(
+        obs.settled_at(),
+        Some(second + MAX_REPLY_WINDOW_MS + margin(MAX_REPLY_WINDOW_MS))
+    );
+    let mut members: Vec<Discovery> = (1..=3).map(|i| node(i, None, false)).collect();
+    for (i, m) in members.iter_mut().enumerate() {
+        m.start(t);
+        drain(m);
+        m.handle_datagram(t + 1, addr(9), &probe.payload);
+        let at = m.poll_timeout().unwrap();
+        m.handle_timeout(at);
+        let answer = drain(m).remove(0);
+        assert_eq!(answer.dest, Destination::Unicast(addr(9)));
+        let Ok((
+            Message::Announce {
+                reply_window_ms, ..
+            },
+            _,
+        )) = wire::decode(&answer.payload, None)
+        else {
+            panic!("an announcement");
+        };
+        assert!(at <= t + 1 + reply_window_ms, "answered within its window");
+        obs.handle_datagram(at + 1, addr(i as u8 + 1), &answer.payload);
+        let settled = obs.settled_at().unwrap();
+        assert_eq!(settled, second + reply_window_ms + margin(reply_window_ms));
+        assert!(settled > at + 1, "never before an answer");
+    }
+    assert_eq!(obs.peer_count(), 3);
+    // An answer that says the group is bigger moves it later.
+    let before = obs.settled_at().unwrap();
+    obs.window_heard(400);
+    assert!(obs.settled_at().unwrap() > before);
+    assert!(
+        obs.timers.get(Timer::SecondProbe).unwrap() >= t + 405,
+        "the second probe waits for the answers"
+    );
+}
+
+/// Observers are answered one by one within the reply window even when more
+/// newcomers probe at once than are answered by unicast (the rest get a multicast
+/// answer that the budget may put off).
+#[test]
+fn observers_are_answered_within_the_window_among_many_probes() {
+    let t = 1_000_000;
+    let mut m = node(1, None, false);
+    m.start(t);
+    drain(&mut m);
+    // A multicast record just went out: a multicast answer now would be put off.
+    m.announce(t, Destination::Group);
+    drain(&mut m);
+    for i in 10..20u128 {
+        let mut newcomer = node(i, None, false);
+        newcomer.start(t);
+        let probe = drain(&mut newcomer).remove(0);
+        m.handle_datagram(t + 1, addr(i as u8), &probe.payload);
+    }
+    let mut obs = node(99, None, true);
+    obs.start(t);
+    let probe = drain(&mut obs).remove(0);
+    m.handle_datagram(t + 2, addr(99), &probe.payload);
+    let window = m.reply_window();
+    let mut answered_at = None;
+    let mut now = t + 2;
+    while now < t + 1_000 {
+        now = m.poll_timeout().unwrap();
+        m.handle_timeout(now);
+        for x in drain(&mut m) {
+            if x.dest == Destination::Unicast(addr(99)) {
+                answered_at.get_or_insert(now);
+            }
+        }
+    }
+    let at = answered_at.expect("the observer got a unicast answer");
+    assert!(
+        at <= t + 2 + window,
+        "answered at +{} ms, window {window}",
+        at - t
+    );
+}
+
+/// A node that wakes long after a peer's deadline (it was stalled: a busy host) does
+/// not fail the peer on stale knowledge: it probes once more and looks again shortly,
+/// so that what the peer sent meanwhile, still queued, counts; a peer silent through
+/// that grace too is failed.
+#[test]
+fn a_stalled_node_gives_its_peers_a_grace_before_failing_them() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    a.start(t);
+    b.start(t);
+    drain(&mut a);
+    let probe = drain(&mut b).remove(0);
+    a.handle_datagram(t, addr(2), &probe.payload);
+    events(&mut a);
+    let ttl = ttl_for(Config::default().min_interval_ms);
+    // a sleeps through b's whole TTL; b's heartbeat sits in a's inbox meanwhile.
+    let woke = t + ttl + 300;
+    a.handle_timeout(woke);
+    assert!(events(&mut a).is_empty(), "failed on stale knowledge");
+    assert!(
+        drain(&mut a)
+            .iter()
+            .any(|x| x.dest == Destination::Unicast(addr(2))),
+        "probes b once more"
+    );
+    let beat = wire::encode(&b.heartbeat_message(), None).unwrap();
+    a.handle_datagram(woke + 1, addr(2), &beat);
+    a.handle_timeout(woke + LATE_MS);
+    assert!(events(&mut a).is_empty());
+    assert_eq!(a.peer_count(), 1);
+    // Stalled again with b really gone: one grace, then failed.
+    let woke = woke + 1 + ttl + 300;
+    a.handle_timeout(woke);
+    assert!(events(&mut a).is_empty());
+    a.handle_timeout(woke + LATE_MS);
+    assert!(matches!(&events(&mut a)[..], [PeerEvent::Failed(p)] if p.name == "n2"));
 }

@@ -23,7 +23,11 @@ use std::time::Duration;
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use tokio::sync::mpsc;
 
-use crate::discovery::wire::{NodeRecord, VERSION};
+use crate::discovery::wire::NodeRecord;
+
+/// Version of the TXT record's layout (`v=`): its own, not the datagram format's
+/// (`discovery::wire::VERSION`), so that mDNS peers of every localnet agree.
+const VERSION: u8 = 1;
 use crate::node::netif::Interface;
 
 /// The DNS-SD service type of localnet nodes.
@@ -270,6 +274,7 @@ fn record_of(service: &mdns_sd::ResolvedService, subnets: &[Interface]) -> Optio
         id,
         name,
         incarnation,
+        seq: 0,
         addr: SocketAddr::new(IpAddr::V4(*ip), service.port),
         role,
         tags,

@@ -180,8 +180,13 @@ pub struct Status {
 enum Command {
     Peers(oneshot::Sender<Vec<Peer>>),
     Status(oneshot::Sender<Status>),
+    /// Answered once the core's view is settled ([`Discovery::settled_at`]).
+    Settled(oneshot::Sender<()>),
     Leave(oneshot::Sender<()>),
 }
+
+/// Most callers waiting for a node's view to settle; more are answered at once.
+const SETTLE_WAITERS: usize = 64;
 
 /// A cheap, cloneable handle to a running node.
 #[derive(Clone)]
@@ -209,6 +214,25 @@ impl NodeHandle {
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Waits until the node's view is settled: no more answers to its probes can come
+    /// ([`Discovery::settled_at`]: its last probe, plus the longest reply window its
+    /// answers announced, plus a margin). A node that speaks no multicast (mDNS only)
+    /// never settles: bound this with a timeout, or use [`NodeHandle::wait_settled`].
+    pub async fn settled(&self) -> Result<(), NodeError> {
+        self.ask(Command::Settled).await
+    }
+
+    /// Waits until the node's view is settled ([`NodeHandle::settled`]) or `timeout`
+    /// passes, whichever comes first; returns the peers known then. This is how a
+    /// one-shot discovery knows it has found everyone who answered, without waiting
+    /// for its whole timeout.
+    pub async fn wait_settled(&self, timeout: Duration) -> Result<Vec<Peer>, NodeError> {
+        match tokio::time::timeout_at(deadline_after(timeout), self.settled()).await {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) | Err(_) => self.peers().await,
+        }
     }
 
     /// A stream of peer events from now on.
@@ -375,6 +399,7 @@ impl Node {
             dropped_overload: Arc::new(AtomicU64::new(0)),
             send_errors: 0,
             next_send_error_log: 0,
+            settle_waiters: Vec::new(),
         };
         let task = tokio::spawn(driver.run(command_rx, mdns_events));
         Ok(Node { handle, task, id })
@@ -455,6 +480,8 @@ struct Driver {
     dropped_overload: Arc<AtomicU64>,
     send_errors: u64,
     next_send_error_log: Millis,
+    /// Callers of [`NodeHandle::settled`] (at most [`SETTLE_WAITERS`]).
+    settle_waiters: Vec<oneshot::Sender<()>>,
 }
 
 const INBOX: usize = 4096;
@@ -498,7 +525,12 @@ impl Driver {
         let mut armed: Option<tokio::time::Instant> = None;
         loop {
             self.flush().await;
-            let wake = self.core.poll_timeout().map(|t| self.clock.instant(t));
+            let settled = self.release_settled();
+            let wake = [self.core.poll_timeout(), settled]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|t| self.clock.instant(t));
             if wake != armed {
                 timer.as_mut().reset(wake.unwrap_or_else(far));
                 armed = wake;
@@ -531,6 +563,15 @@ impl Driver {
                     Some(Command::Status(reply)) => {
                         let _ = reply.send(self.status());
                     }
+                    Some(Command::Settled(reply)) => {
+                        self.settle_waiters.retain(|w| !w.is_closed());
+                        match self.settle_waiters.len() < SETTLE_WAITERS {
+                            true => self.settle_waiters.push(reply),
+                            false => {
+                                let _ = reply.send(());
+                            }
+                        }
+                    }
                     Some(Command::Leave(reply)) => {
                         self.leave().await;
                         let _ = reply.send(());
@@ -546,6 +587,23 @@ impl Driver {
         for reader in readers {
             reader.abort();
         }
+    }
+
+    /// Answers the callers waiting for the view to settle once it is; else returns
+    /// when it will be, for the loop to wake then (`None`: nobody waits, or it never
+    /// settles).
+    fn release_settled(&mut self) -> Option<Millis> {
+        if self.settle_waiters.is_empty() {
+            return None;
+        }
+        let at = self.core.settled_at()?;
+        if self.clock.now() < at {
+            return Some(at);
+        }
+        for waiter in self.settle_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        None
     }
 
     async fn leave(&mut self) {

@@ -208,7 +208,8 @@ impl Backend {
         Master::new(&name, self.opts.discovery.key.clone(), None)
     }
 
-    /// Finds slaves (for up to 1 s, as SimpleLocalnet does), then runs `f` with them.
+    /// Finds slaves (until every member has answered, for up to 1 s, as SimpleLocalnet
+    /// waits), then runs `f` with them.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), localnet::BackendError> {
@@ -235,8 +236,9 @@ impl Backend {
         Ok(f(master, slaves).await)
     }
 
-    /// Slaves (role `slave`, with all of `tags`), discovered for up to `timeout` or until
-    /// `wait_for` of them are known.
+    /// Slaves (role `slave`, with all of `tags`), discovered until `wait_for` of them
+    /// are known (without `wait_for`: until every member has answered), for at most
+    /// `timeout`.
     pub async fn find_slaves(
         &self,
         wait_for: Option<usize>,
@@ -262,7 +264,8 @@ fn select<'a>(
 }
 
 /// Finds slaves: from the local daemon if one answers, else by discovering on its own.
-/// Stops at `wait_for` slaves or at `timeout`.
+/// Stops at `wait_for` slaves, without `wait_for` once the discovery is settled (every
+/// member has answered), and at the latest at `timeout`.
 pub async fn discover(
     opts: &BackendOptions,
     wait_for: Option<usize>,
@@ -477,17 +480,34 @@ pub async fn discover_explained(
     let node = Node::start(node_opts).await?;
     let handle = node.handle();
     let mut events = handle.subscribe();
+    // With no count to wait for, the search ends once the view is settled: every
+    // member that answers the probes has answered (`timeout` stays the upper bound).
+    // Settled with no slave at all, it waits on for one until the timeout: nothing is
+    // lost by waiting, and members that cannot answer (a clock off, another key) are
+    // heard by their heartbeats meanwhile, for the hints.
+    let settled = async {
+        match wait_for {
+            None => handle.settled().await,
+            Some(_) => std::future::pending().await,
+        }
+    };
+    tokio::pin!(settled);
+    let mut settled_fired = false;
     let (found, peers) = loop {
         let peers = handle.peers().await?;
         let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
         progress(found.len());
-        if found.len() >= want {
+        if found.len() >= want || (settled_fired && !found.is_empty()) {
             break (found, peers);
         }
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Err(_) => break (found, peers),
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break (found, peers),
-            Ok(_) => {}
+        tokio::select! {
+            event = tokio::time::timeout_at(deadline, events.recv()) => match event {
+                Err(_) => break (found, peers),
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break (found, peers),
+                Ok(_) => {}
+            },
+            // Settled: one more look at the table, then done (if it found any).
+            _ = &mut settled, if !settled_fired => settled_fired = true,
         }
     };
     let mut hints = Vec::new();
