@@ -228,6 +228,10 @@ enum Body {
         id: MemberId,
         incarnation: u64,
     },
+    Ping {
+        from: MemberId,
+        target: MemberId,
+    },
 }
 
 impl Decoded {
@@ -263,6 +267,7 @@ impl Decoded {
                 direct,
             },
             Message::Goodbye { id, incarnation } => Body::Goodbye { id, incarnation },
+            Message::Ping { from, target } => Body::Ping { from, target },
         };
         Ok(Self {
             source,
@@ -307,6 +312,7 @@ impl Decoded {
             Body::Announce { heard, .. } => heard.record.id,
             Body::Probe { from, .. } => *from,
             Body::Goodbye { id, .. } => *id,
+            Body::Ping { from, .. } => *from,
         }
     }
 }
@@ -943,6 +949,7 @@ impl Discovery {
                     self.queue_reply(now, source, node.is_none());
                 }
             }
+            &Body::Ping { target, .. } => self.pinged(now, target),
             &Body::Goodbye { id, incarnation } => {
                 if self
                     .table
@@ -1130,17 +1137,49 @@ impl Discovery {
             entry.state = PeerState::Suspect;
             entry.next_probe = now;
         }
+        // Rounds alternate: a unicast probe (answered with the record), then a
+        // multicast ping (answered with a multicast heartbeat). A ping needs no address
+        // resolution: a unicast probe to a host whose ARP entry went stale may wait a
+        // second for it, under loss longer than the TTL leaves.
         let mut probe_to = None;
         if now >= entry.next_probe {
             entry.next_probe = now + probe_gap(ttl);
-            probe_to = Some(entry.source());
+            let unicast = entry.pinged_last || self.cfg.observer;
+            entry.pinged_last = !unicast;
+            probe_to = Some((entry.source(), unicast));
         }
         let next = entry.next_probe.min(expires);
         entry.armed_at = next;
         arm(&mut self.peer_timers, next, id);
-        if let Some(dest) = probe_to {
-            self.send_direct_probe(now, dest);
+        match probe_to {
+            Some((dest, true)) => self.send_direct_probe(now, dest),
+            Some((_, false)) => {
+                let ping = Message::Ping {
+                    from: self.me.id,
+                    target: id,
+                };
+                self.send(now, Destination::Group, &ping);
+            }
+            None => {}
         }
+    }
+
+    /// A ping for us: a peer suspects us. One multicast heartbeat answers every peer
+    /// that suspects us at once, so it goes out at most every [`PING_ANSWER_GAP_MS`].
+    fn pinged(&mut self, now: Millis, target: MemberId) {
+        if target != self.me.id || self.cfg.observer || !self.started || !self.cfg.multicast {
+            return;
+        }
+        if self
+            .last_announce
+            .is_some_and(|last| now < last + PING_ANSWER_GAP_MS)
+        {
+            return;
+        }
+        let msg = self.heartbeat_message();
+        let interval = self.compute_interval();
+        self.multicast_sent(now, interval);
+        self.send(now, Destination::Group, &msg);
     }
 
     /// A direct probe: asks one peer for its record, which also proves it alive.
@@ -1416,6 +1455,9 @@ fn ttl_for(interval: u64) -> u64 {
 fn suspect_at(last_heard: Millis, ttl: u64) -> Millis {
     (last_heard + ttl / 5 * 3).div_ceil(SUSPECT_GRID_MS) * SUSPECT_GRID_MS
 }
+
+/// Least time between two multicast heartbeats that answer pings.
+const PING_ANSWER_GAP_MS: Millis = 10;
 
 /// How late a peer's timer must fire for this node to count itself stalled, and how
 /// long it then gives the peer (see `peer_timer`).
