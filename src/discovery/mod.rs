@@ -25,9 +25,11 @@
 //!   size ÷ traffic budget, never below a floor (280 ms); timers are reconsidered when
 //!   they fire, so a growing group slows down at once.
 //! - Each record carries the sender's interval and TTL (3.2 intervals: 896 ms at the
-//!   floor). A peer not heard for 3/5 of its TTL becomes suspect and is probed
-//!   directly (unicast) every TTL/36 (24 ms); it is declared failed only when its TTL
-//!   passes with no answer.
+//!   floor). A peer not heard for 3/5 of its TTL becomes suspect and is checked every
+//!   TTL/36 (24 ms), by a unicast probe and a multicast `ping` in turn (a ping needs
+//!   no address resolution; the suspect answers all pings with one multicast
+//!   heartbeat); it is declared failed only when its TTL passes with no answer. A node
+//!   that wakes long after the deadline (a stalled host) looks once more first.
 //! - A `goodbye` removes its sender at once; a higher incarnation replaces an entry.
 //! - Every datagram passes a per-source rate limit, then decoding, then (with a key) the
 //!   replay check: the sender's microsecond counter must be within the replay window of
