@@ -165,6 +165,10 @@ fn message() -> impl Strategy<Value = Message> {
             });
             Message::Probe { from, node, direct }
         }),
+        (0u128..64, 0u128..4).prop_map(|(from, target)| Message::Ping {
+            from: Uuid::from_u128(from + 2),
+            target: Uuid::from_u128(target),
+        }),
         (0u128..64, 0u64..8).prop_map(|(id, inc)| Message::Goodbye {
             id: Uuid::from_u128(id + 2),
             incarnation: inc

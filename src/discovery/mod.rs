@@ -25,9 +25,11 @@
 //!   size ÷ traffic budget, never below a floor (280 ms); timers are reconsidered when
 //!   they fire, so a growing group slows down at once.
 //! - Each record carries the sender's interval and TTL (3.2 intervals: 896 ms at the
-//!   floor). A peer not heard for 3/5 of its TTL becomes suspect and is probed
-//!   directly (unicast) every TTL/36 (24 ms); it is declared failed only when its TTL
-//!   passes with no answer.
+//!   floor). A peer not heard for 3/5 of its TTL becomes suspect and is checked every
+//!   TTL/36 (24 ms), by a unicast probe and a multicast `ping` in turn (a ping needs
+//!   no address resolution; the suspect answers all pings with one multicast
+//!   heartbeat); it is declared failed only when its TTL passes with no answer. A node
+//!   that wakes long after the deadline (a stalled host) looks once more first.
 //! - A `goodbye` removes its sender at once; a higher incarnation replaces an entry.
 //! - Every datagram passes a per-source rate limit, then decoding, then (with a key) the
 //!   replay check: the sender's microsecond counter must be within the replay window of
@@ -228,6 +230,10 @@ enum Body {
         id: MemberId,
         incarnation: u64,
     },
+    Ping {
+        from: MemberId,
+        target: MemberId,
+    },
 }
 
 impl Decoded {
@@ -263,6 +269,7 @@ impl Decoded {
                 direct,
             },
             Message::Goodbye { id, incarnation } => Body::Goodbye { id, incarnation },
+            Message::Ping { from, target } => Body::Ping { from, target },
         };
         Ok(Self {
             source,
@@ -307,6 +314,7 @@ impl Decoded {
             Body::Announce { heard, .. } => heard.record.id,
             Body::Probe { from, .. } => *from,
             Body::Goodbye { id, .. } => *id,
+            Body::Ping { from, .. } => *from,
         }
     }
 }
@@ -943,6 +951,7 @@ impl Discovery {
                     self.queue_reply(now, source, node.is_none());
                 }
             }
+            &Body::Ping { target, .. } => self.pinged(now, target),
             &Body::Goodbye { id, incarnation } => {
                 if self
                     .table
@@ -1130,17 +1139,49 @@ impl Discovery {
             entry.state = PeerState::Suspect;
             entry.next_probe = now;
         }
+        // Rounds alternate: a unicast probe (answered with the record), then a
+        // multicast ping (answered with a multicast heartbeat). A ping needs no address
+        // resolution: a unicast probe to a host whose ARP entry went stale may wait a
+        // second for it, under loss longer than the TTL leaves.
         let mut probe_to = None;
         if now >= entry.next_probe {
             entry.next_probe = now + probe_gap(ttl);
-            probe_to = Some(entry.source());
+            let unicast = entry.pinged_last || self.cfg.observer;
+            entry.pinged_last = !unicast;
+            probe_to = Some((entry.source(), unicast));
         }
         let next = entry.next_probe.min(expires);
         entry.armed_at = next;
         arm(&mut self.peer_timers, next, id);
-        if let Some(dest) = probe_to {
-            self.send_direct_probe(now, dest);
+        match probe_to {
+            Some((dest, true)) => self.send_direct_probe(now, dest),
+            Some((_, false)) => {
+                let ping = Message::Ping {
+                    from: self.me.id,
+                    target: id,
+                };
+                self.send(now, Destination::Group, &ping);
+            }
+            None => {}
         }
+    }
+
+    /// A ping for us: a peer suspects us. One multicast heartbeat answers every peer
+    /// that suspects us at once, so it goes out at most every [`PING_ANSWER_GAP_MS`].
+    fn pinged(&mut self, now: Millis, target: MemberId) {
+        if target != self.me.id || self.cfg.observer || !self.started || !self.cfg.multicast {
+            return;
+        }
+        if self
+            .last_announce
+            .is_some_and(|last| now < last + PING_ANSWER_GAP_MS)
+        {
+            return;
+        }
+        let msg = self.heartbeat_message();
+        let interval = self.compute_interval();
+        self.multicast_sent(now, interval);
+        self.send(now, Destination::Group, &msg);
     }
 
     /// A direct probe: asks one peer for its record, which also proves it alive.
@@ -1416,6 +1457,9 @@ fn ttl_for(interval: u64) -> u64 {
 fn suspect_at(last_heard: Millis, ttl: u64) -> Millis {
     (last_heard + ttl / 5 * 3).div_ceil(SUSPECT_GRID_MS) * SUSPECT_GRID_MS
 }
+
+/// Least time between two multicast heartbeats that answer pings.
+const PING_ANSWER_GAP_MS: Millis = 10;
 
 /// How late a peer's timer must fire for this node to count itself stalled, and how
 /// long it then gives the peer (see `peer_timer`).

@@ -164,6 +164,8 @@ pub(crate) struct Entry {
     /// Its expiry was put off once since it was last heard, because this node woke up
     /// too late to judge (see the core's `peer_timer`).
     pub graced: bool,
+    /// Its last suspicion round was a multicast ping (the next is a unicast probe).
+    pub pinged_last: bool,
 }
 
 impl Entry {
@@ -347,6 +349,7 @@ impl PeerTable {
                     via_mdns: false,
                     verified: true,
                     graced: false,
+                    pinged_last: false,
                 });
                 (Observed::Joined, true)
             }
@@ -417,6 +420,7 @@ impl PeerTable {
                     via_mdns: true,
                     verified: trusted,
                     graced: false,
+                    pinged_last: false,
                 });
                 Observed::Joined
             }

@@ -750,3 +750,48 @@ fn a_stalled_node_gives_its_peers_a_grace_before_failing_them() {
     a.handle_timeout(woke + LATE_MS);
     assert!(matches!(&events(&mut a)[..], [PeerEvent::Failed(p)] if p.name == "n2"));
 }
+
+/// A suspect is also checked by multicast pings (no address resolution needed): the
+/// target answers with one multicast heartbeat for all who suspect it, which keeps
+/// it alive; other members ignore a ping that is not for them.
+#[test]
+fn multicast_pings_check_a_suspect_and_its_heartbeat_answers_them_all() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    let mut c = node(3, None, false);
+    for n in [&mut a, &mut b, &mut c] {
+        n.start(t);
+    }
+    drain(&mut a);
+    drain(&mut c);
+    let probe = drain(&mut b).remove(0);
+    a.handle_datagram(t, addr(2), &probe.payload);
+    // b is heard no more: a suspects it and pings it by multicast.
+    let (now, ping) = loop {
+        let now = a.poll_timeout().unwrap();
+        a.handle_timeout(now);
+        let ping = drain(&mut a).into_iter().find(|x| {
+            matches!(wire::decode(&x.payload, None), Ok((Message::Ping { target, .. }, _)) if target == MemberId::from_u128(2))
+        });
+        if let Some(ping) = ping {
+            assert_eq!(ping.dest, Destination::Group);
+            break (now, ping);
+        }
+        assert!(now < t + 1_000, "no ping");
+    };
+    assert!(now >= t + 500, "pinged only once suspect: {}", now - t);
+    c.handle_datagram(now, addr(1), &ping.payload);
+    assert!(drain(&mut c).is_empty(), "not for c");
+    b.handle_datagram(now, addr(1), &ping.payload);
+    b.handle_datagram(now + 1, addr(3), &ping.payload);
+    let answers = drain(&mut b);
+    assert_eq!(answers.len(), 1, "one heartbeat answers both");
+    assert_eq!(answers[0].dest, Destination::Group);
+    assert!(matches!(
+        wire::decode(&answers[0].payload, None),
+        Ok((Message::Heartbeat { .. }, _))
+    ));
+    a.handle_datagram(now + 1, addr(2), &answers[0].payload);
+    assert_eq!(a.peers(now + 1)[0].state, PeerState::Alive);
+}

@@ -31,7 +31,7 @@
 //!
 //! # Body: a [`Message`]
 //!
-//! A postcard enum: a varint variant index (one byte, 0 to 3), then the variant's fields
+//! A postcard enum: a varint variant index (one byte, 0 to 4), then the variant's fields
 //! in order. Offsets below are from the start of the body; "v" marks a varint, whose
 //! size depends on its value. A UUID is its 16 bytes in order (as
 //! [`uuid::Uuid::as_bytes`]).
@@ -69,6 +69,14 @@
 //! | 0 | 1 | `0x03` |
 //! | 1 | 16 | `id`: the leaving member's id |
 //! | 17 | v | `incarnation`: the incarnation that leaves |
+//!
+//! **Ping** ([`Message::Ping`], multicast to check a suspect; answered with a multicast heartbeat):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 1 | `0x04` |
+//! | 1 | 16 | `from`: the sender's member id |
+//! | 17 | 16 | `target`: the suspect's member id |
 //!
 //! **NodeRecord** ([`NodeRecord`], inside Announce and Probe):
 //!
@@ -192,6 +200,17 @@ pub enum Message {
         /// The incarnation that is leaving (a newer one is not removed).
         incarnation: u64,
     },
+    /// "Are you there?", multicast: a node checks a suspect peer without unicast (no
+    /// address resolution). The target answers with a multicast heartbeat, which
+    /// answers every peer that suspects it at once; the others ignore it.
+    Ping {
+        /// The sender's node id.
+        #[serde(with = "uuid::serde::compact")]
+        from: MemberId,
+        /// The suspect's node id.
+        #[serde(with = "uuid::serde::compact")]
+        target: MemberId,
+    },
 }
 
 impl Message {
@@ -202,6 +221,7 @@ impl Message {
             Message::Announce { node, .. } => node.id,
             Message::Probe { from, .. } => *from,
             Message::Goodbye { id, .. } => *id,
+            Message::Ping { from, .. } => *from,
         }
     }
 }
@@ -441,6 +461,7 @@ fn msg_is_sane(msg: &Message) -> bool {
         Message::Announce { node, .. } => record_ok(node),
         Message::Probe { node, .. } => node.as_ref().is_none_or(record_ok),
         Message::Goodbye { .. } => true,
+        Message::Ping { .. } => true,
     }
 }
 
@@ -492,6 +513,10 @@ mod tests {
             Message::Goodbye {
                 id: MemberId::from_u128(5),
                 incarnation: 2,
+            },
+            Message::Ping {
+                from: MemberId::from_u128(5),
+                target: MemberId::from_u128(6),
             },
         ];
         for msg in msgs {
