@@ -994,20 +994,9 @@ fn measure_oneshot(lan: &Lan, args: &Args, rows: &mut Rows) {
     let timeout = Duration::from_secs(1);
     let once = || {
         let t0 = Instant::now();
-        let out = lan.run(
-            0,
-            &binary(),
-            &[
-                "peers",
-                "--json",
-                "--interface",
-                "eth0",
-                "--discovery",
-                "multicast",
-                "--timeout",
-                "1s",
-            ],
-        );
+        let line = "peers --json --interface eth0 --discovery multicast --timeout 1s";
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let out = lan.run(0, &binary(), &args);
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let missing: Vec<&String> = expected

@@ -5,6 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::words::words;
 use support::{Lan, binary};
 
 /// Eight daemons; from a ninth host without a daemon, `localnet peers --timeout 5s`
@@ -22,20 +23,9 @@ fn a_one_shot_peers_returns_every_daemon_well_before_its_timeout() {
     std::thread::sleep(Duration::from_millis(500));
     for attempt in 0..3 {
         let started = Instant::now();
-        let out = lan.run(
-            8,
-            &binary(),
-            &[
-                "peers",
-                "--json",
-                "--interface",
-                "eth0",
-                "--discovery",
-                if attempt == 2 { "both" } else { "multicast" },
-                "--timeout",
-                "5s",
-            ],
-        );
+        let mode = if attempt == 2 { "both" } else { "multicast" };
+        let line = format!("peers --json --interface eth0 --discovery {mode} --timeout 5s");
+        let out = lan.run(8, &binary(), &words(&line));
         let took = started.elapsed();
         assert!(
             out.status.success(),
@@ -66,14 +56,8 @@ fn terminate_all_without_a_daemon_returns_once_settled() {
         return;
     };
     let key = lan.key("settle");
-    let net = [
-        "--interface",
-        "eth0",
-        "--discovery",
-        "multicast",
-        "--key-file",
-        &key,
-    ];
+    let net_line = format!("--interface eth0 --discovery multicast --key-file {key}");
+    let net = words(&net_line);
     let mut pids = Vec::new();
     for i in 0..3 {
         let name = format!("s{i}");
@@ -83,22 +67,10 @@ fn terminate_all_without_a_daemon_returns_once_settled() {
     }
     std::thread::sleep(Duration::from_millis(800));
     let started = Instant::now();
-    let out = lan.run(
-        3,
-        &binary(),
-        &[
-            "terminate",
-            "--all",
-            "--interface",
-            "eth0",
-            "--discovery",
-            "multicast",
-            "--key-file",
-            &key,
-            "--wait",
-            "5s",
-        ],
+    let line = format!(
+        "terminate --all --interface eth0 --discovery multicast --key-file {key} --wait 5s"
     );
+    let out = lan.run(3, &binary(), &words(&line));
     let took = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -5,16 +5,21 @@ fn node(id: u128, key: Option<ClusterKey>, observer: bool) -> Discovery {
     node_at(id, key, observer, 1_000_000)
 }
 
-/// A node made at `now` (its seed is its id).
-fn node_at(id: u128, key: Option<ClusterKey>, observer: bool, now: Millis) -> Discovery {
-    let me = LocalNode {
+/// Node `id`'s own description: name `n<id>`, incarnation 1, a daemon.
+fn local_node(id: u128) -> LocalNode {
+    LocalNode {
         id: MemberId::from_u128(id),
         name: format!("n{id}"),
         incarnation: 1,
         addr: "0.0.0.0:7000".parse().unwrap(),
         role: "daemon".into(),
         tags: BTreeMap::new(),
-    };
+    }
+}
+
+/// A node made at `now` (its seed is its id).
+fn node_at(id: u128, key: Option<ClusterKey>, observer: bool, now: Millis) -> Discovery {
+    let me = local_node(id);
     let cfg = Config {
         observer,
         ..Config::default()
@@ -22,8 +27,52 @@ fn node_at(id: u128, key: Option<ClusterKey>, observer: bool, now: Millis) -> Di
     Discovery::new(cfg, me, key, id as u64, now).unwrap()
 }
 
+/// Node `id`'s record as mDNS brings it: at `10.0.0.<ip>:7000`, a long TTL.
+fn mdns_record(id: u128, ip: u8, incarnation: u64) -> NodeRecord {
+    NodeRecord {
+        id: MemberId::from_u128(id),
+        name: format!("n{id}"),
+        incarnation,
+        seq: 0,
+        addr: SocketAddr::from(([10, 0, 0, ip], 7000)),
+        role: "daemon".into(),
+        tags: BTreeMap::new(),
+        interval_ms: 60_000,
+        ttl_ms: 120_000,
+    }
+}
+
 fn addr(i: u8) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, i], 9000))
+}
+
+/// Node `id` (a member) started at `t`, what it sent at start drained.
+fn started(id: u128, t: Millis) -> Discovery {
+    let mut n = node(id, None, false);
+    n.start(t);
+    drain(&mut n);
+    n
+}
+
+/// Node `id` started at `t`, and the first datagram it sent (its probe).
+fn first_probe(id: u128, observer: bool, t: Millis) -> (Discovery, Transmit) {
+    let mut n = node(id, None, observer);
+    n.start(t);
+    let probe = drain(&mut n).remove(0);
+    (n, probe)
+}
+
+/// Nodes 1 and 2 started at `t`; node 1's own first datagrams drained, then node 2's
+/// first probe handled by node 1, which so knows node 2 (its answer still queued).
+fn a_knows_b(t: Millis) -> (Discovery, Discovery) {
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    a.start(t);
+    b.start(t);
+    drain(&mut a);
+    let probe = drain(&mut b).remove(0);
+    a.handle_datagram(t, addr(2), &probe.payload);
+    (a, b)
 }
 
 fn drain(n: &mut Discovery) -> Vec<Transmit> {
@@ -104,13 +153,7 @@ fn goodbye_removes_and_silence_fails() {
 #[test]
 fn answered_direct_probe_keeps_a_suspect_alive() {
     let t = 1_000_000;
-    let mut a = node(1, None, false);
-    let mut b = node(2, None, false);
-    a.start(t);
-    b.start(t);
-    drain(&mut a);
-    let pb = drain(&mut b).remove(0);
-    a.handle_datagram(t, addr(2), &pb.payload);
+    let (mut a, mut b) = a_knows_b(t);
     // b's announcements are lost; only its answers to direct probes get through.
     let mut now = t;
     while now < t + 10_000 {
@@ -144,12 +187,9 @@ fn restart_with_new_incarnation_is_an_update() {
     b.start(t);
     a.handle_datagram(t, addr(2), &drain(&mut b)[0].payload);
     let mut me = LocalNode {
-        id: MemberId::from_u128(2),
-        name: "n2".into(),
         incarnation: 2,
         addr: "0.0.0.0:7001".parse().unwrap(),
-        role: "daemon".into(),
-        tags: BTreeMap::new(),
+        ..local_node(2)
     };
     let mut b2 = Discovery::new(Config::default(), me.clone(), None, 9, t).unwrap();
     b2.start(t + 50);
@@ -167,12 +207,8 @@ fn restart_with_new_incarnation_is_an_update() {
 #[test]
 fn observer_is_never_listed_and_never_announces() {
     let t = 1_000_000;
-    let mut member = node(1, None, false);
-    member.start(t);
-    drain(&mut member);
-    let mut obs = node(2, None, true);
-    obs.start(t);
-    let probe = drain(&mut obs).remove(0);
+    let mut member = started(1, t);
+    let (mut obs, probe) = first_probe(2, true, t);
     member.handle_datagram(t, addr(2), &probe.payload);
     assert_eq!(member.peer_count(), 0);
     let at = member.poll_timeout().unwrap();
@@ -276,17 +312,7 @@ fn refusals_are_recorded_per_source_and_explain_unverified_peers() {
     assert_eq!(of(5).reason.to_string(), "clock off by 35 s (behind)");
     assert_eq!(seen[0].source, addr(5), "most recent first");
     // The fast node is seen through mDNS: unverified, and the listing says why.
-    let record = |id: u128, ip: u8| NodeRecord {
-        id: MemberId::from_u128(id),
-        name: format!("n{id}"),
-        incarnation: 1,
-        seq: 0,
-        addr: SocketAddr::from(([10, 0, 0, ip], 7000)),
-        role: "daemon".into(),
-        tags: BTreeMap::new(),
-        interval_ms: 60_000,
-        ttl_ms: 120_000,
-    };
+    let record = |id: u128, ip: u8| mdns_record(id, ip, 1);
     a.observe_mdns(t + 20, record(2, 2));
     a.observe_mdns(t + 20, record(6, 6));
     let peers = a.peers(t + 20);
@@ -337,23 +363,9 @@ fn refusals_are_bounded() {
 #[test]
 fn mdns_entries_merge_with_multicast_and_tombstones_hold() {
     let t = 1_000_000;
-    let mut a = node(1, None, false);
-    a.start(t);
-    drain(&mut a);
-    let mut b = node(2, None, false);
-    b.start(t);
-    let probe = drain(&mut b).remove(0);
-    let mdns_record = |incarnation| NodeRecord {
-        id: MemberId::from_u128(2),
-        name: "n2".into(),
-        incarnation,
-        seq: 0,
-        addr: "10.0.0.2:7000".parse().unwrap(),
-        role: "daemon".into(),
-        tags: BTreeMap::new(),
-        interval_ms: 60_000,
-        ttl_ms: 120_000,
-    };
+    let mut a = started(1, t);
+    let (_b, probe) = first_probe(2, false, t);
+    let mdns_record = |incarnation| mdns_record(2, 2, incarnation);
     // Seen first through mDNS: one entry; then multicast: still one, both paths.
     a.observe_mdns(t, mdns_record(1));
     a.handle_datagram(t + 1, addr(2), &probe.payload);
@@ -507,12 +519,7 @@ fn interval_follows_group_size_and_budget() {
 #[test]
 fn idle_members_send_heartbeats_and_a_slow_refresh() {
     let t = 1_000_000;
-    let mut a = node(1, None, false);
-    let mut b = node(2, None, false);
-    a.start(t);
-    b.start(t);
-    let probe = drain(&mut b).remove(0);
-    a.handle_datagram(t, addr(2), &probe.payload);
+    let (mut a, mut b) = a_knows_b(t);
     drain(&mut a);
     let (mut heartbeats, mut records) = (0, 0);
     let mut now = t;
@@ -719,13 +726,7 @@ fn observers_are_answered_within_the_window_among_many_probes() {
 #[test]
 fn a_stalled_node_gives_its_peers_a_grace_before_failing_them() {
     let t = 1_000_000;
-    let mut a = node(1, None, false);
-    let mut b = node(2, None, false);
-    a.start(t);
-    b.start(t);
-    drain(&mut a);
-    let probe = drain(&mut b).remove(0);
-    a.handle_datagram(t, addr(2), &probe.payload);
+    let (mut a, b) = a_knows_b(t);
     events(&mut a);
     let ttl = ttl_for(Config::default().min_interval_ms);
     // a sleeps through b's whole TTL; b's heartbeat sits in a's inbox meanwhile.
