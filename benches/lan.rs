@@ -1368,6 +1368,14 @@ fn measure_throughput(
         eprintln!("socat is not installed (apt-get install socat): its column stays empty");
     }
     let port = 7900;
+    let mut put = |system: &'static str, outcome| {
+        record_outcome(
+            by_system.entry(system).or_default(),
+            THROUGHPUT,
+            outcome,
+            limit,
+        )
+    };
     for _ in 0..args.repeat {
         if let Some((key, _, _)) = &localnet {
             let sock = lan.sock(0);
@@ -1395,12 +1403,7 @@ fn measure_throughput(
             // Every line arrives as `s1: line`.
             let expected = lines * (101 + "s1: ".len() as u64);
             let outcome = rate("localnet", finished, expected);
-            record_outcome(
-                by_system.entry("localnet").or_default(),
-                THROUGHPUT,
-                outcome,
-                limit,
-            );
+            put("localnet", outcome);
         }
         if let Some(socat) = &socat {
             let listen = format!("TCP-LISTEN:{port},bind={},reuseaddr", lan.ip(0));
@@ -1408,12 +1411,7 @@ fn measure_throughput(
             let system = format!("SYSTEM:{job}");
             let outcome = socat_pipe(lan, socat, &listen, &[&system, &send], port, limit);
             let outcome = rate("socat", outcome, bytes);
-            record_outcome(
-                by_system.entry("socat").or_default(),
-                THROUGHPUT,
-                outcome,
-                limit,
-            );
+            put("socat", outcome);
         }
         if let Some(fleet) = fleet {
             let mut ssh: Vec<String> = fleet.options();
@@ -1422,12 +1420,7 @@ fn measure_throughput(
             let ssh: Vec<&str> = ssh.iter().map(String::as_str).collect();
             let finished = run_timed(lan, 0, &[], Path::new("ssh"), &ssh, limit);
             let outcome = rate("ssh", finished, bytes);
-            record_outcome(
-                by_system.entry("ssh").or_default(),
-                THROUGHPUT,
-                outcome,
-                limit,
-            );
+            put("ssh", outcome);
         }
     }
     if let Some((_, slave, daemon)) = localnet {
