@@ -35,8 +35,17 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     let wanted = if args.raw { None } else { args.slaves };
     // The key is loaded once (a warning about its mode is said once).
     let opts = super::backend_options(&args.net, args.control.clone())?;
+    let stderr = stdio.err.clone();
+    let log_sink: localnet::LogSink =
+        Arc::new(move |slave: &str, line: &str| stderr.log_line(&format!("{slave}: {line}")));
+    let master = Master::new(
+        &localnet::host_name(),
+        opts.discovery.key.clone(),
+        Some(log_sink),
+    );
+    // Connections open while the search goes on: the command starts as soon as it ends.
     let localnet::Discovered { slaves, hints } =
-        super::find_slaves(&opts, wanted, args.wait, &tags).await?;
+        super::find_slaves(&opts, wanted, args.wait, &tags, Some(&master)).await?;
     if args.raw && slaves.len() > 1 {
         bail!(
             "--raw runs the command on exactly one slave, but {} match: {}; select one with --tag KEY=VALUE",
@@ -75,10 +84,6 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             ),
         }
     }
-    let stderr = stdio.err.clone();
-    let log_sink: localnet::LogSink =
-        Arc::new(move |slave: &str, line: &str| stderr.log_line(&format!("{slave}: {line}")));
-    let master = Master::new(&localnet::host_name(), opts.discovery.key, Some(log_sink));
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
     let mut jobs = Vec::new();

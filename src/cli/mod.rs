@@ -12,13 +12,13 @@ pub mod slave;
 pub mod terminate;
 pub mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use localnet::control::{self, ControlClient, ControlError};
-use localnet::{BackendOptions, ClusterKey, Discovered, NodeOptions};
+use localnet::{BackendOptions, ClusterKey, Discovered, Master, NodeId, NodeOptions, Peer};
 
 use args::NetArgs;
 use localnet::stdio::{OutputStream, Target};
@@ -112,13 +112,16 @@ pub async fn connect(control: Option<PathBuf>) -> Result<ControlClient> {
     })
 }
 
-/// Finds slaves (see [`localnet::discover_explained`]), with a
-/// spinner on a terminal's stderr that counts them.
+/// Finds slaves (see [`localnet::discover_explained`]), with a spinner on a terminal's
+/// stderr that counts them. With a `master`, it connects to each slave as soon as it is
+/// found ([`Master::prepare`], in the background: a failure is reported when the slave
+/// is used), so that the connections are ready when the search ends.
 pub async fn find_slaves(
     opts: &BackendOptions,
     wait_for: Option<usize>,
     wait: Duration,
     tags: &BTreeMap<String, String>,
+    master: Option<&Master>,
 ) -> Result<Discovered> {
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
@@ -126,9 +129,18 @@ pub async fn find_slaves(
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
     });
-    let found = localnet::discover_explained(opts, wait_for, wait, tags, |n| {
+    let mut connecting = HashSet::new();
+    let found = localnet::discover_explained(opts, wait_for, wait, tags, |found: &[Peer]| {
         if let Some(bar) = &progress {
-            bar.set_message(output::slaves_found_message(n, wait_for));
+            bar.set_message(output::slaves_found_message(found.len(), wait_for));
+        }
+        let Some(master) = master else { return };
+        for peer in found {
+            let node = NodeId::new(peer.addr);
+            if connecting.insert(node) {
+                let master = master.clone();
+                tokio::spawn(async move { master.prepare(node).await });
+            }
         }
     })
     .await;

@@ -25,7 +25,14 @@ pub async fn run(args: TerminateArgs) -> Result<()> {
         let localnet::Discovered {
             slaves: found,
             hints,
-        } = super::find_slaves(&opts, None, args.wait, &BTreeMap::new()).await?;
+        } = super::find_slaves(
+            &opts,
+            None,
+            args.wait,
+            &BTreeMap::new(),
+            args.all.then_some(&master),
+        )
+        .await?;
         // Found none, or not the one named: what was seen may say why.
         let hints = hint_text(&hints);
         for name in &names {

@@ -272,9 +272,11 @@ pub async fn discover(
     timeout: Duration,
     tags: &BTreeMap<String, String>,
 ) -> Result<Vec<Peer>, BackendError> {
-    Ok(discover_explained(opts, wait_for, timeout, tags, |_| {})
-        .await?
-        .slaves)
+    Ok(
+        discover_explained(opts, wait_for, timeout, tags, |_: &[Peer]| {})
+            .await?
+            .slaves,
+    )
 }
 
 /// What a search for slaves found, with hints at why others were not found.
@@ -416,14 +418,14 @@ pub fn daemon_key_mismatch(
 }
 
 /// [`discover`], with hints at why fewer slaves than asked for (or none) were found,
-/// calling `progress` with the number of matching slaves known whenever it may have
-/// changed (for a progress display).
+/// calling `progress` with the matching slaves known whenever they may have changed
+/// (for a progress display, or to connect to each while the search goes on).
 pub async fn discover_explained(
     opts: &BackendOptions,
     wait_for: Option<usize>,
     timeout: Duration,
     tags: &BTreeMap<String, String>,
-    progress: impl Fn(usize),
+    mut progress: impl FnMut(&[Peer]),
 ) -> Result<Discovered, BackendError> {
     let want = wait_for.unwrap_or(usize::MAX);
     let short = |found: &[Peer]| found.is_empty() || wait_for.is_some_and(|n| found.len() < n);
@@ -444,7 +446,7 @@ pub async fn discover_explained(
         loop {
             let peers = client.peers(None, Duration::ZERO).await?;
             let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
-            progress(found.len());
+            progress(&found);
             // With no count to wait for, what the daemon knows is the answer.
             if wait_for.is_none() || found.len() >= want || tokio::time::Instant::now() >= deadline
             {
@@ -496,7 +498,7 @@ pub async fn discover_explained(
     let (found, peers) = loop {
         let peers = handle.peers().await?;
         let found: Vec<Peer> = select(&peers, true, tags).into_iter().cloned().collect();
-        progress(found.len());
+        progress(&found);
         if found.len() >= want || (settled_fired && !found.is_empty()) {
             break (found, peers);
         }

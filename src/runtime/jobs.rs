@@ -173,9 +173,12 @@ async fn pump(
     out: mpsc::Sender<Frame>,
 ) {
     let Some(mut pipe) = pipe else { return };
-    let mut buf = vec![0u8; BATCH_BYTES];
+    // Read into uninitialised capacity (no zeroing), starting small: most jobs write
+    // little or nothing, and a job that fills its buffer gets a bigger one next time.
+    let mut capacity = 4096;
     loop {
-        let n = match pipe.read(&mut buf).await {
+        let mut data = Vec::with_capacity(capacity);
+        let n = match pipe.read_buf(&mut data).await {
             Ok(0) => return,
             Ok(n) => n,
             Err(err) => {
@@ -183,7 +186,11 @@ async fn pump(
                 return;
             }
         };
-        let data = buf[..n].to_vec();
+        if n == capacity {
+            capacity = (capacity * 2).min(BATCH_BYTES);
+        } else if n < capacity / 4 {
+            data.shrink_to_fit(); // what waits in the queue holds what it needs
+        }
         if let Err(mpsc::error::SendError(Frame::Output { data, .. })) =
             out.send(Frame::Output { id, stream, data }).await
         {

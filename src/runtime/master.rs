@@ -150,7 +150,16 @@ enum Pending {
 }
 
 /// A slave's session, or none yet; locked while it is being opened.
-type Slot = Arc<tokio::sync::Mutex<Option<Arc<Session>>>>;
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
+
+/// What a slot holds.
+#[derive(Default)]
+struct SlotState {
+    session: Option<Arc<Session>>,
+    /// Why the last connection opened ahead ([`Master::prepare`]) failed: the next
+    /// request gets this error instead of trying again at once.
+    failed: Option<MasterError>,
+}
 
 struct Session {
     node: NodeId,
@@ -163,6 +172,13 @@ struct Session {
     /// Its reader ended (the slave closed, went silent or sent a bad frame): the next
     /// request opens a new connection instead of queueing on one nobody reads.
     lost: std::sync::atomic::AtomicBool,
+}
+
+impl Session {
+    /// Neither end has closed it: requests can go on it.
+    fn usable(&self) -> bool {
+        !self.out.is_closed() && !self.lost.load(Ordering::Acquire)
+    }
 }
 
 /// Connections to slaves, and what runs on them.
@@ -281,18 +297,43 @@ impl Master {
             .unwrap_or_else(|e| e.into_inner())
             .get(&node)
             .cloned()?;
-        slot.lock().await.clone()
+        slot.lock().await.session.clone()
+    }
+
+    /// Opens the connection to `node` now, ahead of its first use, and keeps the
+    /// outcome: the next request uses the connection, or gets the error (then later
+    /// ones try again). `localnet master` calls it for each slave as soon as discovery
+    /// finds it, so that the connections are ready when the search ends.
+    pub async fn prepare(&self, node: NodeId) {
+        let slot = self.slot(node);
+        let mut slot = slot.lock().await;
+        if slot.session.as_ref().is_some_and(|s| s.usable()) {
+            return;
+        }
+        match self.open(node).await {
+            Ok(session) => slot.session = Some(session),
+            Err(err) => slot.failed = Some(err),
+        }
     }
 
     async fn session(&self, node: NodeId) -> Result<Arc<Session>, MasterError> {
         let slot = self.slot(node);
         let mut slot = slot.lock().await;
-        if let Some(s) = slot.as_ref()
-            && !s.out.is_closed()
-            && !s.lost.load(Ordering::Acquire)
+        if let Some(s) = slot.session.as_ref()
+            && s.usable()
         {
             return Ok(s.clone());
         }
+        if let Some(err) = slot.failed.take() {
+            return Err(err);
+        }
+        let session = self.open(node).await?;
+        slot.session = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Connects to `node` and exchanges the greeting (its slot is held by the caller).
+    async fn open(&self, node: NodeId) -> Result<Arc<Session>, MasterError> {
         let (reader, writer) = transport::connect(node.addr(), self.inner.key.as_ref())
             .await
             .map_err(|source| MasterError::Connect { node, source })?;
@@ -328,7 +369,6 @@ impl Master {
             session.clone(),
             self.inner.log_sink.clone(),
         ));
-        *slot = Some(session.clone());
         Ok(session)
     }
 
