@@ -341,6 +341,9 @@ pub struct Stats {
     pub dropped_legacy: u64,
     /// Direct probes sent to ask a member heard only by its heartbeat for its record.
     pub record_requests: u64,
+    /// Probe rounds for a suspect left out because another observer's ping for it
+    /// was heard (its answer reaches every observer).
+    pub probes_spared: u64,
     /// Datagrams dropped because they were not authenticated with this cluster's key.
     pub dropped_auth: u64,
     /// Authenticated datagrams dropped as replayed, too far off our clock, or from a sender with no room to track.
@@ -1136,8 +1139,12 @@ impl Discovery {
             return;
         }
         if entry.state == PeerState::Alive {
+            // The first round within one gap, at random: observers that suspect a peer
+            // at the same grid tick do not all probe it in the same millisecond, and
+            // the first ping heard spares the others theirs.
             entry.state = PeerState::Suspect;
-            entry.next_probe = now;
+            entry.round_heard = false;
+            entry.next_probe = now + self.rng.u64(0..=probe_gap(ttl) / 2);
         }
         // Rounds alternate: a unicast probe (answered with the record), then a
         // multicast ping (answered with a multicast heartbeat). A ping needs no address
@@ -1146,9 +1153,13 @@ impl Discovery {
         let mut probe_to = None;
         if now >= entry.next_probe {
             entry.next_probe = now + probe_gap(ttl);
-            let unicast = entry.pinged_last || self.cfg.observer;
-            entry.pinged_last = !unicast;
-            probe_to = Some((entry.source(), unicast));
+            if std::mem::take(&mut entry.round_heard) {
+                self.stats.probes_spared += 1;
+            } else {
+                let unicast = entry.pinged_last || self.cfg.observer;
+                entry.pinged_last = !unicast;
+                probe_to = Some((entry.source(), unicast));
+            }
         }
         let next = entry.next_probe.min(expires);
         entry.armed_at = next;
@@ -1169,7 +1180,19 @@ impl Discovery {
     /// A ping for us: a peer suspects us. One multicast heartbeat answers every peer
     /// that suspects us at once, so it goes out at most every [`PING_ANSWER_GAP_MS`].
     fn pinged(&mut self, now: Millis, target: MemberId) {
-        if target != self.me.id || self.cfg.observer || !self.started || !self.cfg.multicast {
+        if target != self.me.id {
+            // Another observer pinged a peer we may suspect too: its answer, a multicast
+            // heartbeat, reaches us as well, so our own next round is not needed (as
+            // mDNS suppresses duplicate questions). A group of N then sends about one
+            // ping per round for a suspect, not N.
+            if let Some(entry) = self.table.get_mut(&target)
+                && entry.state == PeerState::Suspect
+            {
+                entry.round_heard = true;
+            }
+            return;
+        }
+        if self.cfg.observer || !self.started || !self.cfg.multicast {
             return;
         }
         if self
@@ -1323,6 +1346,13 @@ impl Discovery {
         let mut direct = true;
         if pending.direct.iter().any(|(a, _)| *a == to) {
             return;
+        } else if !observer && (pending.several || pending.direct.iter().any(|(_, o)| !*o)) {
+            // A second member starting at once: one multicast answer serves them all
+            // (members do not settle by the window; a mass start answered one by one
+            // by every member would be N² datagrams). Observers keep their unicast.
+            pending.direct.retain(|(_, o)| *o);
+            pending.several = true;
+            direct = false;
         } else if pending.direct.len() < DIRECT_ANSWERS {
             pending.direct.push((to, observer));
         } else if let Some(slot) = pending.direct.iter_mut().find(|(_, o)| observer && !*o) {

@@ -166,6 +166,9 @@ pub(crate) struct Entry {
     pub graced: bool,
     /// Its last suspicion round was a multicast ping (the next is a unicast probe).
     pub pinged_last: bool,
+    /// While suspect: another observer's ping for it was heard since our last round
+    /// (the answer reaches us too; our next round is spared).
+    pub round_heard: bool,
 }
 
 impl Entry {
@@ -350,6 +353,7 @@ impl PeerTable {
                     verified: true,
                     graced: false,
                     pinged_last: false,
+                    round_heard: false,
                 });
                 (Observed::Joined, true)
             }
@@ -421,6 +425,7 @@ impl PeerTable {
                     verified: trusted,
                     graced: false,
                     pinged_last: false,
+                    round_heard: false,
                 });
                 Observed::Joined
             }
