@@ -455,6 +455,9 @@ pub struct Discovery {
     /// When we sent our first and our latest group probe.
     first_probe_at: Option<Millis>,
     last_probe_at: Option<Millis>,
+    /// Probes sent so far, and the members known when the last one went out.
+    probes_sent: u32,
+    known_at_last_probe: usize,
     /// The longest reply window announced by anyone who answered.
     reply_window_heard: Option<u64>,
     /// Which members we asked for their record lately (bounded, rate-limited).
@@ -484,6 +487,9 @@ struct Pending {
     several: bool,
 }
 
+/// Most group probes of a one-shot observer: two, and more while each finds members
+/// the earlier ones had not (lost answers).
+pub const MAX_OBSERVER_PROBES: u32 = 5;
 /// Most probes answered one by one (by unicast) per reply.
 const DIRECT_ANSWERS: usize = 4;
 /// The longest reply window of any member (the spread of answers in a huge group).
@@ -540,6 +546,8 @@ impl Discovery {
             record_size: 0.0,
             first_probe_at: None,
             last_probe_at: None,
+            probes_sent: 0,
+            known_at_last_probe: 0,
             reply_window_heard: None,
             record_requests: RequestGate::new(MAX_RECORD_REQUESTS, ASK_AGAIN_MS),
             rng: fastrand::Rng::with_seed(seed),
@@ -703,6 +711,8 @@ impl Discovery {
         if !self.started || !self.cfg.multicast {
             return None;
         }
+        // A pending second probe counts as sent; a pending look at the last probe's
+        // answers comes before the settle time and, if it probes, moves it.
         let last_probe = self.timers.get(Timer::SecondProbe).or(self.last_probe_at)?;
         let window = self
             .reply_window_heard
@@ -718,6 +728,7 @@ impl Discovery {
         }
         self.leaving = true;
         self.timers.stop(Timer::SecondProbe);
+        self.timers.stop(Timer::ProbeAgain);
         self.timers.stop(Timer::Announce);
         self.timers.stop(Timer::Reply);
         self.pending_replies = Pending::default();
@@ -780,6 +791,14 @@ impl Discovery {
         if self.timers.is_expired(Timer::SecondProbe, now) {
             self.timers.stop(Timer::SecondProbe);
             self.send_probe(now);
+            if self.cfg.observer {
+                self.timers
+                    .set(Timer::ProbeAgain, now + self.answers_within());
+            }
+        }
+        if self.timers.is_expired(Timer::ProbeAgain, now) {
+            self.timers.stop(Timer::ProbeAgain);
+            self.probe_again(now);
         }
         if self.timers.is_expired(Timer::Reply, now) {
             self.timers.stop(Timer::Reply);
@@ -1046,6 +1065,12 @@ impl Discovery {
             let after_answers = first + window + 5;
             if after_answers > second {
                 self.timers.set(Timer::SecondProbe, after_answers);
+            }
+        }
+        if let (Some(look), Some(last)) = (self.timers.get(Timer::ProbeAgain), self.last_probe_at) {
+            let after_answers = last + window + 5;
+            if after_answers > look {
+                self.timers.set(Timer::ProbeAgain, after_answers);
             }
         }
     }
@@ -1318,7 +1343,35 @@ impl Discovery {
         base - base / 4 + self.rng.u64(0..=base / 2)
     }
 
+    /// How long after a probe its answers are in: the longest reply window heard, and
+    /// a few ms for the trip (no answer yet: the second probe's usual delay).
+    fn answers_within(&self) -> u64 {
+        match self.reply_window_heard {
+            Some(window) => window.min(MAX_REPLY_WINDOW_MS) + 5,
+            None => self.cfg.observer_second_probe_ms,
+        }
+    }
+
+    /// An observer's last probe found members that its earlier probes had not: answers
+    /// were lost, and others may be missing still. It probes once more (at most
+    /// [`MAX_OBSERVER_PROBES`] in all), which moves [`Discovery::settled_at`] on. A
+    /// probe that found nobody new ends it: on a LAN without loss the second probe
+    /// finds no one, and nothing is added to the search.
+    fn probe_again(&mut self, now: Millis) {
+        if self.leaving
+            || self.probes_sent >= MAX_OBSERVER_PROBES
+            || self.table.len() <= self.known_at_last_probe
+        {
+            return;
+        }
+        self.send_probe(now);
+        self.timers
+            .set(Timer::ProbeAgain, now + self.answers_within());
+    }
+
     fn send_probe(&mut self, now: Millis) {
+        self.probes_sent += 1;
+        self.known_at_last_probe = self.table.len();
         let probe = Message::Probe {
             from: self.me.id,
             node: (!self.cfg.observer).then(|| self.me.clone()),

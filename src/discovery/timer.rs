@@ -15,10 +15,13 @@ pub(crate) enum Timer {
     Announce = 2,
     /// Forgetting stale limiter buckets, replay counters, tombstones and refusals.
     Gc = 3,
+    /// An observer's look, once its last probe's answers are in, at whether that probe
+    /// found members the earlier ones had not (then it probes once more).
+    ProbeAgain = 4,
 }
 
 impl Timer {
-    const COUNT: usize = 4;
+    const COUNT: usize = 5;
 }
 
 /// When each [`Timer`] fires, if it is set.
