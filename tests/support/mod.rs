@@ -84,9 +84,13 @@ impl Lan {
             return None;
         }
         if hosts > 10 {
-            // The neighbour table is shared by all namespaces; many hosts overflow it.
-            for (k, v) in [("1", "4096"), ("2", "8192"), ("3", "16384")] {
-                let _ = std::fs::write(format!("/proc/sys/net/ipv4/neigh/default/gc_thresh{k}"), v);
+            // The neighbour tables are shared by all namespaces; many hosts overflow
+            // them (IPv6's too: Serf and Avahi speak it, and its link-local addresses).
+            for ip in ["ipv4", "ipv6"] {
+                for (k, v) in [("1", "4096"), ("2", "8192"), ("3", "16384")] {
+                    let path = format!("/proc/sys/net/{ip}/neigh/default/gc_thresh{k}");
+                    let _ = std::fs::write(path, v);
+                }
             }
         }
         let prefix = format!("ln{tag}{}", std::process::id() % 100_000);
