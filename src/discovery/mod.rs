@@ -490,6 +490,8 @@ struct Pending {
 /// Most group probes of a one-shot observer: two, and more while each finds members
 /// the earlier ones had not (lost answers).
 pub const MAX_OBSERVER_PROBES: u32 = 5;
+/// What an observer allows for an answer's trip on top of its sender's reply window.
+const ANSWER_TRIP_MS: u64 = 5;
 /// Most probes answered one by one (by unicast) per reply.
 const DIRECT_ANSWERS: usize = 4;
 /// The longest reply window of any member (the spread of answers in a huge group).
@@ -712,13 +714,14 @@ impl Discovery {
             return None;
         }
         // A pending second probe counts as sent; a pending look at the last probe's
-        // answers comes before the settle time and, if it probes, moves it.
+        // answers (which may probe again, and then moves this on) is not settled yet.
         let last_probe = self.timers.get(Timer::SecondProbe).or(self.last_probe_at)?;
         let window = self
             .reply_window_heard
             .unwrap_or(MAX_REPLY_WINDOW_MS)
             .min(MAX_REPLY_WINDOW_MS);
-        Some(last_probe + window + self.cfg.settle_margin_ms + window / 4)
+        let settled = last_probe + window + self.cfg.settle_margin_ms + window / 4;
+        Some(settled.max(self.timers.get(Timer::ProbeAgain).unwrap_or(0)))
     }
 
     /// Leaves the group: a goodbye (sent twice against loss), then silence.
@@ -1058,19 +1061,19 @@ impl Discovery {
             return;
         }
         self.reply_window_heard = Some(window);
-        if self.cfg.observer
-            && let (Some(second), Some(first)) =
-                (self.timers.get(Timer::SecondProbe), self.first_probe_at)
-        {
-            let after_answers = first + window + 5;
-            if after_answers > second {
-                self.timers.set(Timer::SecondProbe, after_answers);
-            }
+        if self.cfg.observer {
+            self.not_before_answers(Timer::SecondProbe, self.first_probe_at);
         }
-        if let (Some(look), Some(last)) = (self.timers.get(Timer::ProbeAgain), self.last_probe_at) {
-            let after_answers = last + window + 5;
-            if after_answers > look {
-                self.timers.set(Timer::ProbeAgain, after_answers);
+        self.not_before_answers(Timer::ProbeAgain, self.last_probe_at);
+    }
+
+    /// Puts `timer`, if set, off until the answers to the probe sent at `probe_at` are
+    /// in ([`Discovery::answers_within`] with the longest window heard so far).
+    fn not_before_answers(&mut self, timer: Timer, probe_at: Option<Millis>) {
+        if let (Some(at), Some(probe_at)) = (self.timers.get(timer), probe_at) {
+            let after_answers = probe_at + self.answers_within();
+            if after_answers > at {
+                self.timers.set(timer, after_answers);
             }
         }
     }
@@ -1344,10 +1347,10 @@ impl Discovery {
     }
 
     /// How long after a probe its answers are in: the longest reply window heard, and
-    /// a few ms for the trip (no answer yet: the second probe's usual delay).
+    /// [`ANSWER_TRIP_MS`] for the trip (no answer yet: the second probe's usual delay).
     fn answers_within(&self) -> u64 {
         match self.reply_window_heard {
-            Some(window) => window.min(MAX_REPLY_WINDOW_MS) + 5,
+            Some(window) => window.min(MAX_REPLY_WINDOW_MS) + ANSWER_TRIP_MS,
             None => self.cfg.observer_second_probe_ms,
         }
     }

@@ -677,6 +677,32 @@ fn settled_at_follows_the_answers_reply_windows() {
     );
 }
 
+/// While an observer is yet to look at its last probe's answers (and maybe probe
+/// again), it is not settled, whatever its margin.
+#[test]
+fn an_observer_is_not_settled_before_it_looks_at_its_last_probes_answers() {
+    let t = 1_000_000;
+    let cfg = Config {
+        observer: true,
+        settle_margin_ms: 0,
+        ..Config::default()
+    };
+    let mut obs = Discovery::new(cfg, local_node(9), None, 9, t).unwrap();
+    obs.start(t);
+    obs.window_heard(8);
+    let second = obs.timers.get(Timer::SecondProbe).unwrap();
+    obs.handle_timeout(second);
+    let look = obs
+        .timers
+        .get(Timer::ProbeAgain)
+        .expect("a look at the answers");
+    assert!(
+        obs.settled_at().unwrap() >= look,
+        "settled at {:?}, before the look at {look}",
+        obs.settled_at()
+    );
+}
+
 /// Observers are answered one by one within the reply window even when more
 /// newcomers probe at once than are answered by unicast (the rest get a multicast
 /// answer that the budget may put off).
