@@ -186,18 +186,13 @@ fn a_one_shot_observer_settles_after_its_last_answer() {
             refresh_ms: 1_000_000,
             ..Default::default()
         };
-        let mut sim = Sim::new(SimConfig {
+        let cfg = SimConfig {
             nodes: n,
             seed,
             protocol,
             ..SimConfig::default()
-        });
-        sim.start_all(0, 200);
-        let converged = sim.run_until_converged(5_000).expect("members converge");
-        sim.run_until(converged + 3_000);
-        let obs = sim.add_observer();
-        let started = sim.now();
-        sim.start(obs);
+        };
+        let (mut sim, obs, started) = observer_started_on_quiet_group(cfg, 5_000, 3_000);
         let first_guess = sim.settled_at(obs).expect("started");
         assert!(
             first_guess >= started + 1000,
@@ -244,25 +239,37 @@ fn a_one_shot_observer_settles_after_its_last_answer() {
     }
 }
 
-/// At 5 % loss a one-shot observer still finds (nearly) every member by its settled
-/// time: the second probe and the heartbeats of members it does not know yet cover
-/// lost probes and answers. The miss rate is printed; no more than one miss in all.
+/// A group of `cfg.nodes` members started within 200 ms, converged within
+/// `converge_within` ms and then quiet for `quiet_ms`, and a one-shot observer
+/// started on it now: the simulation, the observer, and when it started.
+fn observer_started_on_quiet_group(
+    cfg: SimConfig,
+    converge_within: u64,
+    quiet_ms: u64,
+) -> (Sim, usize, u64) {
+    let mut sim = Sim::new(cfg);
+    sim.start_all(0, 200);
+    let converged = sim
+        .run_until_converged(converge_within)
+        .expect("members converge");
+    sim.run_until(converged + quiet_ms);
+    let obs = sim.add_observer();
+    let started = sim.now();
+    sim.start(obs);
+    (sim, obs, started)
+}
+
 /// A one-shot search by an observer of a group of `members`, converged and quiet,
 /// over copies lost with probability `loss`: how many members it found, and how long
 /// it took until its view settled (virtual ms).
 fn one_shot_search(members: usize, seed: u64, loss: f64) -> (usize, u64) {
-    let mut sim = Sim::new(SimConfig {
+    let cfg = SimConfig {
         nodes: members,
         seed,
         loss,
         ..SimConfig::default()
-    });
-    sim.start_all(0, 200);
-    let converged = sim.run_until_converged(20_000).expect("converges");
-    sim.run_until(converged + 2_000);
-    let obs = sim.add_observer();
-    let started = sim.now();
-    sim.start(obs);
+    };
+    let (mut sim, obs, started) = observer_started_on_quiet_group(cfg, 20_000, 2_000);
     let mut settled = sim.settled_at(obs).expect("started");
     while sim.now() < settled {
         sim.run_until(settled);
