@@ -246,20 +246,73 @@ const REQUESTS_PER_SEC: f64 = 64.0;
 /// Record requests in a burst ([`RequestGate`]).
 const REQUEST_BURST: f64 = 64.0;
 
-/// Whether to ask a member heard only by its heartbeat for its record: each member
-/// at most once per `again_ms`, at most [`REQUESTS_PER_SEC`] in all (bursts of
-/// [`REQUEST_BURST`]), and at most `cap` members remembered.
+/// First wait before a record request that brought no record is sent again; the wait
+/// doubles with each request, up to [`TIMED_MAX_GAP_MS`], then [`RETRY_MAX_GAP_MS`]
+/// ([`RequestGate`]).
+const RETRY_FIRST_MS: Millis = 40;
+/// The longest wait between two timed requests.
+const TIMED_MAX_GAP_MS: Millis = 160;
+/// The longest wait between two requests once the timed ones are spent.
+const RETRY_MAX_GAP_MS: Millis = 2_000;
+/// Requests sent on a timer, without waiting for a heartbeat (under loss the next one
+/// may be far off), within a second: at 20 % loss each way all eight go unanswered
+/// once in 3500 pairs.
+const TIMED_TRIES: u32 = 8;
+
+/// Whether to ask a member heard only by its heartbeat for its record, and when to ask
+/// again. A member whose record does not come is asked again after
+/// [`RETRY_FIRST_MS`], then after twice that and so on: the first [`TIMED_TRIES`] on a
+/// timer, at most [`TIMED_MAX_GAP_MS`] apart, later ones when a heartbeat is heard, at
+/// most every [`RETRY_MAX_GAP_MS`]. Once its record came, a member is asked
+/// again at most every `again_ms` (a heartbeat of a newer record). At most
+/// [`REQUEST_BURST`] requests go out in a burst and [`REQUESTS_PER_SEC`] sustained,
+/// retries included, and at most `cap` members are remembered.
 #[derive(Debug)]
 pub(crate) struct RequestGate {
-    asked: HashMap<MemberId, Millis>,
+    asked: HashMap<MemberId, Asked>,
     cap: usize,
     again_ms: Millis,
     tokens: f64,
     at: Millis,
 }
 
+/// One member asked for its record.
+#[derive(Clone, Copy, Debug)]
+struct Asked {
+    /// When it was asked last.
+    last: Millis,
+    /// Where its heartbeat came from.
+    source: SocketAddr,
+    /// Requests sent since its record last came.
+    tries: u32,
+    /// Whether its record came after the last request.
+    answered: bool,
+}
+
+impl Asked {
+    /// The earliest time it may be asked again.
+    fn next_ask(&self, again_ms: Millis) -> Millis {
+        match self.answered {
+            true => self.last + again_ms,
+            false => {
+                let cap = match self.tries < TIMED_TRIES {
+                    true => TIMED_MAX_GAP_MS,
+                    false => RETRY_MAX_GAP_MS,
+                };
+                self.last + (RETRY_FIRST_MS << self.tries.saturating_sub(1).min(16)).min(cap)
+            }
+        }
+    }
+
+    /// When it is asked again without a heartbeat, if it is.
+    fn retry_at(&self) -> Option<Millis> {
+        (!self.answered && self.tries < TIMED_TRIES).then(|| self.next_ask(0))
+    }
+}
+
 impl RequestGate {
-    /// A gate remembering at most `cap` members, asking each at most every `again_ms`.
+    /// A gate remembering at most `cap` members, asking each at most every `again_ms`
+    /// once its record came.
     pub(crate) fn new(cap: usize, again_ms: Millis) -> Self {
         Self {
             asked: HashMap::default(),
@@ -275,27 +328,91 @@ impl RequestGate {
         self.asked.len()
     }
 
-    /// Whether `id` may be asked for its record now (and if so, remembers it).
-    pub(crate) fn allow(&mut self, now: Millis, id: MemberId) -> bool {
-        let again = self.again_ms;
-        if self.asked.get(&id).is_some_and(|t| now < t + again) {
-            return false;
-        }
+    fn take_token(&mut self, now: Millis) -> bool {
         let elapsed = now.saturating_sub(self.at) as f64 / 1000.0;
         self.tokens = (self.tokens + elapsed * REQUESTS_PER_SEC).min(REQUEST_BURST);
         self.at = self.at.max(now);
         if self.tokens < 1.0 {
             return false;
         }
+        self.tokens -= 1.0;
+        true
+    }
+
+    /// Whether `id` (heard from `source`) may be asked for its record now (and if so,
+    /// counts the request).
+    pub(crate) fn allow(&mut self, now: Millis, id: MemberId, source: SocketAddr) -> bool {
+        let again = self.again_ms;
+        if self.asked.get(&id).is_some_and(|a| now < a.next_ask(again)) {
+            return false;
+        }
         if self.asked.len() >= self.cap && !self.asked.contains_key(&id) {
-            self.asked.retain(|_, t| now < *t + again);
+            // Forget the members that may be asked again anyway, unless a retry is due.
+            self.asked
+                .retain(|_, a| now < a.next_ask(again) || a.retry_at().is_some());
             if self.asked.len() >= self.cap {
                 return false;
             }
         }
-        self.tokens -= 1.0;
-        self.asked.insert(id, now);
+        if !self.take_token(now) {
+            return false;
+        }
+        let asked = self.asked.entry(id).or_insert(Asked {
+            last: now,
+            source,
+            tries: 0,
+            answered: false,
+        });
+        if asked.answered {
+            asked.tries = 0;
+        }
+        *asked = Asked {
+            last: now,
+            source,
+            tries: asked.tries + 1,
+            answered: false,
+        };
         true
+    }
+
+    /// The record of `id` came: no more retries for it.
+    pub(crate) fn answered(&mut self, id: MemberId) {
+        if let Some(asked) = self.asked.get_mut(&id) {
+            asked.answered = true;
+        }
+    }
+
+    /// When the next timed retry is due, if any.
+    pub(crate) fn next_retry(&self) -> Option<Millis> {
+        self.asked.values().filter_map(Asked::retry_at).min()
+    }
+
+    /// The timed retries due at `now` (member and where to ask it), counted as sent;
+    /// those over the rate wait for a heartbeat.
+    pub(crate) fn retries_due(&mut self, now: Millis) -> Vec<(MemberId, SocketAddr)> {
+        let due: Vec<MemberId> = self
+            .asked
+            .iter()
+            .filter(|(_, a)| a.retry_at().is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut send = Vec::with_capacity(due.len());
+        for id in due {
+            let allowed = self.take_token(now);
+            let Some(asked) = self.asked.get_mut(&id) else {
+                continue;
+            };
+            match allowed {
+                true => {
+                    asked.last = now;
+                    asked.tries += 1;
+                    send.push((id, asked.source));
+                }
+                // No timed retry left: the next heartbeat may ask.
+                false => asked.tries = asked.tries.max(TIMED_TRIES),
+            }
+        }
+        send
     }
 }
 
@@ -602,28 +719,82 @@ mod tests {
     fn record_requests_are_spaced_per_member_rate_limited_and_bounded() {
         let mut gate = RequestGate::new(100, 500);
         let a = MemberId::from_u128(1);
-        assert!(gate.allow(1000, a));
-        assert!(!gate.allow(1100, a), "asked lately");
-        assert!(gate.allow(1500, a));
+        let src = SocketAddr::from(([10, 0, 0, 1], 4242));
+        assert!(gate.allow(1000, a, src));
+        gate.answered(a);
+        assert!(!gate.allow(1100, a, src), "answered lately");
+        assert!(gate.allow(1500, a, src));
+        gate.answered(a);
         // A burst of new members: the bucket ends it, then refills at its rate.
         let allowed = (2..200u128)
-            .filter(|&i| gate.allow(1500, MemberId::from_u128(i)))
+            .filter(|&i| gate.allow(1500, MemberId::from_u128(i), src))
             .count();
         assert_eq!(allowed, REQUEST_BURST as usize - 1);
-        assert!(!gate.allow(1500, MemberId::from_u128(1000)));
-        assert!(gate.allow(1600, MemberId::from_u128(1000)), "refilled");
+        assert!(!gate.allow(1500, MemberId::from_u128(1000), src));
+        // 100 ms refill 6.4 requests: six of the 63 retries due, the rest wait.
+        assert_eq!(gate.retries_due(1600).len(), 6, "retries take tokens too");
+        assert!(!gate.allow(1600, MemberId::from_u128(1000), src));
+        assert!(gate.allow(1620, MemberId::from_u128(1000), src), "refilled");
         // Never more than `cap` remembered.
         let mut small = RequestGate::new(4, 500);
         for i in 0..4 {
-            assert!(small.allow(0, MemberId::from_u128(i)));
+            assert!(small.allow(0, MemberId::from_u128(i), src));
+            small.answered(MemberId::from_u128(i));
         }
-        assert!(!small.allow(0, MemberId::from_u128(9)));
+        assert!(!small.allow(0, MemberId::from_u128(9), src));
         assert_eq!(small.len(), 4);
         assert!(
-            small.allow(600, MemberId::from_u128(9)),
+            small.allow(600, MemberId::from_u128(9), src),
             "the stale are forgotten"
         );
         assert_eq!(small.len(), 1);
+    }
+
+    #[test]
+    fn a_request_without_its_record_is_sent_again_at_doubling_gaps() {
+        let mut gate = RequestGate::new(100, 500);
+        let (a, b) = (MemberId::from_u128(1), MemberId::from_u128(2));
+        let (src_a, src_b) = (
+            SocketAddr::from(([10, 0, 0, 1], 4242)),
+            SocketAddr::from(([10, 0, 0, 2], 4242)),
+        );
+        assert!(gate.allow(0, a, src_a));
+        assert!(gate.allow(10, b, src_b));
+        assert!(
+            !gate.allow(20, a, src_a),
+            "a heartbeat does not hurry a retry"
+        );
+        assert_eq!(gate.next_retry(), Some(RETRY_FIRST_MS));
+        assert!(gate.retries_due(RETRY_FIRST_MS - 1).is_empty());
+        assert_eq!(gate.retries_due(RETRY_FIRST_MS), vec![(a, src_a)]);
+        gate.answered(b);
+        let mut sent = vec![0, RETRY_FIRST_MS];
+        while let Some(at) = gate.next_retry() {
+            assert_eq!(gate.retries_due(at), vec![(a, src_a)], "b answered");
+            sent.push(at);
+        }
+        assert_eq!(
+            sent,
+            vec![0, 40, 120, 280, 440, 600, 760, 920],
+            "{TIMED_TRIES} timed tries"
+        );
+        // Then heartbeats ask, at the longest gap.
+        assert!(!gate.allow(920 + RETRY_MAX_GAP_MS - 1, a, src_a));
+        let mut t = 920;
+        for _ in 0..3 {
+            t += RETRY_MAX_GAP_MS;
+            assert!(gate.allow(t, a, src_a));
+        }
+        assert_eq!(gate.next_retry(), None, "heartbeats ask, not the timer");
+        // Its record came: the next heartbeat of a newer one asks after `again_ms`.
+        gate.answered(a);
+        assert!(!gate.allow(t + 499, a, src_a));
+        assert!(gate.allow(t + 500, a, src_a));
+        assert_eq!(
+            gate.next_retry(),
+            Some(t + 500 + RETRY_FIRST_MS),
+            "from the start"
+        );
     }
 
     #[test]

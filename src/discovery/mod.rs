@@ -807,6 +807,9 @@ impl Discovery {
             self.timers.stop(Timer::Reply);
             self.answer_probes(now);
         }
+        if self.timers.is_expired(Timer::RecordRetry, now) {
+            self.retry_record_requests(now);
+        }
         if let Some(due) = self.timers.get(Timer::Announce).filter(|t| *t <= now) {
             self.announce_timer(now, due);
         }
@@ -1045,11 +1048,28 @@ impl Discovery {
     /// lately or too many were asked: bounded and rate-limited, so that a flood of
     /// heartbeats of unknown members makes no flood of probes.
     fn request_record(&mut self, now: Millis, id: MemberId, source: SocketAddr) {
-        if !self.started || !self.cfg.multicast || !self.record_requests.allow(now, id) {
+        if !self.started || !self.cfg.multicast || !self.record_requests.allow(now, id, source) {
             return;
         }
-        self.stats.record_requests += 1;
-        self.send_direct_probe(now, source);
+        self.send_record_request(now, id, source);
+        self.arm_record_retry();
+    }
+
+    /// Sets [`Timer::RecordRetry`] to the next record request due again, if any.
+    fn arm_record_retry(&mut self) {
+        match self.record_requests.next_retry() {
+            Some(at) => self.timers.set(Timer::RecordRetry, at),
+            None => self.timers.stop(Timer::RecordRetry),
+        }
+    }
+
+    /// Asks again the members whose record did not come after a record request (the
+    /// request or its answer was lost).
+    fn retry_record_requests(&mut self, now: Millis) {
+        for (id, source) in self.record_requests.retries_due(now) {
+            self.send_record_request(now, id, source);
+        }
+        self.arm_record_retry();
     }
 
     /// An answer announced its sender's reply window: our view settles after it. An
@@ -1088,6 +1108,8 @@ impl Discovery {
     fn observe(&mut self, now: Millis, heard: Arc<Heard>) {
         let id = heard.record.id;
         let (observed, unarmed) = self.table.observe(heard, now);
+        // A record came, whether or not there was room for it: no more requests.
+        self.record_requests.answered(id);
         self.report(now, id, observed);
         // A new peer, or one first seen through mDNS, gets its multicast timer now.
         if unarmed && self.peer_timers.len() >= 2 * self.table.len() + 64 {
@@ -1229,10 +1251,43 @@ impl Discovery {
         {
             return;
         }
+        // In a small group the answer is our record: it proves us alive just as well,
+        // and a ping is also how a member asks for a record it lacks (see
+        // `request_record`).
+        if self.small_group() {
+            self.announce(now, Destination::Group);
+            return;
+        }
         let msg = self.heartbeat_message();
         let interval = self.compute_interval();
         self.multicast_sent(now, interval);
         self.send(now, Destination::Group, &msg);
+    }
+
+    /// Whether every member's record fits in a quarter second of the budget: the group
+    /// is small enough to answer newcomers and record requests by multicast, which
+    /// needs no address resolution (a first unicast datagram to a host waits for ARP,
+    /// retried every second when lost) and reaches everyone who missed the record.
+    fn small_group(&self) -> bool {
+        let records = (self.table.len() as f64 + 1.0) * self.record_size.max(self.avg_size);
+        records * 4.0 <= self.cfg.budget_bytes_per_sec as f64
+    }
+
+    /// Asks for the record of `id` (heard from `source`): in a small group with a
+    /// multicast ping, which `id` answers with its record to the group (no address
+    /// resolution on either way); in a large one with a direct probe, answered with a
+    /// unicast record.
+    fn send_record_request(&mut self, now: Millis, id: MemberId, source: SocketAddr) {
+        self.stats.record_requests += 1;
+        if self.small_group() && self.cfg.multicast {
+            let ping = Message::Ping {
+                from: self.me.id,
+                target: id,
+            };
+            self.send(now, Destination::Group, &ping);
+        } else {
+            self.send_direct_probe(now, source);
+        }
     }
 
     /// A direct probe: asks one peer for its record, which also proves it alive.
@@ -1398,14 +1453,18 @@ impl Discovery {
 
     /// A group probe from `to` (an observer's, if `observer`) waits for our answer.
     fn queue_reply(&mut self, now: Millis, to: SocketAddr, observer: bool) {
+        let small = self.small_group();
         let pending = &mut self.pending_replies;
         let mut direct = true;
         if pending.direct.iter().any(|(a, _)| *a == to) {
             return;
-        } else if !observer && (pending.several || pending.direct.iter().any(|(_, o)| !*o)) {
-            // A second member starting at once: one multicast answer serves them all
-            // (members do not settle by the window; a mass start answered one by one
-            // by every member would be N² datagrams). Observers keep their unicast.
+        } else if !observer && (small || pending.several || pending.direct.iter().any(|(_, o)| !*o))
+        {
+            // A member starting in a small group, or a second one starting at once in
+            // a large one: one multicast answer serves them all (members do not settle
+            // by the window; a mass start answered one by one by every member would be
+            // N² datagrams, and a first unicast waits for address resolution). Observers
+            // keep their unicast.
             pending.direct.retain(|(_, o)| *o);
             pending.several = true;
             direct = false;

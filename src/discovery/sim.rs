@@ -62,6 +62,15 @@ pub struct SimConfig {
     pub key: Option<ClusterKey>,
     /// Protocol settings of every node.
     pub protocol: Config,
+    /// Whether a unicast datagram needs its sender to resolve the recipient's link
+    /// address first, as ARP does on a LAN (default: no). The first unicast from one
+    /// node to another sends a resolution request (lost like any copy) whose answer
+    /// (lost too) lets it and any sent meanwhile go; an unanswered request is sent
+    /// again after [`ARP_RETRY_MS`], [`ARP_TRIES`] times in all (Linux's defaults),
+    /// after which what waited is dropped. A node that receives a request for itself
+    /// learns the asker's address (as Linux does). Multicast needs no resolution. Under
+    /// loss this is what makes a first unicast answer late by a second.
+    pub neighbour_resolution: bool,
     /// Which events go into [`Sim::seen`] (default: all). With thousands of nodes the
     /// N² `joined` events alone would take gigabytes.
     pub keep: fn(&PeerEvent) -> bool,
@@ -82,6 +91,7 @@ impl Default for SimConfig {
             protocol: Config::default(),
             keep: |_| true,
             threads: 1,
+            neighbour_resolution: false,
         }
     }
 }
@@ -209,7 +219,25 @@ pub struct Sim {
     pub records_to_observers: Vec<(Millis, usize)>,
     running: usize,
     unstarted: usize,
+    /// With [`SimConfig::neighbour_resolution`]: what each node knows of another's
+    /// link address, by (node, other).
+    neighbours: HashMap<(usize, usize), Neighbour>,
 }
+
+/// What one simulated node knows of another's link address.
+#[derive(Clone, Copy, Debug)]
+enum Neighbour {
+    /// Known from this time on.
+    Known(Millis),
+    /// Being resolved in vain until this time: what is sent to it is dropped.
+    Failing(Millis),
+}
+
+/// Wait before an unanswered address resolution request is sent again (Linux's
+/// `retrans_time_ms`).
+pub const ARP_RETRY_MS: Millis = 1000;
+/// Address resolution requests sent before giving up (Linux's `mcast_solicit`).
+pub const ARP_TRIES: u32 = 3;
 
 impl Sim {
     /// Builds `cfg.nodes` nodes, none started.
@@ -267,6 +295,7 @@ impl Sim {
             delivered: 0,
             records_to_observers: Vec::new(),
             running: 0,
+            neighbours: HashMap::new(),
         }
     }
 
@@ -542,8 +571,10 @@ impl Sim {
             match tx.dest {
                 Destination::Group => self.multicast(i, packet),
                 Destination::Unicast(addr) => {
-                    if let Some(&to) = self.by_addr.get(&addr) {
-                        self.schedule(to, packet);
+                    if let Some(&to) = self.by_addr.get(&addr)
+                        && let Some(at) = self.link_address_at(i, to)
+                    {
+                        self.schedule(to, packet, at);
                     }
                 }
             }
@@ -613,14 +644,58 @@ impl Sim {
         }
     }
 
-    fn schedule(&mut self, to: usize, packet: Rc<Packet>) {
+    /// When node `from` may send a unicast datagram to `to` (now, or once the
+    /// address resolution it starts or waits for is through), or `None` if the
+    /// datagram is dropped (that resolution fails). See
+    /// [`SimConfig::neighbour_resolution`].
+    fn link_address_at(&mut self, from: usize, to: usize) -> Option<Millis> {
+        if !self.cfg.neighbour_resolution {
+            return Some(self.now);
+        }
+        match self.neighbours.get(&(from, to)) {
+            Some(Neighbour::Known(at)) => return Some((*at).max(self.now)),
+            Some(Neighbour::Failing(until)) if self.now < *until => return None,
+            _ => {}
+        }
+        // A new resolution: all its tries are drawn now.
+        let (min, max) = (self.cfg.min_delay_ms, self.cfg.max_delay_ms);
+        let loss = self.cfg.loss;
+        let lost = |rng: &mut fastrand::Rng| loss > 0.0 && rng.f64() < loss;
+        let mut at = self.now;
+        let mut known = None;
+        for _ in 0..ARP_TRIES {
+            if !lost(&mut self.rng) {
+                let asked = at + self.rng.u64(min..=max);
+                let reverse = self
+                    .neighbours
+                    .entry((to, from))
+                    .or_insert(Neighbour::Known(asked));
+                if !matches!(reverse, Neighbour::Known(t) if *t <= asked) {
+                    *reverse = Neighbour::Known(asked);
+                }
+                if !lost(&mut self.rng) {
+                    known = Some(asked + self.rng.u64(min..=max));
+                    break;
+                }
+            }
+            at += ARP_RETRY_MS;
+        }
+        let entry = match known {
+            Some(t) => Neighbour::Known(t),
+            None => Neighbour::Failing(at),
+        };
+        self.neighbours.insert((from, to), entry);
+        known
+    }
+
+    fn schedule(&mut self, to: usize, packet: Rc<Packet>, at: Millis) {
         if self.cfg.loss > 0.0 && self.rng.f64() < self.cfg.loss {
             return;
         }
         let delay = self.rng.u64(self.cfg.min_delay_ms..=self.cfg.max_delay_ms);
         self.seq += 1;
         self.deliveries.push(Reverse(Delivery {
-            at: self.now + delay,
+            at: at + delay,
             seq: self.seq,
             to: vec![to as u32],
             packet,

@@ -102,12 +102,84 @@ fn probe_teaches_both_sides() {
     );
     a.handle_timeout(at);
     let reply = drain(&mut a).remove(0);
-    assert_eq!(reply.dest, Destination::Unicast(addr(2)));
+    // A small group answers a member starting by multicast: no address resolution,
+    // and whoever else missed the record gets it too.
+    assert_eq!(reply.dest, Destination::Group);
     b.handle_datagram(at + 1, addr(1), &reply.payload);
     let ev = events(&mut b);
     assert!(
         matches!(&ev[..], [PeerEvent::Joined(p)] if p.name == "n1" && p.addr == "10.0.0.1:7000".parse().unwrap())
     );
+}
+
+/// A node whose budget makes even a group of two "large" (every record does not fit
+/// in a quarter second of it): it answers by unicast, as a group of hundreds does.
+fn node_in_large_group(id: u128) -> Discovery {
+    let cfg = Config {
+        budget_bytes_per_sec: 100,
+        ..Config::default()
+    };
+    Discovery::new(cfg, local_node(id), None, id as u64, 1_000_000).unwrap()
+}
+
+/// A record request that brings nothing (it or its answer was lost) is sent again
+/// after 40 ms, without waiting for the member's next heartbeat.
+#[test]
+fn a_lost_record_request_is_sent_again_before_the_next_heartbeat() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    a.start(t);
+    b.start(t);
+    drain(&mut a);
+    drain(&mut b);
+    let beat = wire::encode(&b.heartbeat_message(), None).unwrap();
+    a.handle_datagram(t + 1, addr(2), &beat);
+    let is_ask = |x: &Transmit| {
+        matches!(
+            wire::decode(&x.payload, None),
+            Ok((Message::Ping { target, .. }, _)) if target == MemberId::from_u128(2)
+        )
+    };
+    assert_eq!(drain(&mut a).iter().filter(|x| is_ask(x)).count(), 1);
+    // Lost. Nothing more from b, and no heartbeat: a asks again on its own.
+    a.handle_timeout(t + 40);
+    assert!(!drain(&mut a).iter().any(is_ask), "too early");
+    a.handle_timeout(t + 41);
+    assert_eq!(drain(&mut a).iter().filter(|x| is_ask(x)).count(), 1);
+}
+
+/// A large group answers one member starting, and a request for a record, by
+/// unicast (multicast answers to all would cost every member the whole group's
+/// records); a small one by multicast (see `probe_teaches_both_sides` and
+/// `unknown_heartbeats_ask_for_the_record_bounded`).
+#[test]
+fn a_large_group_answers_a_newcomer_and_a_record_request_by_unicast() {
+    let t = 1_000_000;
+    let mut a = node_in_large_group(1);
+    let mut b = node_in_large_group(2);
+    a.start(t);
+    drain(&mut a);
+    b.start(t + 5);
+    let probe = drain(&mut b).remove(0);
+    a.handle_datagram(t + 6, addr(2), &probe.payload);
+    let at = a.poll_timeout().unwrap();
+    a.handle_timeout(at);
+    let reply = drain(&mut a).remove(0);
+    assert_eq!(reply.dest, Destination::Unicast(addr(2)));
+    // c missed a's record: hearing a's heartbeat, it asks a alone for it.
+    let mut c = node_in_large_group(3);
+    c.start(t);
+    drain(&mut c);
+    let beat = wire::encode(&a.heartbeat_message(), None).unwrap();
+    c.handle_datagram(t + 10, addr(1), &beat);
+    let ask = drain(&mut c).remove(0);
+    assert_eq!(ask.dest, Destination::Unicast(addr(1)));
+    a.handle_datagram(t + 11, addr(3), &ask.payload);
+    let answer = drain(&mut a).remove(0);
+    assert_eq!(answer.dest, Destination::Unicast(addr(3)));
+    c.handle_datagram(t + 12, addr(1), &answer.payload);
+    assert_eq!(c.peer_count(), 1);
 }
 
 #[test]
@@ -569,22 +641,31 @@ fn unknown_heartbeats_ask_for_the_record_bounded() {
     a.handle_datagram(t + 2, addr(2), &beat(&b));
     let asks = drain(&mut a);
     assert_eq!(asks.len(), 1, "asked once");
-    assert_eq!(asks[0].dest, Destination::Unicast(addr(2)));
+    // In a small group the request is a multicast ping for b (no address resolution
+    // on the way there), answered with b's record to the group (none on the way back).
+    assert_eq!(asks[0].dest, Destination::Group);
     assert!(matches!(
         wire::decode(&asks[0].payload, None),
-        Ok((
-            Message::Probe {
-                direct: true,
-                node: Some(_),
-                ..
-            },
-            _
-        ))
+        Ok((Message::Ping { target, .. }, _)) if target == MemberId::from_u128(2)
     ));
     b.handle_datagram(t + 3, addr(1), &asks[0].payload);
     let answer = drain(&mut b).remove(0);
+    assert_eq!(answer.dest, Destination::Group);
+    assert!(matches!(
+        wire::decode(&answer.payload, None),
+        Ok((Message::Announce { .. }, _))
+    ));
     a.handle_datagram(t + 4, addr(2), &answer.payload);
     assert_eq!(a.peer_count(), 1);
+    // The record came: the request is not sent again.
+    a.handle_timeout(t + 200);
+    assert!(
+        !drain(&mut a).iter().any(|x| matches!(
+            wire::decode(&x.payload, None),
+            Ok((Message::Ping { target, .. }, _)) if target == MemberId::from_u128(2)
+        )),
+        "asked again after the record came"
+    );
     // Known and up to date: no more asking.
     a.handle_datagram(t + 600, addr(2), &beat(&b));
     assert!(drain(&mut a).is_empty());
@@ -779,10 +860,11 @@ fn a_stalled_node_gives_its_peers_a_grace_before_failing_them() {
 }
 
 /// A suspect is also checked by multicast pings (no address resolution needed): the
-/// target answers with one multicast heartbeat for all who suspect it, which keeps
-/// it alive; other members ignore a ping that is not for them.
+/// target answers with one multicast datagram for all who suspect it (its record in
+/// a small group, a heartbeat in a large one), which keeps it alive; other members
+/// ignore a ping that is not for them.
 #[test]
-fn multicast_pings_check_a_suspect_and_its_heartbeat_answers_them_all() {
+fn multicast_pings_check_a_suspect_and_one_answer_serves_them_all() {
     let t = 1_000_000;
     let mut a = node(1, None, false);
     let mut b = node(2, None, false);
@@ -813,11 +895,12 @@ fn multicast_pings_check_a_suspect_and_its_heartbeat_answers_them_all() {
     b.handle_datagram(now, addr(1), &ping.payload);
     b.handle_datagram(now + 1, addr(3), &ping.payload);
     let answers = drain(&mut b);
-    assert_eq!(answers.len(), 1, "one heartbeat answers both");
+    assert_eq!(answers.len(), 1, "one answer for both");
     assert_eq!(answers[0].dest, Destination::Group);
+    // A small group answers with the record (a ping is also a request for it).
     assert!(matches!(
         wire::decode(&answers[0].payload, None),
-        Ok((Message::Heartbeat { .. }, _))
+        Ok((Message::Announce { .. }, _))
     ));
     a.handle_datagram(now + 1, addr(2), &answers[0].payload);
     assert_eq!(a.peers(now + 1)[0].state, PeerState::Alive);

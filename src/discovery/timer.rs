@@ -18,10 +18,12 @@ pub(crate) enum Timer {
     /// An observer's look, once its last probe's answers are in, at whether that probe
     /// found members the earlier ones had not (then it probes once more).
     ProbeAgain = 4,
+    /// Asking again for the records that record requests did not bring.
+    RecordRetry = 5,
 }
 
 impl Timer {
-    const COUNT: usize = 5;
+    const COUNT: usize = 6;
 }
 
 /// When each [`Timer`] fires, if it is set.

@@ -70,7 +70,7 @@
 //! | 1 | 16 | `id`: the leaving member's id |
 //! | 17 | v | `incarnation`: the incarnation that leaves |
 //!
-//! **Ping** ([`Message::Ping`], multicast to check a suspect; answered with a multicast heartbeat):
+//! **Ping** ([`Message::Ping`], multicast to check a suspect or, in a small group, to ask for a record; answered with a multicast record in a small group, a multicast heartbeat in a large one):
 //!
 //! | offset | size | field |
 //! |---|---|---|
@@ -200,14 +200,16 @@ pub enum Message {
         /// The incarnation that is leaving (a newer one is not removed).
         incarnation: u64,
     },
-    /// "Are you there?", multicast: a node checks a suspect peer without unicast (no
-    /// address resolution). The target answers with a multicast heartbeat, which
-    /// answers every peer that suspects it at once; the others ignore it.
+    /// "Are you there?", multicast: a node checks a suspect peer, or (in a small group)
+    /// asks a member for the record it lacks, without unicast (no address resolution).
+    /// The target answers with one multicast datagram, which answers every peer that
+    /// asked at once: its record in a small group, a heartbeat in a large one (where
+    /// records to all would cost too much). The others ignore it.
     Ping {
         /// The sender's node id.
         #[serde(with = "uuid::serde::compact")]
         from: MemberId,
-        /// The suspect's node id.
+        /// The node asked (the suspect, or the member whose record is wanted).
         #[serde(with = "uuid::serde::compact")]
         target: MemberId,
     },
