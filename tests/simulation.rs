@@ -173,7 +173,7 @@ fn ten_nodes_at_20_percent_loss_with_arp(runs: u64) -> Vec<u64> {
 
 /// A first unicast datagram to a host waits for address resolution, retried every
 /// second when lost: answers and record requests by unicast made a lossy start take
-/// seconds (median 2.0 s, 90th percentile 5 s in this simulation). A small group
+/// seconds (median 2.0 s, 90th percentile 6 s in this simulation). A small group
 /// answers and asks by multicast, and asks again at 40 ms, doubling, without waiting
 /// for a heartbeat.
 #[test]

@@ -254,15 +254,16 @@ const RETRY_FIRST_MS: Millis = 40;
 const TIMED_MAX_GAP_MS: Millis = 160;
 /// The longest wait between two requests once the timed ones are spent.
 const RETRY_MAX_GAP_MS: Millis = 2_000;
-/// Requests sent on a timer, without waiting for a heartbeat (under loss the next one
-/// may be far off), within a second: at 20 % loss each way all eight go unanswered
-/// once in 3500 pairs.
+/// Requests up to which the next is sent on a timer, without waiting for a heartbeat
+/// (under loss the next one may be far off): the first (on a heartbeat) and seven
+/// retries within a second. At 20 % loss each way all eight go unanswered once in
+/// 3500 pairs.
 const TIMED_TRIES: u32 = 8;
 
 /// Whether to ask a member heard only by its heartbeat for its record, and when to ask
 /// again. A member whose record does not come is asked again after
-/// [`RETRY_FIRST_MS`], then after twice that and so on: the first [`TIMED_TRIES`] on a
-/// timer, at most [`TIMED_MAX_GAP_MS`] apart, later ones when a heartbeat is heard, at
+/// [`RETRY_FIRST_MS`], then after twice that and so on: up to [`TIMED_TRIES`] requests
+/// in all on a timer, at most [`TIMED_MAX_GAP_MS`] apart, later ones when a heartbeat is heard, at
 /// most every [`RETRY_MAX_GAP_MS`]. Once its record came, a member is asked
 /// again at most every `again_ms` (a heartbeat of a newer record). At most
 /// [`REQUEST_BURST`] requests go out in a burst and [`REQUESTS_PER_SEC`] sustained,
@@ -339,23 +340,23 @@ impl RequestGate {
         true
     }
 
-    /// Whether `id` (heard from `source`) may be asked for its record now (and if so,
-    /// counts the request).
-    pub(crate) fn allow(&mut self, now: Millis, id: MemberId, source: SocketAddr) -> bool {
+    /// Whether `id` (heard from `source`) may be asked for its record now: if so, counts
+    /// the request and says which it is (1 for the first since its record last came).
+    pub(crate) fn allow(&mut self, now: Millis, id: MemberId, source: SocketAddr) -> Option<u32> {
         let again = self.again_ms;
         if self.asked.get(&id).is_some_and(|a| now < a.next_ask(again)) {
-            return false;
+            return None;
         }
         if self.asked.len() >= self.cap && !self.asked.contains_key(&id) {
             // Forget the members that may be asked again anyway, unless a retry is due.
             self.asked
                 .retain(|_, a| now < a.next_ask(again) || a.retry_at().is_some());
             if self.asked.len() >= self.cap {
-                return false;
+                return None;
             }
         }
         if !self.take_token(now) {
-            return false;
+            return None;
         }
         let asked = self.asked.entry(id).or_insert(Asked {
             last: now,
@@ -372,7 +373,7 @@ impl RequestGate {
             tries: asked.tries + 1,
             answered: false,
         };
-        true
+        Some(asked.tries)
     }
 
     /// The record of `id` came: no more retries for it.
@@ -387,29 +388,32 @@ impl RequestGate {
         self.asked.values().filter_map(Asked::retry_at).min()
     }
 
-    /// The timed retries due at `now` (member and where to ask it), counted as sent;
-    /// those over the rate wait for a heartbeat.
-    pub(crate) fn retries_due(&mut self, now: Millis) -> Vec<(MemberId, SocketAddr)> {
-        let due: Vec<MemberId> = self
+    /// The timed retries due at `now` (member, where to ask it, which request it is),
+    /// counted as sent, in member order (so that a simulation is the same on every
+    /// run); those over the rate are put off until a token is back.
+    pub(crate) fn retries_due(&mut self, now: Millis) -> Vec<(MemberId, SocketAddr, u32)> {
+        let mut due: Vec<MemberId> = self
             .asked
             .iter()
             .filter(|(_, a)| a.retry_at().is_some_and(|t| t <= now))
             .map(|(id, _)| *id)
             .collect();
+        due.sort_unstable();
         let mut send = Vec::with_capacity(due.len());
         for id in due {
             let allowed = self.take_token(now);
             let Some(asked) = self.asked.get_mut(&id) else {
                 continue;
             };
-            match allowed {
-                true => {
-                    asked.last = now;
-                    asked.tries += 1;
-                    send.push((id, asked.source));
-                }
-                // No timed retry left: the next heartbeat may ask.
-                false => asked.tries = asked.tries.max(TIMED_TRIES),
+            if allowed {
+                asked.last = now;
+                asked.tries += 1;
+                send.push((id, asked.source, asked.tries));
+            } else {
+                // Due again when the bucket has refilled one token.
+                let refill = (1000.0 / REQUESTS_PER_SEC).ceil() as Millis;
+                let gap = asked.next_ask(0) - asked.last;
+                asked.last = (now + refill).saturating_sub(gap);
             }
         }
         send
@@ -720,31 +724,39 @@ mod tests {
         let mut gate = RequestGate::new(100, 500);
         let a = MemberId::from_u128(1);
         let src = SocketAddr::from(([10, 0, 0, 1], 4242));
-        assert!(gate.allow(1000, a, src));
+        assert!(gate.allow(1000, a, src).is_some());
         gate.answered(a);
-        assert!(!gate.allow(1100, a, src), "answered lately");
-        assert!(gate.allow(1500, a, src));
+        assert!(gate.allow(1100, a, src).is_none(), "answered lately");
+        assert!(gate.allow(1500, a, src).is_some());
         gate.answered(a);
         // A burst of new members: the bucket ends it, then refills at its rate.
         let allowed = (2..200u128)
-            .filter(|&i| gate.allow(1500, MemberId::from_u128(i), src))
+            .filter(|&i| gate.allow(1500, MemberId::from_u128(i), src).is_some())
             .count();
         assert_eq!(allowed, REQUEST_BURST as usize - 1);
-        assert!(!gate.allow(1500, MemberId::from_u128(1000), src));
+        assert!(gate.allow(1500, MemberId::from_u128(1000), src).is_none());
         // 100 ms refill 6.4 requests: six of the 63 retries due, the rest wait.
         assert_eq!(gate.retries_due(1600).len(), 6, "retries take tokens too");
-        assert!(!gate.allow(1600, MemberId::from_u128(1000), src));
-        assert!(gate.allow(1620, MemberId::from_u128(1000), src), "refilled");
+        assert_eq!(
+            gate.next_retry(),
+            Some(1616),
+            "the rest once a token is back"
+        );
+        assert!(gate.allow(1600, MemberId::from_u128(1000), src).is_none());
+        assert!(
+            gate.allow(1620, MemberId::from_u128(1000), src).is_some(),
+            "refilled"
+        );
         // Never more than `cap` remembered.
         let mut small = RequestGate::new(4, 500);
         for i in 0..4 {
-            assert!(small.allow(0, MemberId::from_u128(i), src));
+            assert!(small.allow(0, MemberId::from_u128(i), src).is_some());
             small.answered(MemberId::from_u128(i));
         }
-        assert!(!small.allow(0, MemberId::from_u128(9), src));
+        assert!(small.allow(0, MemberId::from_u128(9), src).is_none());
         assert_eq!(small.len(), 4);
         assert!(
-            small.allow(600, MemberId::from_u128(9), src),
+            small.allow(600, MemberId::from_u128(9), src).is_some(),
             "the stale are forgotten"
         );
         assert_eq!(small.len(), 1);
@@ -758,19 +770,20 @@ mod tests {
             SocketAddr::from(([10, 0, 0, 1], 4242)),
             SocketAddr::from(([10, 0, 0, 2], 4242)),
         );
-        assert!(gate.allow(0, a, src_a));
-        assert!(gate.allow(10, b, src_b));
+        assert!(gate.allow(0, a, src_a).is_some());
+        assert!(gate.allow(10, b, src_b).is_some());
         assert!(
-            !gate.allow(20, a, src_a),
+            gate.allow(20, a, src_a).is_none(),
             "a heartbeat does not hurry a retry"
         );
         assert_eq!(gate.next_retry(), Some(RETRY_FIRST_MS));
         assert!(gate.retries_due(RETRY_FIRST_MS - 1).is_empty());
-        assert_eq!(gate.retries_due(RETRY_FIRST_MS), vec![(a, src_a)]);
+        assert_eq!(gate.retries_due(RETRY_FIRST_MS), vec![(a, src_a, 2)]);
         gate.answered(b);
         let mut sent = vec![0, RETRY_FIRST_MS];
         while let Some(at) = gate.next_retry() {
-            assert_eq!(gate.retries_due(at), vec![(a, src_a)], "b answered");
+            let tries = sent.len() as u32 + 1;
+            assert_eq!(gate.retries_due(at), vec![(a, src_a, tries)], "b answered");
             sent.push(at);
         }
         assert_eq!(
@@ -779,17 +792,17 @@ mod tests {
             "{TIMED_TRIES} timed tries"
         );
         // Then heartbeats ask, at the longest gap.
-        assert!(!gate.allow(920 + RETRY_MAX_GAP_MS - 1, a, src_a));
+        assert!(gate.allow(920 + RETRY_MAX_GAP_MS - 1, a, src_a).is_none());
         let mut t = 920;
         for _ in 0..3 {
             t += RETRY_MAX_GAP_MS;
-            assert!(gate.allow(t, a, src_a));
+            assert!(gate.allow(t, a, src_a).is_some());
         }
         assert_eq!(gate.next_retry(), None, "heartbeats ask, not the timer");
         // Its record came: the next heartbeat of a newer one asks after `again_ms`.
         gate.answered(a);
-        assert!(!gate.allow(t + 499, a, src_a));
-        assert!(gate.allow(t + 500, a, src_a));
+        assert!(gate.allow(t + 499, a, src_a).is_none());
+        assert!(gate.allow(t + 500, a, src_a).is_some());
         assert_eq!(
             gate.next_retry(),
             Some(t + 500 + RETRY_FIRST_MS),

@@ -10,17 +10,21 @@
 //!
 //! The protocol in short:
 //! - A starting node multicasts a `probe` that carries its own record, and once more
-//!   shortly after. Members answer with a unicast `announce` (their full record) after a
-//!   random delay within their *reply window*, which grows with the group; a member that
-//!   has more probes to answer by then than it answers one by one multicasts one
-//!   announcement instead. So a newcomer learns the LAN in about one round trip. Each
+//!   shortly after. Members answer with an `announce` (their full record) after a random
+//!   delay within their *reply window*, which grows with the group: multicast in a small
+//!   group (every record fits in a quarter second of the budget: no address resolution,
+//!   and whoever else missed it gets it too), unicast in a large one, where a member
+//!   with more probes to answer by then than it answers one by one multicasts one
+//!   announcement instead; one-shot observers get unicast answers. So a newcomer learns the LAN in about one round trip. Each
 //!   answer carries its sender's reply window, so a one-shot observer knows when no more
 //!   answers can come ([`Discovery::settled_at`]) instead of waiting for a timeout.
 //! - Members multicast a small `heartbeat` every interval: id, incarnation and the
 //!   sequence number of their record. The full record goes out when it changes, in
 //!   answers to probes, and at a slow refresh (every ~20 s). A receiver that hears a
 //!   heartbeat of a member it does not know, or whose record sequence it lacks, asks
-//!   for the record with a direct probe (bounded and rate-limited).
+//!   for the record (bounded and rate-limited), and asks again at doubling gaps from
+//!   40 ms until it comes: by direct probe, and in a small group every other time by
+//!   a multicast `ping`, which the member answers with its record to the group.
 //! - The interval follows the RTCP rule (RFC 3550 §6.2): group size × mean datagram
 //!   size ÷ traffic budget, never below a floor (280 ms); timers are reconsidered when
 //!   they fire, so a growing group slows down at once.
@@ -28,7 +32,7 @@
 //!   floor). A peer not heard for 3/5 of its TTL becomes suspect and is checked every
 //!   TTL/36 (24 ms), by a unicast probe and a multicast `ping` in turn (a ping needs
 //!   no address resolution; the suspect answers all pings with one multicast
-//!   heartbeat); it is declared failed only when its TTL passes with no answer. A node
+//!   heartbeat, or its record in a small group); it is declared failed only when its TTL passes with no answer. A node
 //!   that wakes long after the deadline (a stalled host) looks once more first.
 //! - A `goodbye` removes its sender at once; a higher incarnation replaces an entry.
 //! - Every datagram passes a per-source rate limit, then decoding, then (with a key) the
@@ -339,7 +343,8 @@ pub struct Stats {
     /// Datagrams dropped because they were of protocol version 1 (JSON): from a node
     /// running an older localnet.
     pub dropped_legacy: u64,
-    /// Direct probes sent to ask a member heard only by its heartbeat for its record.
+    /// Requests (direct probes or, in a small group, pings) sent to ask a member heard
+    /// only by its heartbeat for its record, retries included.
     pub record_requests: u64,
     /// Probe rounds for a suspect left out because another observer's ping for it
     /// was heard (its answer reaches every observer).
@@ -475,10 +480,11 @@ pub struct Discovery {
     rejections: Rejections,
 }
 
-/// Who waits for an answer to a probe: up to [`DIRECT_ANSWERS`] newcomers get a
-/// unicast answer each, within the reply window; more get one multicast announcement
-/// (so nothing else is stored, and a thousand probes cost no more than five). Observers
-/// go first in the unicast list: they settle by the reply window, members do not.
+/// Who waits for an answer to a probe: up to [`DIRECT_ANSWERS`] observers, and in a
+/// large group one member starting, get a unicast answer each, within the reply window;
+/// the others get one multicast announcement (so nothing else is stored, and a
+/// thousand probes cost no more than five). Observers go first in the unicast list:
+/// they settle by the reply window, members do not.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Pending {
     /// Sources answered by unicast, and whether each is an observer.
@@ -496,7 +502,9 @@ const ANSWER_TRIP_MS: u64 = 5;
 const DIRECT_ANSWERS: usize = 4;
 /// The longest reply window of any member (the spread of answers in a huge group).
 pub const MAX_REPLY_WINDOW_MS: u64 = 1000;
-/// How long, at least, before a member is asked again for its record.
+/// How long, once its record came, before a member is asked again for a record (a
+/// heartbeat of a newer one); an unanswered request is sent again sooner (see
+/// [`RequestGate`]).
 const ASK_AGAIN_MS: Millis = 500;
 
 impl Discovery {
@@ -1044,14 +1052,18 @@ impl Discovery {
         }
     }
 
-    /// Asks `id` (at `source`) for its record with a direct probe, unless it was asked
-    /// lately or too many were asked: bounded and rate-limited, so that a flood of
-    /// heartbeats of unknown members makes no flood of probes.
+    /// Asks `id` (at `source`) for its record (see [`Discovery::send_record_request`]),
+    /// unless a request for it is pending or was answered lately, or too many were sent:
+    /// bounded and rate-limited, so that a flood of heartbeats of unknown members makes
+    /// no flood of requests. [`RequestGate`] sends it again until the record comes.
     fn request_record(&mut self, now: Millis, id: MemberId, source: SocketAddr) {
-        if !self.started || !self.cfg.multicast || !self.record_requests.allow(now, id, source) {
+        if !self.started || !self.cfg.multicast {
             return;
         }
-        self.send_record_request(now, id, source);
+        let Some(tries) = self.record_requests.allow(now, id, source) else {
+            return;
+        };
+        self.send_record_request(now, id, source, tries);
         self.arm_record_retry();
     }
 
@@ -1066,8 +1078,8 @@ impl Discovery {
     /// Asks again the members whose record did not come after a record request (the
     /// request or its answer was lost).
     fn retry_record_requests(&mut self, now: Millis) {
-        for (id, source) in self.record_requests.retries_due(now) {
-            self.send_record_request(now, id, source);
+        for (id, source, tries) in self.record_requests.retries_due(now) {
+            self.send_record_request(now, id, source, tries);
         }
         self.arm_record_retry();
     }
@@ -1099,6 +1111,8 @@ impl Discovery {
     }
 
     fn bury(&mut self, now: Millis, id: MemberId, incarnation: u64) {
+        // Gone: its record is not asked for again.
+        self.record_requests.answered(id);
         if self.tombstones.len() < 2 * self.cfg.max_peers {
             self.tombstones
                 .insert(id, (incarnation, now + TOMBSTONE_MS));
@@ -1108,8 +1122,11 @@ impl Discovery {
     fn observe(&mut self, now: Millis, heard: Arc<Heard>) {
         let id = heard.record.id;
         let (observed, unarmed) = self.table.observe(heard, now);
-        // A record came, whether or not there was room for it: no more requests.
-        self.record_requests.answered(id);
+        // A record came, whether or not there was room for it: no more requests (an
+        // older one than we hold does not end them).
+        if observed != Observed::Stale {
+            self.record_requests.answered(id);
+        }
         self.report(now, id, observed);
         // A new peer, or one first seen through mDNS, gets its multicast timer now.
         if unarmed && self.peer_timers.len() >= 2 * self.table.len() + 64 {
@@ -1197,7 +1214,7 @@ impl Discovery {
             entry.next_probe = now + self.rng.u64(0..=probe_gap(ttl) / 2);
         }
         // Rounds alternate: a unicast probe (answered with the record), then a
-        // multicast ping (answered with a multicast heartbeat). A ping needs no address
+        // multicast ping (answered by multicast). A ping needs no address
         // resolution: a unicast probe to a host whose ARP entry went stale may wait a
         // second for it, under loss longer than the TTL leaves.
         let mut probe_to = None;
@@ -1227,12 +1244,14 @@ impl Discovery {
         }
     }
 
-    /// A ping for us: a peer suspects us. One multicast heartbeat answers every peer
-    /// that suspects us at once, so it goes out at most every [`PING_ANSWER_GAP_MS`].
+    /// A ping for us: a peer suspects us, or (in a small group) lacks our record. One
+    /// multicast datagram answers every peer that pinged us at once, so it goes out at
+    /// most every [`PING_ANSWER_GAP_MS`]: our record in a small group, a heartbeat in a
+    /// large one.
     fn pinged(&mut self, now: Millis, target: MemberId) {
         if target != self.me.id {
-            // Another observer pinged a peer we may suspect too: its answer, a multicast
-            // heartbeat, reaches us as well, so our own next round is not needed (as
+            // Another observer pinged a peer we may suspect too: its answer, multicast,
+            // reaches us as well, so our own next round is not needed (as
             // mDNS suppresses duplicate questions). A group of N then sends about one
             // ping per round for a suspect, not N.
             if let Some(entry) = self.table.get_mut(&target)
@@ -1245,16 +1264,19 @@ impl Discovery {
         if self.cfg.observer || !self.started || !self.cfg.multicast {
             return;
         }
-        if self
-            .last_announce
-            .is_some_and(|last| now < last + PING_ANSWER_GAP_MS)
-        {
-            return;
-        }
         // In a small group the answer is our record: it proves us alive just as well,
         // and a ping is also how a member asks for a record it lacks (see
-        // `request_record`).
-        if self.small_group() {
+        // `request_record`). Such a ping comes right after the heartbeat that made it,
+        // so only a recent record, not a recent heartbeat, makes it redundant.
+        let small = self.small_group();
+        let last = match small {
+            true => self.last_record_multicast,
+            false => self.last_announce,
+        };
+        if last.is_some_and(|last| now < last + PING_ANSWER_GAP_MS) {
+            return;
+        }
+        if small {
             self.announce(now, Destination::Group);
             return;
         }
@@ -1273,13 +1295,15 @@ impl Discovery {
         records * 4.0 <= self.cfg.budget_bytes_per_sec as f64
     }
 
-    /// Asks for the record of `id` (heard from `source`): in a small group with a
-    /// multicast ping, which `id` answers with its record to the group (no address
-    /// resolution on either way); in a large one with a direct probe, answered with a
-    /// unicast record.
-    fn send_record_request(&mut self, now: Millis, id: MemberId, source: SocketAddr) {
+    /// Sends request number `tries` for the record of `id` (heard from `source`): a
+    /// direct probe, answered with a unicast record; in a small group every other
+    /// request is a multicast ping instead, the first one included, which `id` answers
+    /// with its record to the group (no address resolution either way). The direct
+    /// probes still get the record from a member that counts the group as large (its
+    /// table or its record bigger than ours), which answers pings with a heartbeat.
+    fn send_record_request(&mut self, now: Millis, id: MemberId, source: SocketAddr, tries: u32) {
         self.stats.record_requests += 1;
-        if self.small_group() && self.cfg.multicast {
+        if tries % 2 == 1 && self.small_group() && self.cfg.multicast {
             let ping = Message::Ping {
                 from: self.me.id,
                 target: id,
@@ -1585,7 +1609,7 @@ fn arm(timers: &mut BinaryHeap<Reverse<(Millis, MemberId)>>, at: Millis, id: Mem
     timers.push(Reverse((at, id)));
 }
 
-/// Most members whose record request is remembered (see [`ASK_AGAIN_MS`]).
+/// Most members whose record request is remembered (see [`RequestGate`]).
 const MAX_RECORD_REQUESTS: usize = 256;
 
 /// A sender's TTL for its interval: 3.2 intervals (896 ms at the 280 ms floor, so
@@ -1603,7 +1627,8 @@ fn suspect_at(last_heard: Millis, ttl: u64) -> Millis {
     (last_heard + ttl / 5 * 3).div_ceil(SUSPECT_GRID_MS) * SUSPECT_GRID_MS
 }
 
-/// Least time between two multicast heartbeats that answer pings.
+/// Least time between two multicast answers to pings (after a heartbeat in a large
+/// group, after a record in a small one).
 const PING_ANSWER_GAP_MS: Millis = 10;
 
 /// How late a peer's timer must fire for this node to count itself stalled, and how

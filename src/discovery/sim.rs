@@ -227,8 +227,11 @@ pub struct Sim {
 /// What one simulated node knows of another's link address.
 #[derive(Clone, Copy, Debug)]
 enum Neighbour {
-    /// Known from this time on.
+    /// Known from this time on (resolved by itself).
     Known(Millis),
+    /// Learned from the other's resolution request, arriving at this time: until then
+    /// a datagram to it starts a resolution of its own.
+    Learned(Millis),
     /// Being resolved in vain until this time: what is sent to it is dropped.
     Failing(Millis),
 }
@@ -652,11 +655,13 @@ impl Sim {
         if !self.cfg.neighbour_resolution {
             return Some(self.now);
         }
-        match self.neighbours.get(&(from, to)) {
+        let learned = match self.neighbours.get(&(from, to)) {
             Some(Neighbour::Known(at)) => return Some((*at).max(self.now)),
+            Some(Neighbour::Learned(at)) if *at <= self.now => return Some(self.now),
             Some(Neighbour::Failing(until)) if self.now < *until => return None,
-            _ => {}
-        }
+            Some(Neighbour::Learned(at)) => Some(*at),
+            _ => None,
+        };
         // A new resolution: all its tries are drawn now.
         let (min, max) = (self.cfg.min_delay_ms, self.cfg.max_delay_ms);
         let loss = self.cfg.loss;
@@ -669,9 +674,9 @@ impl Sim {
                 let reverse = self
                     .neighbours
                     .entry((to, from))
-                    .or_insert(Neighbour::Known(asked));
-                if !matches!(reverse, Neighbour::Known(t) if *t <= asked) {
-                    *reverse = Neighbour::Known(asked);
+                    .or_insert(Neighbour::Learned(asked));
+                if !matches!(reverse, Neighbour::Known(t) | Neighbour::Learned(t) if *t <= asked) {
+                    *reverse = Neighbour::Learned(asked);
                 }
                 if !lost(&mut self.rng) {
                     known = Some(asked + self.rng.u64(min..=max));
@@ -680,6 +685,11 @@ impl Sim {
             }
             at += ARP_RETRY_MS;
         }
+        // Learning it from the other's own request may come first.
+        let known = match (known, learned) {
+            (Some(k), Some(l)) => Some(k.min(l)),
+            (k, l) => k.or(l),
+        };
         let entry = match known {
             Some(t) => Neighbour::Known(t),
             None => Neighbour::Failing(at),

@@ -142,11 +142,92 @@ fn a_lost_record_request_is_sent_again_before_the_next_heartbeat() {
         )
     };
     assert_eq!(drain(&mut a).iter().filter(|x| is_ask(x)).count(), 1);
-    // Lost. Nothing more from b, and no heartbeat: a asks again on its own.
+    // Lost. Nothing more from b, and no heartbeat: a asks again on its own, this time
+    // with a direct probe (which a member that counts the group as large answers).
+    let is_probe = |x: &Transmit| {
+        x.dest == Destination::Unicast(addr(2))
+            && matches!(
+                wire::decode(&x.payload, None),
+                Ok((Message::Probe { direct: true, .. }, _))
+            )
+    };
     a.handle_timeout(t + 40);
-    assert!(!drain(&mut a).iter().any(is_ask), "too early");
+    assert!(!drain(&mut a).iter().any(is_probe), "too early");
     a.handle_timeout(t + 41);
-    assert_eq!(drain(&mut a).iter().filter(|x| is_ask(x)).count(), 1);
+    assert_eq!(drain(&mut a).iter().filter(|x| is_probe(x)).count(), 1);
+    // b answers it with its record by unicast, as a large group does.
+    let mut big = node_in_large_group(2);
+    big.start(t);
+    drain(&mut big);
+    let beat = wire::encode(&big.heartbeat_message(), None).unwrap();
+    let mut c = node(3, None, false);
+    c.start(t);
+    drain(&mut c);
+    c.handle_datagram(t + 1, addr(2), &beat);
+    let ping = drain(&mut c).remove(0);
+    assert!(is_ask(&ping), "c counts the group as small");
+    big.handle_datagram(t + 2, addr(3), &ping.payload);
+    let answer = drain(&mut big).remove(0);
+    assert!(
+        matches!(
+            wire::decode(&answer.payload, None),
+            Ok((Message::Heartbeat { .. }, _))
+        ),
+        "a large group answers a ping with a heartbeat"
+    );
+    c.handle_datagram(t + 3, addr(2), &answer.payload);
+    c.handle_timeout(t + 41);
+    let probe = drain(&mut c)
+        .into_iter()
+        .find(|x| is_probe(x))
+        .expect("then a direct probe");
+    big.handle_datagram(t + 42, addr(3), &probe.payload);
+    let record = drain(&mut big).remove(0);
+    assert_eq!(record.dest, Destination::Unicast(addr(3)));
+    c.handle_datagram(t + 43, addr(2), &record.payload);
+    assert_eq!(c.peer_count(), 1, "the record came");
+}
+
+/// The ping that asks for a record comes right after the heartbeat that made it (well
+/// within the gap between two answers to pings): it is answered all the same.
+#[test]
+fn a_ping_right_after_our_heartbeat_is_answered_with_our_record() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    let mut b = node(2, None, false);
+    a.start(t);
+    b.start(t);
+    drain(&mut a);
+    drain(&mut b);
+    // b's own heartbeat, from its timers.
+    let beat_at = b.poll_timeout().unwrap();
+    let mut now = beat_at;
+    let beat = loop {
+        b.handle_timeout(now);
+        if let Some(x) = drain(&mut b).into_iter().find(|x| {
+            matches!(
+                wire::decode(&x.payload, None),
+                Ok((Message::Heartbeat { .. }, _))
+            )
+        }) {
+            break x;
+        }
+        now = b.poll_timeout().unwrap();
+        assert!(now < t + 2_000, "no heartbeat");
+    };
+    a.handle_datagram(now, addr(2), &beat.payload);
+    let ping = drain(&mut a).remove(0);
+    assert!(matches!(
+        wire::decode(&ping.payload, None),
+        Ok((Message::Ping { .. }, _))
+    ));
+    b.handle_datagram(now + 1, addr(1), &ping.payload);
+    let answer = drain(&mut b);
+    assert_eq!(answer.len(), 1, "answered");
+    assert!(matches!(
+        wire::decode(&answer[0].payload, None),
+        Ok((Message::Announce { .. }, _))
+    ));
 }
 
 /// A large group answers one member starting, and a request for a record, by
@@ -163,9 +244,20 @@ fn a_large_group_answers_a_newcomer_and_a_record_request_by_unicast() {
     b.start(t + 5);
     let probe = drain(&mut b).remove(0);
     a.handle_datagram(t + 6, addr(2), &probe.payload);
-    let at = a.poll_timeout().unwrap();
-    a.handle_timeout(at);
-    let reply = drain(&mut a).remove(0);
+    let is_record = |x: &Transmit| {
+        matches!(
+            wire::decode(&x.payload, None),
+            Ok((Message::Announce { .. }, _))
+        )
+    };
+    let reply = loop {
+        let now = a.poll_timeout().unwrap();
+        a.handle_timeout(now);
+        if let Some(x) = drain(&mut a).into_iter().find(is_record) {
+            break x;
+        }
+        assert!(now < t + 2_000, "no answer");
+    };
     assert_eq!(reply.dest, Destination::Unicast(addr(2)));
     // c missed a's record: hearing a's heartbeat, it asks a alone for it.
     let mut c = node_in_large_group(3);
@@ -611,10 +703,13 @@ fn idle_members_send_heartbeats_and_a_slow_refresh() {
             a.handle_datagram(now, addr(2), &x.payload);
         }
         a.handle_timeout(now.min(a.poll_timeout().unwrap()));
-        // No suspicion, no record request: no direct probe.
+        // No suspicion, no record request: no direct probe, no ping.
         assert!(drain(&mut a).iter().all(|x| !matches!(
             wire::decode(&x.payload, None),
-            Ok((Message::Probe { direct: true, .. }, _))
+            Ok((
+                Message::Probe { direct: true, .. } | Message::Ping { .. },
+                _
+            ))
         )));
     }
     // One every 280 to 308 ms, and a record every 15 to 25 s.

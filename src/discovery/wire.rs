@@ -159,7 +159,7 @@ pub struct NodeRecord {
 pub enum Message {
     /// "Still here": what a member multicasts every interval. Only what proves
     /// liveness; a receiver that lacks the record `seq` of this incarnation asks for
-    /// it with a direct probe.
+    /// it (a direct probe, or a ping in a small group).
     Heartbeat {
         /// The sender's id.
         #[serde(with = "uuid::serde::compact")]
