@@ -127,12 +127,8 @@ fn node_in_large_group(id: u128) -> Discovery {
 #[test]
 fn a_lost_record_request_is_sent_again_before_the_next_heartbeat() {
     let t = 1_000_000;
-    let mut a = node(1, None, false);
-    let mut b = node(2, None, false);
-    a.start(t);
-    b.start(t);
-    drain(&mut a);
-    drain(&mut b);
+    let mut a = started(1, t);
+    let b = started(2, t);
     let beat = wire::encode(&b.heartbeat_message(), None).unwrap();
     a.handle_datagram(t + 1, addr(2), &beat);
     let is_ask = |x: &Transmit| {
@@ -160,9 +156,7 @@ fn a_lost_record_request_is_sent_again_before_the_next_heartbeat() {
     big.start(t);
     drain(&mut big);
     let beat = wire::encode(&big.heartbeat_message(), None).unwrap();
-    let mut c = node(3, None, false);
-    c.start(t);
-    drain(&mut c);
+    let mut c = started(3, t);
     c.handle_datagram(t + 1, addr(2), &beat);
     let ping = drain(&mut c).remove(0);
     assert!(is_ask(&ping), "c counts the group as small");
@@ -193,12 +187,8 @@ fn a_lost_record_request_is_sent_again_before_the_next_heartbeat() {
 #[test]
 fn a_ping_right_after_our_heartbeat_is_answered_with_our_record() {
     let t = 1_000_000;
-    let mut a = node(1, None, false);
-    let mut b = node(2, None, false);
-    a.start(t);
-    b.start(t);
-    drain(&mut a);
-    drain(&mut b);
+    let mut a = started(1, t);
+    let mut b = started(2, t);
     // b's own heartbeat, from its timers.
     let beat_at = b.poll_timeout().unwrap();
     let mut now = beat_at;
