@@ -152,6 +152,8 @@ fn lossy_lan_converges_and_never_fails_a_live_node() {
 /// LAN losing 20 % of copies, address resolution (ARP) included: how long after the
 /// last start every node knew every other, over `runs` seeds, sorted.
 fn ten_nodes_at_20_percent_loss_with_arp(runs: u64) -> Vec<u64> {
+    const START_GAP_MS: u64 = 6;
+    let last_start = 9 * START_GAP_MS;
     let mut converged: Vec<u64> = (0..runs)
         .map(|seed| {
             let mut sim = Sim::new(SimConfig {
@@ -160,11 +162,11 @@ fn ten_nodes_at_20_percent_loss_with_arp(runs: u64) -> Vec<u64> {
                 ..config(10, 900 + seed)
             });
             for i in 0..10 {
-                sim.run_until(i as u64 * 6);
+                sim.run_until(i as u64 * START_GAP_MS);
                 sim.start(i);
             }
             let at = sim.run_until_converged(20_000).expect("converges");
-            at.saturating_sub(54)
+            at.saturating_sub(last_start)
         })
         .collect();
     converged.sort_unstable();

@@ -263,9 +263,9 @@ const TIMED_TRIES: u32 = 8;
 /// Whether to ask a member heard only by its heartbeat for its record, and when to ask
 /// again. A member whose record does not come is asked again after
 /// [`RETRY_FIRST_MS`], then after twice that and so on: up to [`TIMED_TRIES`] requests
-/// in all on a timer, at most [`TIMED_MAX_GAP_MS`] apart, later ones when a heartbeat is heard, at
-/// most every [`RETRY_MAX_GAP_MS`]. Once its record came, a member is asked
-/// again at most every `again_ms` (a heartbeat of a newer record). At most
+/// in all on a timer, at most [`TIMED_MAX_GAP_MS`] apart, later ones when a heartbeat
+/// is heard, at most every [`RETRY_MAX_GAP_MS`]. Once its record came, a member is
+/// asked again at most every `again_ms` (a heartbeat of a newer record). At most
 /// [`REQUEST_BURST`] requests go out in a burst and [`REQUESTS_PER_SEC`] sustained,
 /// retries included, and at most `cap` members are remembered.
 #[derive(Debug)]
@@ -358,22 +358,19 @@ impl RequestGate {
         if !self.take_token(now) {
             return None;
         }
-        let asked = self.asked.entry(id).or_insert(Asked {
+        // Counting starts again once a record came.
+        let tries = match self.asked.get(&id) {
+            Some(a) if !a.answered => a.tries + 1,
+            _ => 1,
+        };
+        let asked = Asked {
             last: now,
             source,
-            tries: 0,
-            answered: false,
-        });
-        if asked.answered {
-            asked.tries = 0;
-        }
-        *asked = Asked {
-            last: now,
-            source,
-            tries: asked.tries + 1,
+            tries,
             answered: false,
         };
-        Some(asked.tries)
+        self.asked.insert(id, asked);
+        Some(tries)
     }
 
     /// The record of `id` came: no more retries for it.

@@ -15,8 +15,9 @@
 //!   group (every record fits in a quarter second of the budget: no address resolution,
 //!   and whoever else missed it gets it too), unicast in a large one, where a member
 //!   with more probes to answer by then than it answers one by one multicasts one
-//!   announcement instead; one-shot observers get unicast answers. So a newcomer learns the LAN in about one round trip. Each
-//!   answer carries its sender's reply window, so a one-shot observer knows when no more
+//!   announcement instead; one-shot observers get unicast answers. So a newcomer
+//!   learns the LAN in about one round trip. Each answer carries its sender's reply
+//!   window, so a one-shot observer knows when no more
 //!   answers can come ([`Discovery::settled_at`]) instead of waiting for a timeout.
 //! - Members multicast a small `heartbeat` every interval: id, incarnation and the
 //!   sequence number of their record. The full record goes out when it changes, in
@@ -32,8 +33,9 @@
 //!   floor). A peer not heard for 3/5 of its TTL becomes suspect and is checked every
 //!   TTL/36 (24 ms), by a unicast probe and a multicast `ping` in turn (a ping needs
 //!   no address resolution; the suspect answers all pings with one multicast
-//!   heartbeat, or its record in a small group); it is declared failed only when its TTL passes with no answer. A node
-//!   that wakes long after the deadline (a stalled host) looks once more first.
+//!   heartbeat, or its record in a small group); it is declared failed only when its
+//!   TTL passes with no answer. A node that wakes long after the deadline (a stalled
+//!   host) looks once more first.
 //! - A `goodbye` removes its sender at once; a higher incarnation replaces an entry.
 //! - Every datagram passes a per-source rate limit, then decoding, then (with a key) the
 //!   replay check: the sender's microsecond counter must be within the replay window of
@@ -1303,7 +1305,7 @@ impl Discovery {
     /// table or its record bigger than ours), which answers pings with a heartbeat.
     fn send_record_request(&mut self, now: Millis, id: MemberId, source: SocketAddr, tries: u32) {
         self.stats.record_requests += 1;
-        if tries % 2 == 1 && self.small_group() && self.cfg.multicast {
+        if tries % 2 == 1 && self.small_group() {
             let ping = Message::Ping {
                 from: self.me.id,
                 target: id,
