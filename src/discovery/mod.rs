@@ -448,7 +448,7 @@ pub struct Discovery {
     /// When we last multicast (a heartbeat or our record).
     last_announce: Option<Millis>,
     /// When we last multicast our record (answers to several newcomers are no more
-    /// frequent than every half interval).
+    /// frequent than [`Discovery::answer_gap`]).
     last_record_multicast: Option<Millis>,
     /// When our record is multicast again although nothing changed.
     next_refresh: Millis,
@@ -502,6 +502,9 @@ pub const MAX_OBSERVER_PROBES: u32 = 5;
 const ANSWER_TRIP_MS: u64 = 5;
 /// Most probes answered one by one (by unicast) per reply.
 const DIRECT_ANSWERS: usize = 4;
+/// The floor of [`Discovery::answer_gap`]: a small group answers newcomers starting
+/// together at most every this many milliseconds.
+const MIN_ANSWER_GAP_MS: u64 = 10;
 /// The longest reply window of any member (the spread of answers in a huge group).
 pub const MAX_REPLY_WINDOW_MS: u64 = 1000;
 /// How long, once its record came, before a member is asked again for a record (a
@@ -1524,16 +1527,10 @@ impl Discovery {
             return;
         }
         // More newcomers at once are answered with one multicast announcement, but no
-        // more often than every half interval: a group starting all at once then stays
-        // near its budget instead of answering every probe to everyone. A group whose
-        // interval is at the floor is well under its budget: every quarter interval.
+        // more often than every answer gap: a group starting all at once then stays
+        // near twice its budget instead of answering every probe to everyone.
         if let Some(last) = self.last_record_multicast {
-            let interval = self.compute_interval();
-            let gap = match interval <= self.cfg.min_interval_ms {
-                true => interval / 4,
-                false => interval / 2,
-            };
-            let earliest = last + gap;
+            let earliest = last + self.answer_gap();
             if now < earliest {
                 self.timers.set(Timer::Reply, earliest);
                 return;
@@ -1541,6 +1538,17 @@ impl Discovery {
         }
         self.pending_replies.several = false;
         self.announce(now, Destination::Group);
+    }
+
+    /// The shortest time between two multicast answers of ours: half the interval the
+    /// group's multicast would have at its budget without the interval's floor (so half
+    /// the interval of a group above the floor, where bursts stay near twice the
+    /// budget), and at least [`MIN_ANSWER_GAP_MS`]. A small group at the floor answers
+    /// a mass start within milliseconds, not a quarter of the floor.
+    fn answer_gap(&self) -> u64 {
+        let members = self.table.len() as f64 + 1.0;
+        let gap = members * self.avg_size * 1000.0 / (2.0 * self.cfg.budget_bytes_per_sec as f64);
+        (gap as u64).max(MIN_ANSWER_GAP_MS)
     }
 
     fn compute_interval(&self) -> u64 {

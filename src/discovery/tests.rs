@@ -668,6 +668,36 @@ fn interval_follows_group_size_and_budget() {
     assert!(interval > 1_000);
 }
 
+/// Multicast answers to newcomers are spaced by half the interval the group would have
+/// without its floor: a few milliseconds in a small group (where the floor would have
+/// made them wait a quarter of 280 ms), half the interval in a large one.
+#[test]
+fn answers_to_newcomers_are_spaced_by_twice_the_budget() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    a.start(t);
+    assert_eq!(a.answer_gap(), MIN_ANSWER_GAP_MS);
+    let mut gap_at = |a: &mut Discovery, members: u128| {
+        for i in a.peer_count() as u128..members - 1 {
+            let mut b = node(10_000 + i, None, false);
+            b.start(t);
+            let probe = drain(&mut b).remove(0);
+            let src = SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 9000));
+            a.handle_datagram(t, src, &probe.payload);
+        }
+        (
+            a.answer_gap(),
+            members as f64 * a.avg_size * 1000.0 / 128_000.0,
+        )
+    };
+    let (gap, expected) = gap_at(&mut a, 50);
+    assert!((gap as f64 - expected).abs() < 2.0, "{gap} vs {expected}");
+    assert!(gap < Config::default().min_interval_ms / 4, "{gap}");
+    let (gap, expected) = gap_at(&mut a, 2000);
+    assert!((gap as f64 - expected).abs() < 2.0, "{gap} vs {expected}");
+    assert!(gap.abs_diff(a.compute_interval() / 2) <= 2, "{gap}");
+}
+
 /// An idle member multicasts small heartbeats, and its full record only at the slow
 /// refresh; a receiver that knows it stays refreshed by the heartbeats alone.
 #[test]
