@@ -677,7 +677,7 @@ fn answers_to_newcomers_are_spaced_by_twice_the_budget() {
     let mut a = node(1, None, false);
     a.start(t);
     assert_eq!(a.answer_gap(), MIN_ANSWER_GAP_MS);
-    let mut gap_at = |a: &mut Discovery, members: u128| {
+    let gap_at = |a: &mut Discovery, members: u128| {
         for i in a.peer_count() as u128..members - 1 {
             let mut b = node(10_000 + i, None, false);
             b.start(t);
