@@ -15,10 +15,6 @@ use crate::node::control::{ControlError, ControlSocket};
 use crate::node::{Node, NodeError, NodeOptions};
 use crate::service;
 
-/// How long after ready the daemon gives back its unused code pages (see `memory`): after
-/// the answers to a simultaneous start of its LAN, before anyone measures it idle.
-const RELEASE_CODE_AFTER: Duration = Duration::from_secs(2);
-
 /// What [`run`] needs: how the node discovers and where the control socket listens.
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
@@ -86,10 +82,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     // Once the start-up burst (answers to peers starting with us) is over, only the
     // code an idle node runs stays resident. Released right at ready, the code of that
     // burst would fault back in while it runs.
-    tokio::spawn(async {
-        tokio::time::sleep(RELEASE_CODE_AFTER).await;
-        crate::memory::release_unused_code();
-    });
+    crate::memory::release_unused_code_after_start();
     let mut events = handle.subscribe();
     let watchdog = service::watchdog_interval();
     let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));

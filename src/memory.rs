@@ -16,6 +16,27 @@
 //! mapping's pages loses nothing, because each page is the file's own; a mapping with
 //! a private copy (relocated data) is left alone. Elsewhere than Linux this does nothing.
 
+/// How long after start-up a daemon or slave calls [`release_unused_code`]: after the
+/// answers to peers starting with it (a LAN's simultaneous start), whose code would
+/// otherwise fault back in, and before anyone measures it idle.
+pub const RELEASE_AFTER_START: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Calls [`release_unused_code`] [`RELEASE_AFTER_START`] from now, on a task of the
+/// current tokio runtime (which it needs).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// localnet::memory::release_unused_code_after_start();
+/// # }
+/// ```
+pub fn release_unused_code_after_start() {
+    tokio::spawn(async {
+        tokio::time::sleep(RELEASE_AFTER_START).await;
+        release_unused_code();
+    });
+}
+
 /// What [`release_unused_code`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Released {

@@ -20,11 +20,9 @@ pub async fn run(args: SlaveArgs) -> Result<()> {
     let signalled =
         localnet::daemon::shutdown_signal().context("cannot install the SIGTERM handler")?;
     tracing::info!(%node, "slave listening");
-    // Once set-up is over, only the code an idle slave runs stays resident.
-    tokio::spawn(async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        localnet::memory::release_unused_code();
-    });
+    // Once set-up and the start-up burst are over, only the code an idle slave runs
+    // stays resident.
+    localnet::memory::release_unused_code_after_start();
     // On a signal the slave kills its jobs and says goodbye before it exits, so that
     // peers see it leave rather than fail.
     backend.start_slave_until(signalled).await?;

@@ -1540,21 +1540,24 @@ impl Discovery {
         self.announce(now, Destination::Group);
     }
 
-    /// The shortest time between two multicast answers of ours: half the interval the
-    /// group's multicast would have at its budget without the interval's floor (so half
-    /// the interval of a group above the floor, where bursts stay near twice the
-    /// budget), and at least [`MIN_ANSWER_GAP_MS`]. A small group at the floor answers
-    /// a mass start within milliseconds, not a quarter of the floor.
+    /// The shortest time between two multicast answers of ours: half the group's
+    /// [`budget_interval_ms`](Self::budget_interval_ms) (so half the interval of a group
+    /// above the floor, where bursts stay near twice the budget), and at least
+    /// [`MIN_ANSWER_GAP_MS`]. A small group at the floor answers a mass start within
+    /// milliseconds, not a quarter of the floor.
     fn answer_gap(&self) -> u64 {
+        ((self.budget_interval_ms() / 2.0) as u64).max(MIN_ANSWER_GAP_MS)
+    }
+
+    /// The interval at which every member's multicast together fills the budget, before
+    /// the floor and ceiling of [`Discovery::compute_interval`].
+    fn budget_interval_ms(&self) -> f64 {
         let members = self.table.len() as f64 + 1.0;
-        let gap = members * self.avg_size * 1000.0 / (2.0 * self.cfg.budget_bytes_per_sec as f64);
-        (gap as u64).max(MIN_ANSWER_GAP_MS)
+        members * self.avg_size * 1000.0 / self.cfg.budget_bytes_per_sec as f64
     }
 
     fn compute_interval(&self) -> u64 {
-        let members = self.table.len() as f64 + 1.0;
-        let interval = members * self.avg_size * 1000.0 / self.cfg.budget_bytes_per_sec as f64;
-        (interval as u64).clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms)
+        (self.budget_interval_ms() as u64).clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms)
     }
 
     /// An interval spread over ±10 % so that nodes do not fall into step.

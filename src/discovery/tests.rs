@@ -645,19 +645,25 @@ fn decoding_once_for_many_cores_changes_nothing() {
     assert_eq!(b.peer_count(), 0);
 }
 
-#[test]
-fn interval_follows_group_size_and_budget() {
-    let t = 1_000_000;
-    let mut a = node(1, None, false);
-    a.start(t);
-    assert_eq!(a.compute_interval(), Config::default().min_interval_ms);
-    for i in 0..2000u128 {
+/// Makes `a` know `members - 1` peers (adding to those it knows), each from its first
+/// probe at `t`.
+fn grow_to(a: &mut Discovery, members: usize, t: Millis) {
+    for i in a.peer_count() as u128..members as u128 - 1 {
         let mut b = node(10_000 + i, None, false);
         b.start(t);
         let probe = drain(&mut b).remove(0);
         let src = SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 9000));
         a.handle_datagram(t, src, &probe.payload);
     }
+}
+
+#[test]
+fn interval_follows_group_size_and_budget() {
+    let t = 1_000_000;
+    let mut a = node(1, None, false);
+    a.start(t);
+    assert_eq!(a.compute_interval(), Config::default().min_interval_ms);
+    grow_to(&mut a, 2001, t);
     assert_eq!(a.peer_count(), 2001 - 1);
     let interval = a.compute_interval();
     let expected = 2001.0 * a.avg_size * 1000.0 / 64_000.0;
@@ -677,18 +683,10 @@ fn answers_to_newcomers_are_spaced_by_twice_the_budget() {
     let mut a = node(1, None, false);
     a.start(t);
     assert_eq!(a.answer_gap(), MIN_ANSWER_GAP_MS);
-    let gap_at = |a: &mut Discovery, members: u128| {
-        for i in a.peer_count() as u128..members - 1 {
-            let mut b = node(10_000 + i, None, false);
-            b.start(t);
-            let probe = drain(&mut b).remove(0);
-            let src = SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 9000));
-            a.handle_datagram(t, src, &probe.payload);
-        }
-        (
-            a.answer_gap(),
-            members as f64 * a.avg_size * 1000.0 / 128_000.0,
-        )
+    let gap_at = |a: &mut Discovery, members: usize| {
+        grow_to(a, members, t);
+        let expected = members as f64 * a.avg_size * 1000.0 / 128_000.0;
+        (a.answer_gap(), expected)
     };
     let (gap, expected) = gap_at(&mut a, 50);
     assert!((gap as f64 - expected).abs() < 2.0, "{gap} vs {expected}");
