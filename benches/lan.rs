@@ -11,9 +11,10 @@
 //! For each LAN size it builds one LAN of network namespaces and runs each system on the
 //! same hosts, one after the other. `--rows` picks groups of rows (all by default):
 //!
-//! - `discovery`, per repeat: a simultaneous start (time until every node lists every
-//!   other), on the first repeat an idle window (traffic from interface counters, RSS and
-//!   CPU of one node), for Serf a query answered by every node (`serf query bench`, whose
+//! - `discovery`, per repeat: a simultaneous start (every node's process forked and held
+//!   before its exec, then all let go at once; time from then until every node lists every
+//!   other), on the first repeat an idle window (traffic from interface counters, RSS of
+//!   one node, CPU of every node from the scheduler's account, averaged), for Serf a query answered by every node (`serf query bench`, whose
 //!   handler runs `echo ok`: Serf's column of the warm fan-out row), kill -9 of one node
 //!   (until all others say failed), a graceful stop of another (until all others say
 //!   left: SIGTERM for localnet and Avahi, SIGINT for Serf, whose graceful leave it is).
@@ -68,7 +69,7 @@ use std::time::{Duration, Instant};
 use common::{min_median_max, rss_kb, unix_now};
 use serde::Serialize;
 use serde_json::{Value, json};
-use support::{Lan, binary, eventually, peers, slave};
+use support::{Lan, Start, binary, eventually, peers, slave};
 
 /// Every system this bench knows, in the order of the table's columns.
 const SYSTEMS: [&str; 7] = ["localnet", "serf", "avahi", "pdsh", "clush", "socat", "ssh"];
@@ -278,8 +279,9 @@ type Event = (f64, String, String);
 /// What a system under test must do.
 trait System {
     fn name(&self) -> &'static str;
-    /// Starts every node at once; returns their PIDs.
-    fn start_all(&self, lan: &Lan) -> Vec<u32>;
+    /// Starts every node at once ([`Lan::spawn_together`]); returns their PIDs and
+    /// the moment they were let go (Unix seconds), from which joins are timed.
+    fn start_all(&self, lan: &Lan) -> (Vec<u32>, f64);
     /// Ends every node of a repeat (and anything started with them).
     fn stop_all(&self, lan: &Lan, pids: &[u32]) {
         for pid in pids {
@@ -318,16 +320,22 @@ impl System for Localnet {
     fn name(&self) -> &'static str {
         "localnet"
     }
-    fn start_all(&self, lan: &Lan) -> Vec<u32> {
-        (0..lan.hosts())
+    fn start_all(&self, lan: &Lan) -> (Vec<u32>, f64) {
+        let starts: Vec<Start> = (0..lan.hosts())
             .map(|i| {
-                let mut own = lan.daemon_args(i);
-                own.extend(["--discovery", "multicast"].map(str::to_string));
-                own.extend(self.extra.iter().cloned());
-                let args: Vec<&str> = own.iter().map(String::as_str).collect();
-                lan.spawn(i, &format!("localnet-h{i}"), &binary(), &args)
+                let mut args = lan.daemon_args(i);
+                args.extend(["--discovery", "multicast"].map(str::to_string));
+                args.extend(self.extra.iter().cloned());
+                Start {
+                    host: i,
+                    log: format!("localnet-h{i}"),
+                    program: binary(),
+                    args,
+                    env: Vec::new(),
+                }
             })
-            .collect()
+            .collect();
+        lan.spawn_together(&starts)
     }
     fn events(&self, lan: &Lan, i: usize) -> Vec<Event> {
         lan.log(&format!("localnet-h{i}"))
@@ -404,24 +412,19 @@ impl System for Serf {
     fn name(&self) -> &'static str {
         "serf"
     }
-    fn start_all(&self, lan: &Lan) -> Vec<u32> {
-        (0..lan.hosts())
+    fn start_all(&self, lan: &Lan) -> (Vec<u32>, f64) {
+        let starts: Vec<Start> = (0..lan.hosts())
             .map(|i| {
                 let log = Serf::log(lan, i);
                 let _ = std::fs::remove_file(&log);
-                let node = format!("-node=h{i}");
-                let bind = format!("-bind={}:7946", lan.ip(i));
                 let handler = format!(
                     "-event-handler=member-join,member-leave,member-failed={}",
                     self.handler.display()
                 );
-                // The handler finds its log through the environment `ip netns exec` passes on.
-                // SAFETY: set before spawning, on this single bench thread.
-                unsafe { std::env::set_var("BENCH_LOG", &log) };
                 let args = [
                     "agent",
-                    &node,
-                    &bind,
+                    &format!("-node=h{i}"),
+                    &format!("-bind={}:7946", lan.ip(i)),
                     "-iface=eth0",
                     "-discover=bench",
                     &handler,
@@ -430,9 +433,17 @@ impl System for Serf {
                     "-event-handler=query:bench=echo ok",
                     "-log-level=warn",
                 ];
-                lan.spawn(i, &format!("serf-h{i}"), Path::new("serf"), &args)
+                Start {
+                    host: i,
+                    log: format!("serf-h{i}"),
+                    program: PathBuf::from("serf"),
+                    args: args.map(str::to_string).to_vec(),
+                    // The handler finds its log through the agent's environment.
+                    env: vec![("BENCH_LOG".into(), log.display().to_string())],
+                }
             })
-            .collect()
+            .collect();
+        lan.spawn_together(&starts)
     }
     fn events(&self, lan: &Lan, i: usize) -> Vec<Event> {
         stamped_events(&Serf::log(lan, i))
@@ -573,8 +584,8 @@ impl System for Avahi {
     fn name(&self) -> &'static str {
         "avahi"
     }
-    fn start_all(&self, lan: &Lan) -> Vec<u32> {
-        let daemons = (0..lan.hosts())
+    fn start_all(&self, lan: &Lan) -> (Vec<u32>, f64) {
+        let starts: Vec<Start> = (0..lan.hosts())
             .map(|i| {
                 let dir = Avahi::dir(lan, i);
                 let script = format!(
@@ -594,9 +605,16 @@ impl System for Avahi {
                     "-c",
                     &script,
                 ];
-                lan.spawn(i, &format!("avahi-h{i}"), Path::new("env"), &args)
+                Start {
+                    host: i,
+                    log: format!("avahi-h{i}"),
+                    program: PathBuf::from("env"),
+                    args: args.map(str::to_string).to_vec(),
+                    env: Vec::new(),
+                }
             })
             .collect();
+        let daemons = lan.spawn_together(&starts);
         let mut browsers = self.browsers.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..lan.hosts() {
             // avahi-browse gives up when its daemon is not on the bus yet.
@@ -712,19 +730,19 @@ fn tx_bytes(lan: &Lan, i: usize) -> u64 {
         .unwrap_or(0)
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let f: Vec<String> = s
-                .rsplit(')')
-                .next()?
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+/// CPU time process `pid` has run so far, in nanoseconds: the sum over its threads of
+/// the scheduler's own account (`/proc/PID/task/*/schedstat`), which is exact where
+/// `/proc/PID/stat` counts whole 10 ms ticks (an idle daemon uses a few per second).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
         })
-        .unwrap_or(0)
+        .sum()
 }
 
 /// Runs one system's discovery rows on the LAN `repeat` times.
@@ -732,8 +750,7 @@ fn measure(sys: &dyn System, lan: &Lan, repeat: usize, idle_secs: u64, rows: &mu
     let n = lan.hosts();
     let converge_wait = Duration::from_secs(30);
     for r in 0..repeat {
-        let started = unix_now();
-        let pids = sys.start_all(lan);
+        let (pids, started) = sys.start_all(lan);
         let all: Vec<usize> = (0..n).collect();
         let seen = all_saw(sys, lan, &all, sys.joined(), None, started, converge_wait);
         if seen.is_none() {
@@ -744,15 +761,20 @@ fn measure(sys: &dyn System, lan: &Lan, repeat: usize, idle_secs: u64, rows: &mu
         if r == 0 {
             let window = Duration::from_secs(idle_secs);
             let tx0: Vec<u64> = (0..n).map(|i| tx_bytes(lan, i)).collect();
-            let cpu0 = cpu_ticks(pids[2]);
+            let cpu0: Vec<u64> = pids.iter().map(|p| cpu_ns(*p)).collect();
             let t0 = Instant::now();
             std::thread::sleep(window);
             let secs = t0.elapsed().as_secs_f64();
             let tx: Vec<f64> = (0..n)
                 .map(|i| tx_bytes(lan, i).saturating_sub(tx0[i]) as f64 / secs)
                 .collect();
-            let hz = 100.0; // USER_HZ on Linux
-            let cpu = cpu_ticks(pids[2]).saturating_sub(cpu0) as f64 / hz / secs * 100.0;
+            // Every node's share of a core, averaged over the nodes.
+            let cpu_s: f64 = pids
+                .iter()
+                .zip(&cpu0)
+                .map(|(p, c0)| cpu_ns(*p).saturating_sub(*c0) as f64 / 1e9)
+                .sum();
+            let cpu = cpu_s / n as f64 / secs * 100.0;
             let mean = tx.iter().sum::<f64>() / n as f64;
             record(rows, TRAFFIC_NODE, Some(mean), window);
             record(rows, TRAFFIC_GROUP, Some(tx.iter().sum()), window);
@@ -1696,7 +1718,11 @@ fn cell(row: Option<&Row>) -> (String, Option<f64>) {
     let Some((a, b, c)) = min_median_max(&row.samples) else {
         return (notes.join("; "), None);
     };
-    let digits = if b >= 100.0 { 0 } else { 1 };
+    let digits = match b {
+        b if b >= 100.0 => 0,
+        b if b >= 1.0 => 1,
+        _ => 2,
+    };
     let mut text = format!("{a:.digits$} / **{b:.digits$}** / {c:.digits$}");
     if !notes.is_empty() {
         text += &format!(" ({})", notes.join("; "));
