@@ -13,6 +13,21 @@ use cli::args::{Cli, Command, KeyCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // exits 2 on usage errors
+    // Generated documentation needs neither logging nor a runtime.
+    let docs = match &cli.command {
+        Command::Completions { shell } => Some(cli::docs::completions(*shell)),
+        Command::Man { subcommand } => Some(cli::docs::man(subcommand.as_deref())),
+        _ => None,
+    };
+    if let Some(result) = docs {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("localnet: error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let quiet = !matches!(cli.command, Command::Daemon(_) | Command::Slave(_));
     let stdio = cli::Stdio::new();
     init_logging(quiet, matches!(cli.command, Command::Slave(_)), &stdio);
@@ -89,5 +104,6 @@ async fn run(cli: Cli, stdio: &cli::Stdio) -> Result<()> {
         Command::Master(args) => cli::master::run(args, stdio).await,
         Command::Terminate(args) => cli::terminate::run(args).await,
         Command::Key(KeyCommand::Generate { out }) => cli::key::generate(&out),
+        Command::Completions { .. } | Command::Man { .. } => Ok(()), // handled in main
     }
 }

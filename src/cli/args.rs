@@ -50,6 +50,20 @@ pub enum Command {
     /// Manage cluster keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Print a shell completion script: `source <(localnet completions bash)`, or save it
+    /// where the shell loads completions from (see the README).
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `localnet man | man -l -` shows it; `localnet man
+    /// master` the page of one subcommand.
+    Man {
+        /// A subcommand whose page to print (default: the page of localnet itself).
+        #[arg(value_name = "SUBCOMMAND")]
+        subcommand: Option<String>,
+    },
 }
 
 #[derive(Args, Clone)]

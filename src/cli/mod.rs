@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod daemon;
+pub mod docs;
 pub mod key;
 pub mod master;
 pub mod output;
