@@ -32,6 +32,7 @@ pub mod discovery;
 mod key;
 pub mod memory;
 mod node;
+pub mod nodeset;
 mod runtime;
 pub mod service;
 pub mod stdio;

@@ -100,6 +100,15 @@ fn usage_errors_exit_2_for_every_subcommand() {
             &["daemon", "--tag", "k=v\nx", "--interface", "lo"],
             "control characters",
         ),
+        (
+            &["master", "--nodes", "web[3-1]", "--", "true"],
+            "runs backwards",
+        ),
+        (
+            &["master", "--exclude", "n[1-", "--", "true"],
+            "without its `]`",
+        ),
+        (&["master", "--pick", "0", "--", "true"], "--pick"),
     ];
     for (args, says) in cases {
         let out = isolated(args, &[]);

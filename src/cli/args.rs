@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use localnet::nodeset::NodeSet;
 use localnet::{DEFAULT_GROUP, DEFAULT_PORT};
 
 #[derive(Parser)]
@@ -185,6 +186,17 @@ pub struct MasterArgs {
     /// Only slaves with this tag, KEY=VALUE (repeatable: all must match).
     #[arg(long = "tag", value_name = "K=V", value_parser = parse_tag)]
     pub tags: Vec<(String, String)>,
+    /// Only the slaves named in this node set, written as clush and pdsh do:
+    /// `web[1-20],db1`, `n[01-10]` (zero-padded), `r[1-2]sw[1-4]`. Named slaves that are
+    /// not found are reported as missing (and make the exit status 1).
+    #[arg(long, value_name = "SET", value_parser = parse_node_set)]
+    pub nodes: Option<NodeSet>,
+    /// Leave out the slaves named in this node set.
+    #[arg(long, value_name = "SET", value_parser = parse_node_set)]
+    pub exclude: Option<NodeSet>,
+    /// Run on N slaves chosen at random among those that match (all of them if fewer).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pick: Option<u64>,
     /// Kill the command on a slave after this long.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, allow_hyphen_values = true)]
     pub timeout: Option<Duration>,
@@ -240,6 +252,11 @@ pub enum KeyCommand {
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
     },
+}
+
+/// A node set in the bracket syntax ([`NodeSet::parse`]).
+pub fn parse_node_set(s: &str) -> Result<NodeSet, String> {
+    NodeSet::parse(s).map_err(|e| e.to_string())
 }
 
 /// A tag `KEY=VALUE`: a key that is not empty, no control characters.

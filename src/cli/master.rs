@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use localnet::nodeset::NodeSet;
 use localnet::{ExecEvent, JobExit, LineSplitter, Master, NodeId, Stream};
 
 use super::Stdio;
@@ -53,6 +54,7 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             describe_matches(&slaves)
         );
     }
+    let Selection { slaves, missing } = select(slaves, args.nodes.as_ref(), args.exclude.as_ref());
     if let Some(n) = args.slaves
         && slaves.len() < n
     {
@@ -71,6 +73,16 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             ),
         }
     }
+    if slaves.is_empty() && (args.nodes.is_some() || args.exclude.is_some()) {
+        bail!(
+            "no slave found within {} is in the node set{}",
+            humantime::format_duration(args.wait),
+            match missing.is_empty() {
+                true => String::new(),
+                false => format!(" (missing: {})", fold_names(&missing)),
+            }
+        );
+    }
     if slaves.is_empty() {
         match hints.is_empty() {
             true => bail!(
@@ -84,6 +96,8 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             ),
         }
     }
+    // --slaves counts the matching slaves, before --pick chooses among them.
+    let slaves = pick(slaves, args.pick.map(|n| n as usize));
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
     let mut jobs = Vec::new();
@@ -109,6 +123,14 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         }));
     }
     let mut failures = Vec::new();
+    if !missing.is_empty() {
+        failures.push(format!(
+            "{} ({}): not found within {} (missing)",
+            fold_names(&missing),
+            missing.len(),
+            humantime::format_duration(args.wait)
+        ));
+    }
     for job in jobs {
         let Ok((name, node, outcome)) = job.await else {
             continue;
@@ -127,10 +149,68 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         .collect();
     stdio.err.write(verdict.into_bytes()).await?;
     stdio.err.flush().await;
-    if !failures.is_empty() {
-        bail!("{} of {} slaves failed", failures.len(), slaves.len());
+    let failed = failures.len() - usize::from(!missing.is_empty());
+    match (failed, missing.len()) {
+        (0, 0) => {}
+        (0, m) => bail!("{m} of the named slaves were not found"),
+        (f, 0) => bail!("{f} of {} slaves failed", slaves.len()),
+        (f, m) => bail!(
+            "{f} of {} slaves failed, and {m} of the named slaves were not found",
+            slaves.len()
+        ),
     }
     Ok(())
+}
+
+/// The slaves a run goes to, and the named ones that were not found.
+struct Selection {
+    slaves: Vec<localnet::Peer>,
+    /// Names of `--nodes` that no slave found has (and `--exclude` did not remove).
+    missing: Vec<String>,
+}
+
+fn fold_names(names: &[String]) -> String {
+    localnet::nodeset::fold(names.iter().map(String::as_str))
+}
+
+/// Keeps the slaves named in `nodes` (all when `None`), less those in `exclude`, in
+/// name order.
+fn select(
+    found: Vec<localnet::Peer>,
+    nodes: Option<&NodeSet>,
+    exclude: Option<&NodeSet>,
+) -> Selection {
+    let excluded = |name: &str| exclude.is_some_and(|set| set.contains(name));
+    let missing = nodes
+        .iter()
+        .flat_map(|set| set.iter())
+        .filter(|name| !excluded(name) && !found.iter().any(|p| p.name == *name))
+        .map(str::to_string)
+        .collect();
+    let mut slaves: Vec<localnet::Peer> = found
+        .into_iter()
+        .filter(|p| nodes.is_none_or(|set| set.contains(&p.name)) && !excluded(&p.name))
+        .collect();
+    slaves.sort_by(|a, b| a.name.cmp(&b.name).then(a.addr.cmp(&b.addr)));
+    Selection { slaves, missing }
+}
+
+/// `n` of `slaves` chosen at random (all of them when fewer), still in name order.
+fn pick(mut slaves: Vec<localnet::Peer>, n: Option<usize>) -> Vec<localnet::Peer> {
+    if let Some(n) = n
+        && n < slaves.len()
+    {
+        let mut chosen: Vec<usize> = (0..slaves.len()).collect();
+        fastrand::shuffle(&mut chosen);
+        chosen.truncate(n);
+        chosen.sort_unstable();
+        let mut index = 0;
+        slaves.retain(|_| {
+            index += 1;
+            chosen.binary_search(&(index - 1)).is_ok()
+        });
+    }
+    slaves
 }
 
 /// One slave's job, as `run_on_slave` runs it.

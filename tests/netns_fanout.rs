@@ -1,0 +1,101 @@
+//! `localnet master` as a fan-out tool beside clush and pdsh, on a namespace LAN with
+//! real slaves: choosing nodes by node set, excluding, picking at random.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Output;
+use std::time::Duration;
+
+use support::words::{assert_contains, text};
+use support::{Lan, binary};
+
+/// Starts a keyed slave named `names[i]` on host `i + 1`, and gives them 300 ms to
+/// announce themselves; the key's path.
+fn named_slaves(lan: &Lan, names: &[&str]) -> String {
+    let key = lan.key("k");
+    for (i, name) in names.iter().enumerate() {
+        let args = [
+            "slave",
+            "--name",
+            name,
+            "--interface",
+            "eth0",
+            "--key-file",
+            &key,
+        ];
+        lan.spawn(i + 1, name, &binary(), &args);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    key
+}
+
+/// `localnet master --key-file KEY SELECTION... -- sh -c 'echo ran'` on host 0.
+fn master(lan: &Lan, key: &str, selection: &[&str]) -> Output {
+    let mut args = vec!["master", "--interface", "eth0", "--key-file", key];
+    args.extend_from_slice(&["--wait", "5s"]);
+    args.extend_from_slice(selection);
+    args.extend_from_slice(&["--", "sh", "-c", "echo ran"]);
+    lan.run(0, &binary(), &args)
+}
+
+/// The slaves whose `ran` line is in the output.
+fn ran_on(out: &Output) -> BTreeSet<String> {
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": ran"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+#[test]
+fn node_sets_choose_exclude_and_pick_slaves_and_name_the_missing() {
+    let Some(lan) = Lan::new("nset", 126, 6) else {
+        return;
+    };
+    let key = named_slaves(&lan, &["web1", "web2", "web3", "web10", "db1"]);
+
+    let out = master(&lan, &key, &["--nodes", "web[1-3,10]", "--exclude", "web2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(ran_on(&out), set(&["web1", "web3", "web10"]));
+
+    // Named slaves that are not there are reported, folded, and fail the run; the
+    // others still run.
+    let out = master(&lan, &key, &["--nodes", "web[1-2,7-8],db1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(ran_on(&out), set(&["web1", "web2", "db1"]));
+    let stderr = text(&out.stderr);
+    assert_contains(&stderr, "web[7-8] (2): not found within 5s (missing)");
+    assert_contains(&stderr, "2 of the named slaves were not found");
+
+    // None of the set there at all.
+    let out = master(&lan, &key, &["--nodes", "app[1-2]"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(ran_on(&out).is_empty());
+    assert_contains(&text(&out.stderr), "(missing: app[1-2])");
+
+    // --pick N: N distinct slaves among those that match, not always the same ones.
+    let mut picks = BTreeSet::new();
+    for _ in 0..8 {
+        let out = master(&lan, &key, &["--pick", "2", "--exclude", "db1"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let ran = ran_on(&out);
+        assert_eq!(ran.len(), 2, "{ran:?}");
+        assert!(!ran.contains("db1"), "{ran:?}");
+        picks.insert(ran.into_iter().collect::<Vec<_>>());
+    }
+    assert!(picks.len() > 1, "--pick chose {picks:?} every time");
+    // --slaves counts the matching slaves before --pick chooses among them.
+    let out = master(&lan, &key, &["--slaves", "5", "--pick", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(ran_on(&out).len(), 1);
+
+    // A malformed set is a usage error that says what is wrong.
+    let out = master(&lan, &key, &["--nodes", "web[1-3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_contains(&text(&out.stderr), "without its `]`");
+}
