@@ -1,5 +1,6 @@
 //! `localnet master` as a fan-out tool beside clush and pdsh, on a namespace LAN with
-//! real slaves: choosing nodes by node set, excluding, picking at random.
+//! real slaves: choosing nodes by node set, excluding, picking at random, and the
+//! sliding window of `--fanout`.
 
 mod support;
 
@@ -98,4 +99,59 @@ fn node_sets_choose_exclude_and_pick_slaves_and_name_the_missing() {
     let out = master(&lan, &key, &["--nodes", "web[1-3"]);
     assert_eq!(out.status.code(), Some(2));
     assert_contains(&text(&out.stderr), "without its `]`");
+}
+
+/// The most jobs alive at once, from the `+ ns` / `- ns` lines the jobs wrote.
+fn most_at_once(log: &str) -> usize {
+    let mut events: Vec<(u128, i32)> = log
+        .lines()
+        .filter_map(|l| {
+            let (sign, at) = l.split_once(' ')?;
+            Some((at.trim().parse().ok()?, if sign == "+" { 1 } else { -1 }))
+        })
+        .collect();
+    // An end and a start at the same nanosecond: the end first.
+    events.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in events {
+        now += step;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+#[test]
+fn fanout_is_a_sliding_window_of_running_jobs() {
+    let Some(lan) = Lan::new("fout", 127, 6) else {
+        return;
+    };
+    let key = named_slaves(&lan, &["n1", "n2", "n3", "n4", "n5"]);
+    let log = lan.dir().join("jobs.log");
+    let job = format!(
+        "echo \"+ $(date +%s%N)\" >> {log}; sleep 0.5; echo \"- $(date +%s%N)\" >> {log}",
+        log = log.display()
+    );
+    let run = |extra: &[&str]| {
+        let _ = std::fs::remove_file(&log);
+        let mut args = vec!["master", "--interface", "eth0", "--key-file", &key];
+        args.extend_from_slice(&["--slaves", "5", "--wait", "5s"]);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", &job]);
+        let started = std::time::Instant::now();
+        let out = lan.run(0, &binary(), &args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(
+            log.lines().count(),
+            10,
+            "every job started and ended:\n{log}"
+        );
+        (most_at_once(&log), started.elapsed())
+    };
+    let (most, took) = run(&["--fanout", "2"]);
+    assert_eq!(most, 2, "--fanout 2 ran {most} jobs at once");
+    // Three rounds of 0.5 s: 2, 2, then 1.
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    let (most, _) = run(&[]);
+    assert_eq!(most, 5, "without --fanout every job runs at once");
 }

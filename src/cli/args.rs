@@ -194,6 +194,10 @@ pub struct MasterArgs {
     /// Leave out the slaves named in this node set.
     #[arg(long, value_name = "SET", value_parser = parse_node_set)]
     pub exclude: Option<NodeSet>,
+    /// At most N jobs at once: a sliding window, the next slave (in name order) starts
+    /// when a running job ends (default: every slave at once).
+    #[arg(long, short = 'f', value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub fanout: Option<u64>,
     /// Run on N slaves chosen at random among those that match (all of them if fewer).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub pick: Option<u64>,

@@ -100,8 +100,14 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     let slaves = pick(slaves, args.pick.map(|n| n as usize));
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
+    // The sliding window of --fanout: a job starts when one of the running ends.
+    let window = Arc::new(tokio::sync::Semaphore::new(
+        args.fanout
+            .map_or(tokio::sync::Semaphore::MAX_PERMITS, |n| n as usize),
+    ));
     let mut jobs = Vec::new();
     for peer in &slaves {
+        let window = window.clone();
         let master = master.clone();
         let node = NodeId::new(peer.addr);
         let name = peer.name.clone();
@@ -110,6 +116,8 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         let slave_logs = args.slave_logs;
         let stdio = stdio.clone();
         jobs.push(tokio::spawn(async move {
+            // Never closed, so acquiring fails only if it were; then run unlimited.
+            let _permit = window.acquire().await.ok();
             let job = Job {
                 master: &master,
                 node,
