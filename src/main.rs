@@ -47,7 +47,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("localnet: error: {}", localnet::error_text(e.as_ref()));
-            ExitCode::from(1)
+            match e.downcast_ref::<cli::ExitStatus>() {
+                Some(status) => ExitCode::from(status.code),
+                None => ExitCode::from(1),
+            }
         }
     }
 }

@@ -511,7 +511,9 @@ fn frame() -> impl Strategy<Value = Frame> {
                 code,
                 signal: None,
                 timed_out: false,
-                error: None
+                error: None,
+                refused: false,
+                lost: false,
             },
         }),
         any::<bool>().prop_map(|on| Frame::RedirectLogs { on }),

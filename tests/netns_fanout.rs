@@ -1,6 +1,6 @@
 //! `localnet master` as a fan-out tool beside clush and pdsh, on a namespace LAN with
 //! real slaves: choosing nodes by node set, excluding, picking at random, and the
-//! sliding window of `--fanout`.
+//! sliding window of `--fanout`, the failure summary and `--max-exit`.
 
 mod support;
 
@@ -154,4 +154,65 @@ fn fanout_is_a_sliding_window_of_running_jobs() {
     assert!(took >= Duration::from_millis(1500), "{took:?}");
     let (most, _) = run(&[]);
     assert_eq!(most, 5, "without --fanout every job runs at once");
+}
+
+/// Starts a slave named `name` on host `i` with `WHO=name` in its environment (its jobs
+/// inherit it) and `extra` arguments.
+fn slave_who(lan: &Lan, i: usize, name: &str, extra: &[&str]) {
+    let bin = binary();
+    let who = format!("WHO={name}");
+    let mut args = vec![who.as_str(), bin.to_str().unwrap_or_default(), "slave"];
+    args.extend_from_slice(&["--name", name, "--interface", "eth0"]);
+    args.extend_from_slice(extra);
+    lan.spawn(i, name, std::path::Path::new("env"), &args);
+}
+
+#[test]
+fn the_failure_summary_tells_each_way_of_failing_apart() {
+    let Some(lan) = Lan::new("fkind", 128, 8) else {
+        return;
+    };
+    let key = lan.key("k");
+    for (i, name) in ["n1", "n2", "n3", "n4", "n5"].iter().enumerate() {
+        slave_who(&lan, i + 1, name, &["--key-file", &key]);
+    }
+    // An open cluster's slaves without --insecure refuse commands.
+    slave_who(&lan, 6, "o1", &[]);
+    slave_who(&lan, 7, "o2", &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let job = "case $WHO in n1) exit 3;; n2) exit 5;; n3) kill -9 $$;; n4) sleep 30;; \
+               n5) kill -9 $PPID;; esac";
+    let run = |extra: &[&str]| {
+        let mut args = vec!["master", "--interface", "eth0", "--wait", "5s"];
+        args.extend_from_slice(&["--timeout", "1s"]);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", job]);
+        lan.run(0, &binary(), &args)
+    };
+
+    // pdsh's -S: the largest remote exit code.
+    let out = run(&["--key-file", &key, "--nodes", "n[1-4]", "--max-exit"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+
+    // n5's job kills its slave: the connection is lost, the slave unreachable.
+    let out = run(&["--key-file", &key, "--nodes", "n[1-6]"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    for line in [
+        "localnet: exited with code 3: n1 (1)",
+        "localnet: exited with code 5: n2 (1)",
+        "localnet: killed by signal 9: n3 (1)",
+        "localnet: timed out: n4 (1)",
+        "localnet: unreachable: n5 (1)",
+        "localnet: missing: n6 (1)",
+        "5 of 5 slaves failed, and 1 of the named slaves were not found",
+    ] {
+        assert_contains(&stderr, line);
+    }
+
+    let out = run(&["--nodes", "o[1-2]"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_contains(&stderr, "localnet: refused: o[1-2] (2)");
+    assert_contains(&stderr, "--insecure");
 }

@@ -134,12 +134,18 @@ fn command_fans_out_to_five_slaves_with_every_line_and_exit_code() {
     }
     let stderr = text(&out.stderr);
     assert_eq!(stderr.matches("exit code 7").count(), 5, "{stderr}");
+    assert_contains(&stderr, "localnet: exited with code 7: s[1-5] (5)");
     // A timeout kills the job and is reported.
     let line = format!("--key-file {k} --slaves 5 --timeout 300ms -- sleep 30");
     let out = master(&lan, &words(&line));
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert_eq!(stderr.matches("timed out").count(), 5, "{stderr}");
+    let timed_out = stderr
+        .lines()
+        .filter(|l| l.starts_with("localnet: failed: s") && l.ends_with(": timed out"))
+        .count();
+    assert_eq!(timed_out, 5, "{stderr}");
+    assert_contains(&stderr, "localnet: timed out: s[1-5] (5)");
     // Too few slaves is a clear error.
     let line = format!("--key-file {k} --slaves 9 --wait 300ms -- true");
     let out = master(&lan, &words(&line));

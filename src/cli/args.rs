@@ -198,6 +198,10 @@ pub struct MasterArgs {
     /// when a running job ends (default: every slave at once).
     #[arg(long, short = 'f', value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub fanout: Option<u64>,
+    /// Exit with the largest exit code of the remote commands when one failed (pdsh's
+    /// -S), instead of 1.
+    #[arg(long)]
+    pub max_exit: bool,
     /// Run on N slaves chosen at random among those that match (all of them if fewer).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub pick: Option<u64>,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use localnet::nodeset::NodeSet;
-use localnet::{ExecEvent, JobExit, LineSplitter, Master, NodeId, Stream};
+use localnet::{ExecEvent, JobExit, LineSplitter, Master, MasterError, NodeId, Stream};
 
 use super::Stdio;
 use super::args::{Cli, MasterArgs};
@@ -131,6 +131,8 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         }));
     }
     let mut failures = Vec::new();
+    // Failed slaves' names by how they failed, for the summary.
+    let mut by_kind: BTreeMap<Failure, Vec<String>> = BTreeMap::new();
     if !missing.is_empty() {
         failures.push(format!(
             "{} ({}): not found within {} (missing)",
@@ -138,36 +140,126 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             missing.len(),
             humantime::format_duration(args.wait)
         ));
+        by_kind.insert(Failure::Missing, missing.clone());
     }
     for job in jobs {
         let Ok((name, node, outcome)) = job.await else {
             continue;
         };
-        match outcome {
-            Ok(exit) if exit.success() => {}
-            Ok(exit) => failures.push(format!("{name} ({node}): {}", exit.describe())),
-            Err(e) => failures.push(format!("{name} ({node}): {e:#}")),
-        }
+        let kind = match &outcome {
+            Ok(exit) if exit.success() => continue,
+            Ok(exit) => {
+                failures.push(format!("{name} ({node}): {}", exit.describe()));
+                Failure::of_exit(exit)
+            }
+            Err(e) => {
+                failures.push(format!("{name} ({node}): {e:#}"));
+                Failure::of_error(e)
+            }
+        };
+        by_kind.entry(kind).or_default().push(name);
     }
-    // Job output first (it is written by another thread), then the verdict.
+    // Job output first (it is written by another thread), then the verdict: a line per
+    // failed slave, then (when several failed) one per way of failing, as a node set.
     stdio.out.flush().await;
-    let verdict: String = failures
+    let mut verdict: String = failures
         .iter()
         .map(|f| format!("localnet: failed: {f}\n"))
         .collect();
+    if failures.len() > 1 {
+        for (kind, names) in &by_kind {
+            let set = fold_names(names);
+            verdict += &format!("localnet: {kind}: {set} ({})\n", names.len());
+        }
+    }
     stdio.err.write(verdict.into_bytes()).await?;
     stdio.err.flush().await;
     let failed = failures.len() - usize::from(!missing.is_empty());
-    match (failed, missing.len()) {
-        (0, 0) => {}
-        (0, m) => bail!("{m} of the named slaves were not found"),
-        (f, 0) => bail!("{f} of {} slaves failed", slaves.len()),
-        (f, m) => bail!(
+    let why = match (failed, missing.len()) {
+        (0, 0) => return Ok(()),
+        (0, m) => format!("{m} of the named slaves were not found"),
+        (f, 0) => format!("{f} of {} slaves failed", slaves.len()),
+        (f, m) => format!(
             "{f} of {} slaves failed, and {m} of the named slaves were not found",
             slaves.len()
         ),
+    };
+    // pdsh's -S: the largest exit code of the remote commands (at least 1).
+    let largest = by_kind
+        .keys()
+        .filter_map(|k| match k {
+            Failure::Exited(code) => Some(*code),
+            _ => None,
+        })
+        .max();
+    match (args.max_exit, largest) {
+        (true, Some(code)) => Err(super::ExitStatus { code, why }.into()),
+        _ => bail!(why),
     }
-    Ok(())
+}
+
+/// How a slave's run failed, as the summary groups them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Failure {
+    /// The command exited with this code (not 0).
+    Exited(u8),
+    /// The command was killed by this signal.
+    Signalled(i32),
+    /// The command ran past `--timeout` and was killed.
+    TimedOut,
+    /// The slave refused: an open cluster's slave without `--insecure`, or the key.
+    Refused,
+    /// No connection, or it was lost before the command ended.
+    Unreachable,
+    /// The slave could not start the command (not found, ...).
+    NotRun,
+    /// Named in `--nodes` and not found.
+    Missing,
+}
+
+impl Failure {
+    fn of_exit(exit: &JobExit) -> Failure {
+        if exit.refused {
+            Failure::Refused
+        } else if exit.lost {
+            Failure::Unreachable
+        } else if exit.error.is_some() {
+            Failure::NotRun
+        } else if exit.timed_out {
+            Failure::TimedOut
+        } else if let Some(signal) = exit.signal {
+            Failure::Signalled(signal)
+        } else {
+            // Exit codes are 0-255 on Unix; anything else would be a slave's bug.
+            Failure::Exited(exit.code.and_then(|c| u8::try_from(c).ok()).unwrap_or(1))
+        }
+    }
+
+    fn of_error(error: &anyhow::Error) -> Failure {
+        use localnet::transport::TransportError as T;
+        match error.downcast_ref::<MasterError>() {
+            Some(MasterError::Connect {
+                source: T::KeyRequired | T::NoKeyExpected | T::Handshake,
+                ..
+            }) => Failure::Refused,
+            Some(MasterError::Remote { .. }) => Failure::NotRun,
+            _ => Failure::Unreachable,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Exited(code) => write!(f, "exited with code {code}"),
+            Failure::Signalled(signal) => write!(f, "killed by signal {signal}"),
+            Failure::TimedOut => f.write_str("timed out"),
+            Failure::Refused => f.write_str("refused"),
+            Failure::Unreachable => f.write_str("unreachable"),
+            Failure::NotRun => f.write_str("could not run"),
+            Failure::Missing => f.write_str("missing"),
+        }
+    }
 }
 
 /// The slaves a run goes to, and the named ones that were not found.
@@ -294,7 +386,7 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
                 tokio::task::yield_now().await;
             }
             Some(ExecEvent::Exit(exit)) => break exit,
-            None => bail!("connection to the slave lost"),
+            None => return Err(MasterError::Lost(node).into()),
         }
     };
     match mode {

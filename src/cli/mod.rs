@@ -92,6 +92,24 @@ fn node_options_with_key(net: &NetArgs, key: Option<ClusterKey>) -> Result<NodeO
     })
 }
 
+/// An error that ends the command with its own exit status (`master --max-exit`), not
+/// the usual 1.
+#[derive(Debug)]
+pub struct ExitStatus {
+    /// The exit status.
+    pub code: u8,
+    /// What to say on stderr.
+    pub why: String,
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl std::error::Error for ExitStatus {}
+
 /// Backend options for the commands that act on slaves (and the slave itself).
 pub fn backend_options(net: &NetArgs, control: Option<PathBuf>) -> Result<BackendOptions> {
     Ok(BackendOptions {

@@ -155,6 +155,8 @@ pub(crate) async fn run_command(
             signal: s.signal(),
             timed_out,
             error: None,
+            refused: false,
+            lost: false,
         },
         Err(e) => JobExit {
             timed_out,

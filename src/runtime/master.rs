@@ -609,7 +609,7 @@ async fn read_loop(mut connection: Connection, session: Arc<Session>, log_sink: 
                 let _ = tx.send(Err("connection to the slave lost".into()));
             }
             Pending::Exec(tx) => {
-                let exit = JobExit::failed("connection to the slave lost");
+                let exit = JobExit::connection_lost();
                 let _ = tx.send(ExecEvent::Exit(exit)).await;
             }
         }

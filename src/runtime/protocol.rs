@@ -84,6 +84,14 @@ pub struct JobExit {
     pub timed_out: bool,
     /// Could not be run at all (refused, not found, ...).
     pub error: Option<String>,
+    /// Not run because the slave does not run commands for this master: an open
+    /// cluster's slave without `--insecure` (with [`JobExit::error`] saying so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
+    /// The connection to the slave was lost before the job's end was known (set by the
+    /// master, never sent; the slave kills the jobs of a connection it loses).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lost: bool,
 }
 
 impl JobExit {
@@ -100,6 +108,35 @@ impl JobExit {
             signal: None,
             timed_out: false,
             error: Some(error.into()),
+            refused: false,
+            lost: false,
+        }
+    }
+
+    /// A job whose connection was lost (see [`JobExit::lost`]).
+    ///
+    /// ```
+    /// let exit = localnet::JobExit::connection_lost();
+    /// assert!(exit.lost && !exit.success());
+    /// assert_eq!(exit.describe(), "connection to the slave lost");
+    /// ```
+    pub fn connection_lost() -> Self {
+        Self {
+            lost: true,
+            ..Self::failed("connection to the slave lost")
+        }
+    }
+
+    /// A job the slave refused to run (see [`JobExit::refused`]), and why.
+    ///
+    /// ```
+    /// let exit = localnet::JobExit::refusal("an open cluster");
+    /// assert!(exit.refused && !exit.success());
+    /// ```
+    pub fn refusal(why: impl Into<String>) -> Self {
+        Self {
+            refused: true,
+            ..Self::failed(why)
         }
     }
 
@@ -383,6 +420,8 @@ mod tests {
                     signal: None,
                     timed_out: false,
                     error: None,
+                    refused: false,
+                    lost: false,
                 },
             },
             Frame::Terminate,

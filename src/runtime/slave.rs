@@ -390,7 +390,11 @@ impl Served {
             let why = "refused: this slave runs an open cluster (no key) and runs only registered functions. \
                        Give the slaves and the master the same key (`localnet key generate --out FILE`, then \
                        --key-file FILE on both), or start the slave with --insecure to let anyone on the LAN run commands";
-            let _ = out.send(refuse(why.into())).await;
+            let refusal = Frame::Exit {
+                id,
+                exit: JobExit::refusal(why),
+            };
+            let _ = out.send(refusal).await;
             return;
         }
         if argv.is_empty() {
