@@ -173,7 +173,7 @@ fn ranges(list: &str) -> Result<Vec<String>, String> {
             })?,
             None => 1,
         };
-        if (b - a) / step >= MAX_NAMES as u64 {
+        if (b - a) / step >= (MAX_NAMES - numbers.len()) as u64 {
             return Err(format!("more than {MAX_NAMES} names"));
         }
         let width = if low.len() > 1 && low.starts_with('0') {
@@ -263,8 +263,10 @@ fn fold_numbers(numbers: &BTreeSet<u64>, width: usize) -> String {
     let mut iter = numbers.iter().copied().peekable();
     while let Some(start) = iter.next() {
         let mut end = start;
-        while iter.peek() == Some(&(end + 1)) {
-            end += 1;
+        while let Some(next) = end.checked_add(1)
+            && iter.peek() == Some(&next)
+        {
+            end = next;
             iter.next();
         }
         out.push(match end == start {
@@ -319,6 +321,7 @@ mod tests {
             ("n[[1]]", "inside brackets"),
             ("n[1-9999999999]", "more than"),
             ("n[1-1000]m[1-1000000]", "more than"),
+            ("n[0-600000,0-600000]", "more than"),
             (",", "no names"),
         ] {
             let err = NodeSet::parse(set).expect_err(set).to_string();
@@ -334,6 +337,8 @@ mod tests {
         assert_eq!(fold(["r1sw1", "r1sw2", "r2sw1"]), "r1sw[1-2],r2sw1");
         assert_eq!(fold(["a1b", "a2b", "a1c"]), "a[1-2]b,a1c");
         assert_eq!(fold(Vec::<&str>::new()), "");
+        let top = u64::MAX.to_string();
+        assert_eq!(fold([format!("n{top}").as_str()]), format!("n{top}"));
         let set = NodeSet::parse("h[1-50]").unwrap_or_default();
         assert_eq!(set.to_string(), "h[1-50]");
     }

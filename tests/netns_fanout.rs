@@ -71,7 +71,15 @@ fn node_sets_choose_exclude_and_pick_slaves_and_name_the_missing() {
     assert_eq!(ran_on(&out), set(&["web1", "web2", "db1"]));
     let stderr = text(&out.stderr);
     assert_contains(&stderr, "web[7-8] (2): not found within 5s (missing)");
-    assert_contains(&stderr, "2 of the named slaves were not found");
+    assert_contains(&stderr, "2 named slaves were not found");
+
+    // --slaves counts the named slaves, not the first ones heard; --raw takes a set of one.
+    let out = master(&lan, &key, &["--slaves", "2", "--nodes", "web[1-2]"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(ran_on(&out), set(&["web1", "web2"]));
+    let out = master(&lan, &key, &["--raw", "--nodes", "web3"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ran\n");
 
     // None of the set there at all.
     let out = master(&lan, &key, &["--nodes", "app[1-2]"]);
@@ -194,6 +202,20 @@ fn the_failure_summary_tells_each_way_of_failing_apart() {
     let out = run(&["--key-file", &key, "--nodes", "n[1-4]", "--max-exit"]);
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
 
+    // A command the slaves cannot start.
+    let mut args = vec!["master", "--interface", "eth0", "--key-file", &key];
+    args.extend_from_slice(&[
+        "--nodes",
+        "n[1-2]",
+        "--wait",
+        "5s",
+        "--",
+        "/no/such/command",
+    ]);
+    let out = lan.run(0, &binary(), &args);
+    assert_eq!(out.status.code(), Some(1));
+    assert_contains(&text(&out.stderr), "localnet: could not run: n[1-2] (2)");
+
     // n5's job kills its slave: the connection is lost, the slave unreachable.
     let out = run(&["--key-file", &key, "--nodes", "n[1-6]"]);
     assert_eq!(out.status.code(), Some(1));
@@ -205,7 +227,7 @@ fn the_failure_summary_tells_each_way_of_failing_apart() {
         "localnet: timed out: n4 (1)",
         "localnet: unreachable: n5 (1)",
         "localnet: missing: n6 (1)",
-        "5 of 5 slaves failed, and 1 of the named slaves were not found",
+        "5 of 5 slaves failed, and 1 named slave was not found",
     ] {
         assert_contains(&stderr, line);
     }

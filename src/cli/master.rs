@@ -33,7 +33,10 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
     // --raw must know that the selection matches one slave only: it looks for the whole
     // --wait (or takes the daemon's whole list) instead of stopping at the first answer.
-    let wanted = if args.raw { None } else { args.slaves };
+    // A count to wait for counts every matching slave, whatever its name: with a node
+    // set, the whole search (or the daemon's list) is taken, and counted after it.
+    let named = args.nodes.is_some() || args.exclude.is_some();
+    let wanted = if args.raw || named { None } else { args.slaves };
     // The key is loaded once (a warning about its mode is said once).
     let opts = super::backend_options(&args.net, args.control.clone())?;
     let stderr = stdio.err.clone();
@@ -47,14 +50,18 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     // Connections open while the search goes on: the command starts as soon as it ends.
     let localnet::Discovered { slaves, hints } =
         super::find_slaves(&opts, wanted, args.wait, &tags, Some(&master)).await?;
+    let Selection { slaves, missing } = select(slaves, args.nodes.as_ref(), args.exclude.as_ref());
+    let slaves = match args.raw {
+        true => pick(slaves, args.pick.map(to_usize)),
+        false => slaves,
+    };
     if args.raw && slaves.len() > 1 {
         bail!(
-            "--raw runs the command on exactly one slave, but {} match: {}; select one with --tag KEY=VALUE",
+            "--raw runs the command on exactly one slave, but {} match: {}; select one with --nodes NAME or --tag KEY=VALUE",
             slaves.len(),
             describe_matches(&slaves)
         );
     }
-    let Selection { slaves, missing } = select(slaves, args.nodes.as_ref(), args.exclude.as_ref());
     if let Some(n) = args.slaves
         && slaves.len() < n
     {
@@ -73,15 +80,18 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             ),
         }
     }
-    if slaves.is_empty() && (args.nodes.is_some() || args.exclude.is_some()) {
-        bail!(
-            "no slave found within {} is in the node set{}",
-            humantime::format_duration(args.wait),
-            match missing.is_empty() {
-                true => String::new(),
-                false => format!(" (missing: {})", fold_names(&missing)),
-            }
-        );
+    if slaves.is_empty() && named {
+        match (&args.nodes, missing.is_empty()) {
+            (Some(_), false) => bail!(
+                "no slave found within {} is in the node set (missing: {})",
+                humantime::format_duration(args.wait),
+                fold_names(&missing)
+            ),
+            _ => bail!(
+                "every slave found within {} is left out by --nodes and --exclude",
+                humantime::format_duration(args.wait)
+            ),
+        }
     }
     if slaves.is_empty() {
         match hints.is_empty() {
@@ -97,13 +107,13 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         }
     }
     // --slaves counts the matching slaves, before --pick chooses among them.
-    let slaves = pick(slaves, args.pick.map(|n| n as usize));
+    let slaves = pick(slaves, args.pick.map(to_usize));
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
     // The sliding window of --fanout: a job starts when one of the running ends.
+    let most = tokio::sync::Semaphore::MAX_PERMITS;
     let window = Arc::new(tokio::sync::Semaphore::new(
-        args.fanout
-            .map_or(tokio::sync::Semaphore::MAX_PERMITS, |n| n as usize),
+        args.fanout.map_or(most, |n| to_usize(n).min(most)),
     ));
     let mut jobs = Vec::new();
     for peer in &slaves {
@@ -142,9 +152,14 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         ));
         by_kind.insert(Failure::Missing, missing.clone());
     }
-    for job in jobs {
-        let Ok((name, node, outcome)) = job.await else {
-            continue;
+    for (job, peer) in jobs.into_iter().zip(&slaves) {
+        let (name, node, outcome) = match job.await {
+            Ok(done) => done,
+            // The task running it panicked: a failure, never a silent success.
+            Err(e) => {
+                let error = Err(anyhow::anyhow!("the master's task for it failed: {e}"));
+                (peer.name.clone(), NodeId::new(peer.addr), error)
+            }
         };
         let kind = match &outcome {
             Ok(exit) if exit.success() => continue,
@@ -177,11 +192,12 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     let failed = failures.len() - usize::from(!missing.is_empty());
     let why = match (failed, missing.len()) {
         (0, 0) => return Ok(()),
-        (0, m) => format!("{m} of the named slaves were not found"),
+        (0, m) => format!("{} not found", named_slaves(m)),
         (f, 0) => format!("{f} of {} slaves failed", slaves.len()),
         (f, m) => format!(
-            "{f} of {} slaves failed, and {m} of the named slaves were not found",
-            slaves.len()
+            "{f} of {} slaves failed, and {} not found",
+            slaves.len(),
+            named_slaves(m)
         ),
     };
     // pdsh's -S: the largest exit code of the remote commands (at least 1).
@@ -269,6 +285,19 @@ struct Selection {
     missing: Vec<String>,
 }
 
+/// "1 named slave was" / "3 named slaves were".
+fn named_slaves(n: usize) -> String {
+    match n {
+        1 => "1 named slave was".into(),
+        n => format!("{n} named slaves were"),
+    }
+}
+
+/// A count from the command line (a `u64`) as a `usize`, saturating.
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
 fn fold_names(names: &[String]) -> String {
     localnet::nodeset::fold(names.iter().map(String::as_str))
 }
@@ -281,10 +310,11 @@ fn select(
     exclude: Option<&NodeSet>,
 ) -> Selection {
     let excluded = |name: &str| exclude.is_some_and(|set| set.contains(name));
+    let names: std::collections::HashSet<&str> = found.iter().map(|p| p.name.as_str()).collect();
     let missing = nodes
         .iter()
         .flat_map(|set| set.iter())
-        .filter(|name| !excluded(name) && !found.iter().any(|p| p.name == *name))
+        .filter(|name| !excluded(name) && !names.contains(name))
         .map(str::to_string)
         .collect();
     let mut slaves: Vec<localnet::Peer> = found

@@ -230,8 +230,8 @@ impl Lan {
     }
 
     /// Starts every program of `starts` at the same instant: each child is forked and
-    /// held just before its `exec` (blocked reading a pipe), and once every one is held
-    /// the pipe is closed, which lets them all go. Forking one after the other from a
+    /// held just before its `exec` (blocked reading a byte from a pipe), and once every
+    /// one is held a byte per child is written at once, which lets them all go. Forking one after the other from a
     /// large process takes milliseconds each, so a plain loop of [`Lan::spawn`] spreads a
     /// start of 50 over 150 ms. Returns the PIDs (in the order of `starts`) and the
     /// moment they were let go, in Unix seconds.
@@ -240,11 +240,7 @@ impl Lan {
         use std::os::unix::process::CommandExt;
         let (gate_read, gate_write) = std::io::pipe().expect("gate pipe");
         let (mut held_read, held_write) = std::io::pipe().expect("held pipe");
-        let (gate_r, gate_w, held_w) = (
-            gate_read.as_raw_fd(),
-            gate_write.as_raw_fd(),
-            held_write.as_raw_fd(),
-        );
+        let (gate_r, held_w) = (gate_read.as_raw_fd(), held_write.as_raw_fd());
         let mut commands = Vec::new();
         for start in starts {
             let log = |ext: &str| {
@@ -258,20 +254,21 @@ impl Lan {
                 .stdin(Stdio::null())
                 .stdout(log("out"))
                 .stderr(log("log"));
-            // SAFETY: close, write and read are async-signal-safe; the fds stay open in
-            // this process until every child has been let go and spawn has returned.
+            // SAFETY: write and read are async-signal-safe, and nothing here allocates;
+            // the fds stay open in this process until every child has been let go and
+            // spawn has returned. Each child takes one byte of the gate: a child forked
+            // meanwhile by another thread cannot hold the gate shut.
             unsafe {
                 command.pre_exec(move || {
-                    libc::close(gate_w);
                     if libc::write(held_w, b"h".as_ptr().cast(), 1) != 1 {
                         return Err(std::io::Error::last_os_error());
                     }
                     let mut byte = 0u8;
                     loop {
                         match libc::read(gate_r, (&raw mut byte).cast(), 1) {
-                            0 => return Ok(()),
+                            1 => return Ok(()),
                             n if n < 0 && *libc::__errno_location() == libc::EINTR => {}
-                            _ => return Err(std::io::Error::other("gate pipe")),
+                            _ => return Err(std::io::Error::from_raw_os_error(libc::EIO)),
                         }
                     }
                 });
@@ -298,19 +295,30 @@ impl Lan {
             let mut bytes = vec![0u8; starts.len()];
             std::io::Read::read_exact(&mut held_read, &mut bytes).expect("held pipe");
             released = unix_seconds();
-            drop(gate_write);
+            (&gate_write)
+                .write_all(&vec![b'g'; starts.len()])
+                .expect("gate pipe");
             threads
                 .into_iter()
                 .map(|t| t.join().expect("spawning thread"))
                 .collect()
         });
+        // Every child that started is kept (and so ended by the guard) before a failed
+        // one fails the test.
         let mut pids = Vec::new();
+        let mut failed = Vec::new();
         let mut own = self.children.lock().unwrap();
         for (start, child) in starts.iter().zip(children) {
-            let child = child.unwrap_or_else(|e| panic!("spawn {:?}: {e}", start.program));
-            pids.push(child.id());
-            own.push((start.log.clone(), child));
+            match child {
+                Ok(child) => {
+                    pids.push(child.id());
+                    own.push((start.log.clone(), child));
+                }
+                Err(e) => failed.push(format!("spawn {:?}: {e}", start.program)),
+            }
         }
+        drop(own);
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
         (pids, released)
     }
 
