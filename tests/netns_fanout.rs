@@ -1,6 +1,6 @@
 //! `localnet master` as a fan-out tool beside clush and pdsh, on a namespace LAN with
 //! real slaves: choosing nodes by node set, excluding, picking at random, and the
-//! sliding window of `--fanout`, the failure summary and `--max-exit`.
+//! sliding window of `--fanout`, the failure summary and `--max-exit`, `--gather`.
 
 mod support;
 
@@ -237,4 +237,35 @@ fn the_failure_summary_tells_each_way_of_failing_apart() {
     let stderr = text(&out.stderr);
     assert_contains(&stderr, "localnet: refused: o[1-2] (2)");
     assert_contains(&stderr, "--insecure");
+}
+
+#[test]
+fn gather_prints_each_output_once_and_folds_outputs_that_differ_by_name() {
+    let Some(lan) = Lan::new("gath", 129, 6) else {
+        return;
+    };
+    let key = lan.key("k");
+    for (i, name) in ["w1", "w2", "w3", "w4", "w5"].iter().enumerate() {
+        slave_who(&lan, i + 1, name, &["--key-file", &key]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let gather = |job: &str| {
+        let mut args = vec!["master", "--interface", "eth0", "--key-file", &key];
+        args.extend_from_slice(&["--slaves", "5", "--wait", "5s", "--gather"]);
+        args.extend_from_slice(&["--", "sh", "-c", job]);
+        lan.run(0, &binary(), &args)
+    };
+    // Like `hostname` on every node: one block.
+    let out = gather("echo $WHO; echo same");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "---- w[1-5] (5) ----\n{name}\nsame\n");
+
+    // Distinct outputs and endings apart, each once, stderr under the same header.
+    let out = gather("case $WHO in w4) echo odd; echo oops >&2; exit 3;; *) echo even;; esac");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stdout),
+        "---- w[1-3,5] (4) ----\neven\n---- w4 (1) · exit code 3 ----\nodd\n"
+    );
+    assert_contains(&text(&out.stderr), "---- w4 (1) · exit code 3 ----\noops\n");
 }

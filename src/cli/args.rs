@@ -216,6 +216,13 @@ pub struct MasterArgs {
     /// and the object then says "stdout_truncated": true (or "stderr_truncated": true).
     #[arg(long)]
     pub json: bool,
+    /// Gather the output (clush -b, dshbak -c): each distinct output once, after all
+    /// jobs ended, under a header with the slaves that gave it as a node set and their
+    /// count (`---- web[1-3,5] (4) ----`) and how they ended when not a success; stderr
+    /// likewise on stderr. Outputs that differ only by each slave's own name are one
+    /// block, showing the name as {name}. At most 1 MiB of each stream per slave is kept.
+    #[arg(long, short = 'b', conflicts_with_all = ["json", "raw"])]
+    pub gather: bool,
     /// Copy the job's stdout and stderr byte for byte, without `name: ` prefixes: runs
     /// on exactly one slave (it is an error when the selection matches several).
     #[arg(long, conflicts_with = "json")]

@@ -11,6 +11,7 @@ use localnet::{ExecEvent, JobExit, LineSplitter, Master, MasterError, NodeId, St
 
 use super::Stdio;
 use super::args::{Cli, MasterArgs};
+use super::gather::{self, GATHER_CAP, Gathered};
 use super::output::{CappedOutput, describe_matches, hint_text, job_result};
 
 /// Finds slaves, runs the command on each and reports those that failed; any failure
@@ -25,11 +26,13 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             )
             .exit();
     }
-    let mode = match (args.raw, args.json) {
-        (true, _) => OutputMode::Raw,
-        (_, true) => OutputMode::Json,
+    let mode = match (args.raw, args.json, args.gather) {
+        (true, _, _) => OutputMode::Raw,
+        (_, true, _) => OutputMode::Json,
+        (_, _, true) => OutputMode::Gather,
         _ => OutputMode::Prefixed,
     };
+    let gathered = Arc::new(std::sync::Mutex::new(Vec::new()));
     let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
     // --raw must know that the selection matches one slave only: it looks for the whole
     // --wait (or takes the daemon's whole list) instead of stopping at the first answer.
@@ -118,6 +121,7 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     let mut jobs = Vec::new();
     for peer in &slaves {
         let window = window.clone();
+        let gathered = gathered.clone();
         let master = master.clone();
         let node = NodeId::new(peer.addr);
         let name = peer.name.clone();
@@ -135,6 +139,7 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
                 timeout,
                 mode,
                 slave_logs,
+                gathered: &gathered,
             };
             let outcome = run_on_slave(job, argv, &stdio).await;
             (name, node, outcome)
@@ -174,6 +179,10 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         };
         by_kind.entry(kind).or_default().push(name);
     }
+    if mode == OutputMode::Gather {
+        let results = std::mem::take(&mut *gathered.lock().unwrap_or_else(|e| e.into_inner()));
+        write_gathered(&results, stdio).await?;
+    }
     // Job output first (it is written by another thread), then the verdict: a line per
     // failed slave, then (when several failed) one per way of failing, as a node set.
     stdio.out.flush().await;
@@ -212,6 +221,29 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         (true, Some(code)) => Err(super::ExitStatus { code, why }.into()),
         _ => bail!(why),
     }
+}
+
+/// Writes `--gather`'s blocks: each header and its stdout on stdout, the same header
+/// and its stderr on stderr (when there is any).
+async fn write_gathered(results: &[Gathered], stdio: &Stdio) -> Result<()> {
+    for block in gather::gather(results) {
+        let header = block.header().into_bytes();
+        let with_newline = |mut bytes: Vec<u8>| {
+            if bytes.last().is_some_and(|b| *b != b'\n') {
+                bytes.push(b'\n');
+            }
+            bytes
+        };
+        let mut out = header.clone();
+        out.extend(with_newline(block.stdout));
+        stdio.out.write(out).await.context("writing output")?;
+        if !block.stderr.is_empty() {
+            let mut err = header;
+            err.extend(with_newline(block.stderr));
+            stdio.err.write(err).await.context("writing output")?;
+        }
+    }
+    Ok(())
 }
 
 /// How a slave's run failed, as the summary groups them.
@@ -351,6 +383,8 @@ struct Job<'a> {
     timeout: Option<Duration>,
     mode: OutputMode,
     slave_logs: bool,
+    /// Where `--gather` collects each slave's result.
+    gathered: &'a std::sync::Mutex<Vec<Gathered>>,
 }
 
 /// How `localnet master` shows a job's output.
@@ -362,6 +396,8 @@ enum OutputMode {
     Raw,
     /// One JSON object per slave at the end.
     Json,
+    /// Every distinct output once, under its node set, at the end.
+    Gather,
 }
 
 /// Runs the command on one slave, writing its output as it comes (or, in JSON mode, one
@@ -375,6 +411,7 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
         timeout,
         mode,
         slave_logs,
+        gathered,
     } = job;
     if slave_logs {
         master.redirect_logs_here(&[node]).await?;
@@ -396,13 +433,16 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
         text.push(b'\n');
         text
     };
-    let mut captured = [CappedOutput::default(), CappedOutput::default()];
+    let mut captured = match mode {
+        OutputMode::Gather => [GATHER_CAP, GATHER_CAP].map(CappedOutput::with_cap),
+        _ => [CappedOutput::default(), CappedOutput::default()],
+    };
     let mut splitters = [LineSplitter::default(), LineSplitter::default()];
     let exit = loop {
         match job.next().await {
             Some(ExecEvent::Output(stream, data)) => {
                 match mode {
-                    OutputMode::Json => captured[index(stream)].push(&data),
+                    OutputMode::Json | OutputMode::Gather => captured[index(stream)].push(&data),
                     OutputMode::Raw => {
                         target(stream).write(data).await.context("writing output")?
                     }
@@ -443,6 +483,21 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
                     .await
                     .context("writing output")?;
             }
+        }
+        OutputMode::Gather => {
+            let truncated = captured.iter().any(CappedOutput::truncated);
+            let [stdout, stderr] = captured.map(CappedOutput::into_kept);
+            let result = Gathered {
+                name: name.to_string(),
+                stdout,
+                stderr,
+                ending: (!exit.success()).then(|| exit.describe()),
+                truncated,
+            };
+            gathered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(result);
         }
         OutputMode::Raw => {}
     }

@@ -5,6 +5,7 @@
 pub mod args;
 pub mod daemon;
 pub mod docs;
+pub mod gather;
 pub mod key;
 pub mod master;
 pub mod output;

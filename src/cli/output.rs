@@ -139,23 +139,43 @@ pub const JSON_OUTPUT_CAP: usize = 16 * 1024 * 1024;
 
 /// One stream of a job's output as `master --json` keeps it: the first
 /// [`JSON_OUTPUT_CAP`] bytes, and how many there were in all.
-#[derive(Default)]
 pub struct CappedOutput {
     kept: Vec<u8>,
     total: u64,
+    cap: usize,
+}
+
+impl Default for CappedOutput {
+    fn default() -> Self {
+        Self::with_cap(JSON_OUTPUT_CAP)
+    }
 }
 
 impl CappedOutput {
+    /// Keeps at most `cap` bytes.
+    pub fn with_cap(cap: usize) -> Self {
+        Self {
+            kept: Vec::new(),
+            total: 0,
+            cap,
+        }
+    }
+
     /// Keeps what fits under the cap, counts the rest.
     pub fn push(&mut self, data: &[u8]) {
         self.total = self.total.saturating_add(data.len() as u64);
-        let room = JSON_OUTPUT_CAP.saturating_sub(self.kept.len());
+        let room = self.cap.saturating_sub(self.kept.len());
         self.kept.extend_from_slice(&data[..data.len().min(room)]);
     }
 
     /// Whether bytes were dropped.
-    fn truncated(&self) -> bool {
+    pub fn truncated(&self) -> bool {
         self.total > self.kept.len() as u64
+    }
+
+    /// The bytes kept.
+    pub fn into_kept(self) -> Vec<u8> {
+        self.kept
     }
 }
 
