@@ -269,3 +269,35 @@ fn gather_prints_each_output_once_and_folds_outputs_that_differ_by_name() {
     );
     assert_contains(&text(&out.stderr), "---- w4 (1) · exit code 3 ----\noops\n");
 }
+
+#[test]
+fn connect_timeout_bounds_a_slave_that_takes_no_connection() {
+    let Some(lan) = Lan::new("ctime", 130, 4) else {
+        return;
+    };
+    let key = named_slaves(&lan, &["c1", "c2", "c3"]);
+    // c3 still announces itself, but its host drops every new TCP connection.
+    let rules = "add table inet cut\n\
+                 add chain inet cut input { type filter hook input priority 0; }\n\
+                 add rule inet cut input tcp flags syn drop\n";
+    let rules_file = lan.dir().join("cut.nft");
+    std::fs::write(&rules_file, rules).expect("write the rules");
+    let nft = lan.run(
+        3,
+        std::path::Path::new("nft"),
+        &["-f", &rules_file.to_string_lossy()],
+    );
+    assert!(nft.status.success(), "nft: {}", text(&nft.stderr));
+    let started = std::time::Instant::now();
+    let out = master(&lan, &key, &["--slaves", "3", "--connect-timeout", "300ms"]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(ran_on(&out), set(&["c1", "c2"]));
+    let stderr = text(&out.stderr);
+    assert_contains(&stderr, "c3 (nid://");
+    assert_contains(&stderr, "handshake timed out");
+    assert!(
+        took < Duration::from_secs(3),
+        "{took:?}: the default is 5 s"
+    );
+}

@@ -205,6 +205,10 @@ pub struct MasterArgs {
     /// Run on N slaves chosen at random among those that match (all of them if fewer).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub pick: Option<u64>,
+    /// Count a slave unreachable when its connection (TCP, handshake, greeting) is not
+    /// open within this long (pdsh's -t; --timeout is the command's, pdsh's -u).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub connect_timeout: Duration,
     /// Kill the command on a slave after this long.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, allow_hyphen_values = true)]
     pub timeout: Option<Duration>,

@@ -50,6 +50,7 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         opts.discovery.key.clone(),
         Some(log_sink),
     );
+    master.set_connect_timeout(args.connect_timeout);
     // Connections open while the search goes on: the command starts as soon as it ends.
     let localnet::Discovered { slaves, hints } =
         super::find_slaves(&opts, wanted, args.wait, &tags, Some(&master)).await?;

@@ -207,6 +207,8 @@ struct MasterInner {
     sessions: Mutex<HashMap<NodeId, Slot>>,
     known: Mutex<Vec<NodeId>>,
     log_sink: LogSink,
+    /// How long opening a connection (TCP, handshake, greeting) may take, in ms.
+    connect_timeout_ms: AtomicU64,
 }
 
 /// Who acknowledged a terminate, and who did not in time.
@@ -236,8 +238,24 @@ impl Master {
                 sessions: Mutex::new(HashMap::new()),
                 known: Mutex::new(Vec::new()),
                 log_sink,
+                connect_timeout_ms: AtomicU64::new(transport::HANDSHAKE_TIMEOUT.as_millis() as u64),
             }),
         }
+    }
+
+    /// How long opening a connection to a slave may take (TCP, handshake and
+    /// greeting together) before the slave counts as unreachable; default
+    /// [`transport::HANDSHAKE_TIMEOUT`]. For connections opened after the call.
+    ///
+    /// ```
+    /// let master = localnet::Master::new("m", None, None);
+    /// master.set_connect_timeout(std::time::Duration::from_millis(500));
+    /// ```
+    pub fn set_connect_timeout(&self, timeout: std::time::Duration) {
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.inner.connect_timeout_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Remembers slaves found by discovery (what `terminate_all_slaves` ends).
@@ -334,9 +352,12 @@ impl Master {
 
     /// Connects to `node` and exchanges the greeting (its slot is held by the caller).
     async fn open(&self, node: NodeId) -> Result<Arc<Session>, MasterError> {
-        let (reader, writer) = transport::connect(node.addr(), self.inner.key.as_ref())
-            .await
-            .map_err(|source| MasterError::Connect { node, source })?;
+        let timeout = Duration::from_millis(self.inner.connect_timeout_ms.load(Ordering::Relaxed));
+        let opened = tokio::time::Instant::now();
+        let (reader, writer) =
+            transport::connect_within(node.addr(), self.inner.key.as_ref(), timeout)
+                .await
+                .map_err(|source| MasterError::Connect { node, source })?;
         let mut connection = Connection::start(reader, writer);
         let _ = connection
             .send(Frame::Hello {
@@ -344,7 +365,9 @@ impl Master {
             })
             .await;
         let (name, tags) = loop {
-            match connection.recv(DEAD_AFTER).await {
+            // The greeting counts in the connect timeout too.
+            let left = timeout.saturating_sub(opened.elapsed());
+            match connection.recv(DEAD_AFTER.min(left)).await {
                 Ok(Some(Frame::Welcome { name, tags, .. })) => break (name, tags),
                 Ok(Some(Frame::Ping)) => continue,
                 Ok(_) => return Err(MasterError::NoWelcome { node }),

@@ -288,12 +288,22 @@ fn split(stream: TcpStream, cipher: Option<StatelessTransportState>) -> (FrameRe
 
 /// Connects to a node and runs the handshake: the preamble and (with a key) the first
 /// Noise message go out in one segment, and the slave answers its status and the second
-/// message in one, so a keyed connection is ready after one round trip.
+/// message in one, so a keyed connection is ready after one round trip. Gives up after
+/// [`HANDSHAKE_TIMEOUT`].
 pub async fn connect(
     addr: std::net::SocketAddr,
     key: Option<&ClusterKey>,
 ) -> Result<(FrameReader, FrameWriter), TransportError> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+    connect_within(addr, key, HANDSHAKE_TIMEOUT).await
+}
+
+/// [`connect`], giving up after `timeout` (connection and handshake together).
+pub async fn connect_within(
+    addr: std::net::SocketAddr,
+    key: Option<&ClusterKey>,
+    timeout: Duration,
+) -> Result<(FrameReader, FrameWriter), TransportError> {
+    tokio::time::timeout(timeout, async {
         let mut stream = TcpStream::connect(addr).await?;
         // Small request/answer messages: send each at once.
         let _ = stream.set_nodelay(true);
