@@ -249,13 +249,14 @@ fn gather_prints_each_output_once_and_folds_outputs_that_differ_by_name() {
         slave_who(&lan, i + 1, name, &["--key-file", &key]);
     }
     std::thread::sleep(Duration::from_millis(300));
-    let gather = |job: &str| {
+    let run = |mode: &str, job: &str| {
         let mut args = vec!["master", "--interface", "eth0", "--key-file", &key];
-        args.extend_from_slice(&["--slaves", "5", "--wait", "5s", "--gather"]);
+        args.extend_from_slice(&["--slaves", "5", "--wait", "5s", mode]);
         args.extend_from_slice(&["--", "sh", "-c", job]);
         lan.run(0, &binary(), &args)
     };
     // Like `hostname` on every node: one block.
+    let gather = |job: &str| run("--gather", job);
     let out = gather("echo $WHO; echo same");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "---- w[1-5] (5) ----\n{name}\nsame\n");
@@ -268,6 +269,17 @@ fn gather_prints_each_output_once_and_folds_outputs_that_differ_by_name() {
         "---- w[1-3,5] (4) ----\neven\n---- w4 (1) · exit code 3 ----\nodd\n"
     );
     assert_contains(&text(&out.stderr), "---- w4 (1) · exit code 3 ----\noops\n");
+
+    // --by-node: every slave's block, in name order.
+    let out = run("--by-node", "echo $WHO; [ $WHO != w4 ] || exit 3");
+    assert_eq!(out.status.code(), Some(1));
+    let expected: String = (1..=5)
+        .map(|i| match i {
+            4 => "---- w4 (1) · exit code 3 ----\nw4\n".to_string(),
+            i => format!("---- w{i} (1) ----\nw{i}\n"),
+        })
+        .collect();
+    assert_eq!(text(&out.stdout), expected);
 }
 
 #[test]

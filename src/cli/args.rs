@@ -227,6 +227,11 @@ pub struct MasterArgs {
     /// block, showing the name as {name}. At most 1 MiB of each stream per slave is kept.
     #[arg(long, short = 'b', conflicts_with_all = ["json", "raw"])]
     pub gather: bool,
+    /// Print each slave's whole output after all jobs ended, one block per slave in name
+    /// order under a header with its name (and how it ended when not a success), stderr
+    /// likewise on stderr. At most 1 MiB of each stream per slave is kept.
+    #[arg(long, short = 'L', conflicts_with_all = ["json", "raw", "gather"])]
+    pub by_node: bool,
     /// Copy the job's stdout and stderr byte for byte, without `name: ` prefixes: runs
     /// on exactly one slave (it is an error when the selection matches several).
     #[arg(long, conflicts_with = "json")]

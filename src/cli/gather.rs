@@ -101,6 +101,22 @@ pub fn gather(results: &[Gathered]) -> Vec<Block> {
     blocks
 }
 
+/// One block per slave, in name order (`master --by-node`).
+pub fn by_node(results: &[Gathered]) -> Vec<Block> {
+    let mut blocks: Vec<Block> = results
+        .iter()
+        .map(|r| Block {
+            names: vec![r.name.clone()],
+            stdout: r.stdout.clone(),
+            stderr: r.stderr.clone(),
+            ending: r.ending.clone(),
+            truncated: r.truncated,
+        })
+        .collect();
+    blocks.sort_by(|a, b| a.names.cmp(&b.names));
+    blocks
+}
+
 /// `bytes` with every whole-word occurrence of `name` replaced by [`NAME_MARK`]: not
 /// inside a longer word (`n1` is not marked in `n10` nor in `xn1`).
 fn mark_name(bytes: &[u8], name: &str) -> Vec<u8> {
@@ -173,6 +189,19 @@ mod tests {
             result("n2", "n2 n10 xn1\n", None),
         ]);
         assert_eq!(blocks[0].stdout, b"{name} n10 xn1\n");
+    }
+
+    #[test]
+    fn by_node_gives_every_slave_its_own_block_in_name_order() {
+        let blocks = by_node(&[
+            result("b", "x\n", None),
+            result("a", "x\n", Some("timed out")),
+        ]);
+        let headers: Vec<String> = blocks.iter().map(Block::header).collect();
+        assert_eq!(
+            headers,
+            ["---- a (1) · timed out ----\n", "---- b (1) ----\n"]
+        );
     }
 
     #[test]

@@ -26,10 +26,11 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             )
             .exit();
     }
-    let mode = match (args.raw, args.json, args.gather) {
-        (true, _, _) => OutputMode::Raw,
-        (_, true, _) => OutputMode::Json,
-        (_, _, true) => OutputMode::Gather,
+    let mode = match (args.raw, args.json, args.gather, args.by_node) {
+        (true, ..) => OutputMode::Raw,
+        (_, true, ..) => OutputMode::Json,
+        (_, _, true, _) => OutputMode::Gather,
+        (.., true) => OutputMode::ByNode,
         _ => OutputMode::Prefixed,
     };
     let gathered = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -180,9 +181,13 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         };
         by_kind.entry(kind).or_default().push(name);
     }
-    if mode == OutputMode::Gather {
+    if matches!(mode, OutputMode::Gather | OutputMode::ByNode) {
         let results = std::mem::take(&mut *gathered.lock().unwrap_or_else(|e| e.into_inner()));
-        write_gathered(&results, stdio).await?;
+        let blocks = match mode {
+            OutputMode::Gather => gather::gather(&results),
+            _ => gather::by_node(&results),
+        };
+        write_blocks(blocks, stdio).await?;
     }
     // Job output first (it is written by another thread), then the verdict: a line per
     // failed slave, then (when several failed) one per way of failing, as a node set.
@@ -224,10 +229,10 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     }
 }
 
-/// Writes `--gather`'s blocks: each header and its stdout on stdout, the same header
-/// and its stderr on stderr (when there is any).
-async fn write_gathered(results: &[Gathered], stdio: &Stdio) -> Result<()> {
-    for block in gather::gather(results) {
+/// Writes `--gather`'s or `--by-node`'s blocks: each header and its stdout on stdout,
+/// the same header and its stderr on stderr (when there is any).
+async fn write_blocks(blocks: Vec<gather::Block>, stdio: &Stdio) -> Result<()> {
+    for block in blocks {
         let header = block.header().into_bytes();
         let with_newline = |mut bytes: Vec<u8>| {
             if bytes.last().is_some_and(|b| *b != b'\n') {
@@ -399,6 +404,8 @@ enum OutputMode {
     Json,
     /// Every distinct output once, under its node set, at the end.
     Gather,
+    /// Every slave's whole output, in name order, at the end.
+    ByNode,
 }
 
 /// Runs the command on one slave, writing its output as it comes (or, in JSON mode, one
@@ -435,7 +442,9 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
         text
     };
     let mut captured = match mode {
-        OutputMode::Gather => [GATHER_CAP, GATHER_CAP].map(CappedOutput::with_cap),
+        OutputMode::Gather | OutputMode::ByNode => {
+            [GATHER_CAP, GATHER_CAP].map(CappedOutput::with_cap)
+        }
         _ => [CappedOutput::default(), CappedOutput::default()],
     };
     let mut splitters = [LineSplitter::default(), LineSplitter::default()];
@@ -443,7 +452,9 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
         match job.next().await {
             Some(ExecEvent::Output(stream, data)) => {
                 match mode {
-                    OutputMode::Json | OutputMode::Gather => captured[index(stream)].push(&data),
+                    OutputMode::Json | OutputMode::Gather | OutputMode::ByNode => {
+                        captured[index(stream)].push(&data)
+                    }
                     OutputMode::Raw => {
                         target(stream).write(data).await.context("writing output")?
                     }
@@ -485,7 +496,7 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
                     .context("writing output")?;
             }
         }
-        OutputMode::Gather => {
+        OutputMode::Gather | OutputMode::ByNode => {
             let truncated = captured.iter().any(CappedOutput::truncated);
             let [stdout, stderr] = captured.map(CappedOutput::into_kept);
             let result = Gathered {
