@@ -280,6 +280,21 @@ fn gather_prints_each_output_once_and_folds_outputs_that_differ_by_name() {
         })
         .collect();
     assert_eq!(text(&out.stdout), expected);
+
+    // --output-dir: NAME.out, NAME.err and NAME.exit per slave (the directory is made).
+    let dir = lan.dir().join("outputs/run1");
+    let out = run(
+        &format!("--output-dir={}", dir.display()),
+        "echo out-$WHO; echo err-$WHO >&2; [ $WHO != w2 ] || exit 4",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    for i in 1..=5 {
+        assert_eq!(read(&format!("w{i}.out")), format!("out-w{i}\n"));
+        assert_eq!(read(&format!("w{i}.err")), format!("err-w{i}\n"));
+        let code = if i == 2 { "4\n" } else { "0\n" };
+        assert_eq!(read(&format!("w{i}.exit")), code, "w{i}");
+    }
 }
 
 #[test]

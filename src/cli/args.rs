@@ -232,6 +232,11 @@ pub struct MasterArgs {
     /// likewise on stderr. At most 1 MiB of each stream per slave is kept.
     #[arg(long, short = 'L', conflicts_with_all = ["json", "raw", "gather"])]
     pub by_node: bool,
+    /// Also write each slave's output to DIR/NAME.out and DIR/NAME.err as it comes, and
+    /// how it ended to DIR/NAME.exit (its exit code, or why it failed), making DIR if
+    /// needed. A `/` in a name becomes `_`.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
     /// Copy the job's stdout and stderr byte for byte, without `name: ` prefixes: runs
     /// on exactly one slave (it is an error when the selection matches several).
     #[arg(long, conflicts_with = "json")]

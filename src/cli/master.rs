@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use localnet::nodeset::NodeSet;
 use localnet::{ExecEvent, JobExit, LineSplitter, Master, MasterError, NodeId, Stream};
+use tokio::io::AsyncWriteExt;
 
 use super::Stdio;
 use super::args::{Cli, MasterArgs};
@@ -34,6 +35,11 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         _ => OutputMode::Prefixed,
     };
     let gathered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    if let Some(dir) = &args.output_dir {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("cannot make the output directory {}", dir.display()))?;
+    }
     let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
     // --raw must know that the selection matches one slave only: it looks for the whole
     // --wait (or takes the daemon's whole list) instead of stopping at the first answer.
@@ -124,6 +130,7 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     for peer in &slaves {
         let window = window.clone();
         let gathered = gathered.clone();
+        let output_dir = args.output_dir.clone();
         let master = master.clone();
         let node = NodeId::new(peer.addr);
         let name = peer.name.clone();
@@ -142,6 +149,7 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
                 mode,
                 slave_logs,
                 gathered: &gathered,
+                output_dir: output_dir.as_deref(),
             };
             let outcome = run_on_slave(job, argv, &stdio).await;
             (name, node, outcome)
@@ -168,6 +176,19 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
                 (peer.name.clone(), NodeId::new(peer.addr), error)
             }
         };
+        if let Some(dir) = &args.output_dir {
+            let ending = match &outcome {
+                Ok(exit) => match (exit.code, &exit.error, exit.timed_out) {
+                    (Some(code), None, false) => code.to_string(),
+                    _ => exit.describe(),
+                },
+                Err(e) => format!("{e:#}"),
+            };
+            let path = dir.join(format!("{}.exit", file_name(&name)));
+            tokio::fs::write(&path, format!("{ending}\n"))
+                .await
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         let kind = match &outcome {
             Ok(exit) if exit.success() => continue,
             Ok(exit) => {
@@ -323,6 +344,14 @@ struct Selection {
     missing: Vec<String>,
 }
 
+/// A slave's name as a file name: no `/`, not `.` or `..`.
+fn file_name(name: &str) -> String {
+    match name.replace(['/', '\0'], "_") {
+        dots if dots == "." || dots == ".." => format!("_{dots}"),
+        safe => safe,
+    }
+}
+
 /// "1 named slave was" / "3 named slaves were".
 fn named_slaves(n: usize) -> String {
     match n {
@@ -391,6 +420,8 @@ struct Job<'a> {
     slave_logs: bool,
     /// Where `--gather` collects each slave's result.
     gathered: &'a std::sync::Mutex<Vec<Gathered>>,
+    /// `--output-dir`.
+    output_dir: Option<&'a std::path::Path>,
 }
 
 /// How `localnet master` shows a job's output.
@@ -420,10 +451,27 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
         mode,
         slave_logs,
         gathered,
+        output_dir,
     } = job;
     if slave_logs {
         master.redirect_logs_here(&[node]).await?;
     }
+    // --output-dir: NAME.out and NAME.err, written as the output comes.
+    let mut files = match output_dir {
+        None => None,
+        Some(dir) => {
+            let open = |ext: &str| {
+                let path = dir.join(format!("{}.{ext}", file_name(name)));
+                async move {
+                    tokio::fs::File::create(&path)
+                        .await
+                        .map(|f| (path.clone(), f))
+                        .with_context(|| format!("cannot write {}", path.display()))
+                }
+            };
+            Some([open("out").await?, open("err").await?])
+        }
+    };
     let mut job = master.exec(node, argv, timeout).await?;
     let target = |stream| match stream {
         Stream::Stdout => &stdio.out,
@@ -451,6 +499,12 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
     let exit = loop {
         match job.next().await {
             Some(ExecEvent::Output(stream, data)) => {
+                if let Some(files) = &mut files {
+                    let (path, file) = &mut files[index(stream)];
+                    file.write_all(&data)
+                        .await
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
                 match mode {
                     OutputMode::Json | OutputMode::Gather | OutputMode::ByNode => {
                         captured[index(stream)].push(&data)
@@ -467,7 +521,14 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
                 // Timers and keepalives first (see localnet::protocol::write_frames).
                 tokio::task::yield_now().await;
             }
-            Some(ExecEvent::Exit(exit)) => break exit,
+            Some(ExecEvent::Exit(exit)) => {
+                for (path, file) in files.iter_mut().flatten() {
+                    file.flush()
+                        .await
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                break exit;
+            }
             None => return Err(MasterError::Lost(node).into()),
         }
     };
