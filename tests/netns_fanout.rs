@@ -11,21 +11,12 @@ use std::time::Duration;
 use support::words::{assert_contains, text};
 use support::{Lan, binary};
 
-/// Starts a keyed slave named `names[i]` on host `i + 1`, and gives them 300 ms to
-/// announce themselves; the key's path.
+/// Starts a keyed slave named `names[i]` on host `i + 1` (with `WHO` set to its name,
+/// see [`slave_who`]), and gives them 300 ms to announce themselves; the key's path.
 fn named_slaves(lan: &Lan, names: &[&str]) -> String {
     let key = lan.key("k");
     for (i, name) in names.iter().enumerate() {
-        let args = [
-            "slave",
-            "--name",
-            name,
-            "--interface",
-            "eth0",
-            "--key-file",
-            &key,
-        ];
-        lan.spawn(i + 1, name, &binary(), &args);
+        slave_who(lan, i + 1, name, &["--key-file", &key]);
     }
     std::thread::sleep(Duration::from_millis(300));
     key
@@ -180,10 +171,7 @@ fn the_failure_summary_tells_each_way_of_failing_apart() {
     let Some(lan) = Lan::new("fkind", 128, 8) else {
         return;
     };
-    let key = lan.key("k");
-    for (i, name) in ["n1", "n2", "n3", "n4", "n5"].iter().enumerate() {
-        slave_who(&lan, i + 1, name, &["--key-file", &key]);
-    }
+    let key = named_slaves(&lan, &["n1", "n2", "n3", "n4", "n5"]);
     // An open cluster's slaves without --insecure refuse commands.
     slave_who(&lan, 6, "o1", &[]);
     slave_who(&lan, 7, "o2", &[]);
@@ -244,11 +232,7 @@ fn gather_prints_each_output_once_and_folds_outputs_that_differ_by_name() {
     let Some(lan) = Lan::new("gath", 129, 6) else {
         return;
     };
-    let key = lan.key("k");
-    for (i, name) in ["w1", "w2", "w3", "w4", "w5"].iter().enumerate() {
-        slave_who(&lan, i + 1, name, &["--key-file", &key]);
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let key = named_slaves(&lan, &["w1", "w2", "w3", "w4", "w5"]);
     let run = |mode: &str, job: &str| {
         let mut args = vec!["master", "--interface", "eth0", "--key-file", &key];
         args.extend_from_slice(&["--slaves", "5", "--wait", "5s", mode]);
