@@ -20,6 +20,9 @@ use std::fmt;
 /// Most names one set may expand to: a typo such as `n[1-1000000000]` is an error, not
 /// a gigabyte of names.
 pub const MAX_NAMES: usize = 1_000_000;
+/// Most bytes the names of one set may take in all: a long name or a wide zero-padded
+/// bound times a million names is an error too.
+pub const MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// A set of node names, parsed from the bracket syntax.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -45,10 +48,14 @@ impl NodeSet {
             why,
         };
         let mut names = BTreeSet::new();
+        let mut bytes = 0usize;
         for pattern in split_top_level(text).map_err(fail)? {
             let expanded = expand(pattern).map_err(fail)?;
-            if names.len() + expanded.len() > MAX_NAMES {
-                return Err(fail(format!("more than {MAX_NAMES} names")));
+            bytes += expanded.iter().map(String::len).sum::<usize>();
+            if names.len() + expanded.len() > MAX_NAMES || bytes > MAX_BYTES {
+                return Err(fail(format!(
+                    "more than {MAX_NAMES} names or {MAX_BYTES} bytes"
+                )));
             }
             names.extend(expanded);
         }
@@ -120,6 +127,10 @@ fn expand(pattern: &str) -> Result<Vec<String>, String> {
             None => (rest, ""),
         };
         check_literal(literal)?;
+        let bytes: usize = names.iter().map(String::len).sum();
+        if bytes.saturating_add(names.len().saturating_mul(literal.len())) > MAX_BYTES {
+            return Err(format!("more than {MAX_BYTES} bytes of names"));
+        }
         for name in &mut names {
             name.push_str(literal);
         }
@@ -129,6 +140,16 @@ fn expand(pattern: &str) -> Result<Vec<String>, String> {
             let numbers = ranges(&inside[..close])?;
             if names.len().saturating_mul(numbers.len()) > MAX_NAMES {
                 return Err(format!("more than {MAX_NAMES} names"));
+            }
+            let (name_bytes, number_bytes) = (
+                names.iter().map(String::len).sum::<usize>(),
+                numbers.iter().map(String::len).sum::<usize>(),
+            );
+            let product = name_bytes
+                .saturating_mul(numbers.len())
+                .saturating_add(names.len().saturating_mul(number_bytes));
+            if product > MAX_BYTES {
+                return Err(format!("more than {MAX_BYTES} bytes of names"));
             }
             names = names
                 .iter()
@@ -150,6 +171,8 @@ fn check_literal(literal: &str) -> Result<(), String> {
 /// The numbers of a bracket's ranges, as text (zero-padded where the bound is).
 fn ranges(list: &str) -> Result<Vec<String>, String> {
     let mut numbers = Vec::new();
+    // At most, in all ranges of the bracket (each number its width or 20 digits).
+    let mut bytes = 0usize;
     for range in list.split(',') {
         let (span, step) = match range.split_once('/') {
             Some((span, step)) => (span, Some(step)),
@@ -181,6 +204,11 @@ fn ranges(list: &str) -> Result<Vec<String>, String> {
         } else {
             0
         };
+        let count = ((b - a) / step + 1) as usize;
+        bytes = bytes.saturating_add(count.saturating_mul(width.max(20)));
+        if bytes > MAX_BYTES {
+            return Err(format!("more than {MAX_BYTES} bytes of names"));
+        }
         numbers.extend(
             (a..=b)
                 .step_by(step as usize)
@@ -322,6 +350,11 @@ mod tests {
             ("n[1-9999999999]", "more than"),
             ("n[1-1000]m[1-1000000]", "more than"),
             ("n[0-600000,0-600000]", "more than"),
+            (&format!("{}[1-100000]", "x".repeat(1000)), "bytes of names"),
+            (
+                &format!("n[{}1-100000]", "0".repeat(1000)),
+                "bytes of names",
+            ),
             (",", "no names"),
         ] {
             let err = NodeSet::parse(set).expect_err(set).to_string();

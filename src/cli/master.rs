@@ -62,17 +62,6 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     let localnet::Discovered { slaves, hints } =
         super::find_slaves(&opts, wanted, args.wait, &tags, Some(&master)).await?;
     let Selection { slaves, missing } = select(slaves, args.nodes.as_ref(), args.exclude.as_ref());
-    let slaves = match args.raw {
-        true => pick(slaves, args.pick.map(to_usize)),
-        false => slaves,
-    };
-    if args.raw && slaves.len() > 1 {
-        bail!(
-            "--raw runs the command on exactly one slave, but {} match: {}; select one with --nodes NAME or --tag KEY=VALUE",
-            slaves.len(),
-            describe_matches(&slaves)
-        );
-    }
     if let Some(n) = args.slaves
         && slaves.len() < n
     {
@@ -119,6 +108,13 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     }
     // --slaves counts the matching slaves, before --pick chooses among them.
     let slaves = pick(slaves, args.pick.map(to_usize));
+    if args.raw && slaves.len() > 1 {
+        bail!(
+            "--raw runs the command on exactly one slave, but {} match: {}; select one with --nodes NAME or --tag KEY=VALUE",
+            slaves.len(),
+            describe_matches(&slaves)
+        );
+    }
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
     // The sliding window of --fanout: a job starts when one of the running ends.
