@@ -64,10 +64,10 @@ pub use runtime::functions::error_text;
 pub use runtime::functions::{RemoteError, RemoteResult, RemoteTable};
 pub use runtime::logs::{LIFECYCLE, LogTargets, RedirectLayer};
 pub use runtime::master::{
-    CommandJob, ExecEvent, LineSplitter, LogSink, Master, MasterError, RemoteTask,
-    TERMINATE_TIMEOUT, TerminateReport,
+    CommandJob, CopiedFile, DownloadEvent, ExecEvent, FileDownload, FileUpload, JobInput,
+    LineSplitter, LogSink, Master, MasterError, RemoteTask, TERMINATE_TIMEOUT, TerminateReport,
 };
-pub use runtime::protocol::{JobExit, NodeId, Stream};
+pub use runtime::protocol::{INPUT_CHUNK, INPUT_WINDOW, JobExit, NodeId, Stream};
 pub use runtime::slave::{
     MAX_CONNECTIONS as MAX_SLAVE_CONNECTIONS, MAX_IN_FLIGHT_PER_SESSION, MAX_IN_FLIGHT_PER_SLAVE,
     SlaveOptions, serve as serve_slave, serve_until as serve_slave_until,

@@ -487,13 +487,37 @@ fn frame() -> impl Strategy<Value = Frame> {
         (
             any::<u64>(),
             prop::collection::vec(text, 0..4),
-            any::<Option<u64>>()
+            any::<Option<u64>>(),
+            any::<bool>()
         )
-            .prop_map(|(id, argv, timeout_ms)| Frame::Exec {
+            .prop_map(|(id, argv, timeout_ms, stdin)| Frame::Exec {
                 id,
                 argv,
-                timeout_ms
+                timeout_ms,
+                stdin
             }),
+        (any::<u64>(), prop::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(id, data)| Frame::Input { id, data }),
+        (any::<u64>(), prop::option::of(text))
+            .prop_map(|(id, sha256)| Frame::InputEnd { id, sha256 }),
+        any::<u64>().prop_map(|id| Frame::InputTaken { id }),
+        (
+            any::<u64>(),
+            text,
+            text,
+            any::<u32>(),
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(|(id, path, name, mode, size, into_dir)| Frame::PutFile {
+                id,
+                path,
+                name,
+                mode,
+                size,
+                into_dir
+            }),
+        (any::<u64>(), text).prop_map(|(id, path)| Frame::GetFile { id, path }),
         any::<u64>().prop_map(|id| Frame::Kill { id }),
         (
             any::<u64>(),

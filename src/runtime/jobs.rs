@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
@@ -19,6 +19,19 @@ use crate::runtime::protocol::{Frame, JobExit, Stream};
 /// Most bytes of job output read from a pipe into one frame.
 const BATCH_BYTES: usize =
     crate::runtime::transport::MAX_PAYLOAD - crate::runtime::protocol::OUTPUT_HEADER;
+
+/// What a master sends for a job's stdin or a file, as the session hands it on.
+#[derive(Debug)]
+pub(crate) enum InputItem {
+    /// The next bytes.
+    Data(Vec<u8>),
+    /// The end, with the file's digest when it is one.
+    End { sha256: Option<String> },
+}
+
+/// Where a job or a file task takes its input from: at most
+/// [`INPUT_WINDOW`](crate::runtime::protocol::INPUT_WINDOW) chunks and the end wait in it.
+pub(crate) type InputReceiver = mpsc::Receiver<InputItem>;
 
 /// What a slave knows about the jobs it runs, across connections.
 #[derive(Default)]
@@ -80,19 +93,24 @@ impl Jobs {
 }
 
 /// Runs `argv` as job `id` of connection `session`, in a process group of its own,
-/// streaming its output to `out`; kills it after `timeout_ms`.
+/// streaming its output to `out` and `input` (if any) to its stdin; kills it after
+/// `timeout_ms`.
 pub(crate) async fn run_command(
     session: u64,
     id: u64,
     argv: &[String],
     timeout_ms: Option<u64>,
+    input: Option<InputReceiver>,
     jobs: &Jobs,
     out: &mpsc::Sender<Frame>,
 ) -> JobExit {
     let mut command = tokio::process::Command::new(&argv[0]);
     command
         .args(&argv[1..])
-        .stdin(Stdio::null())
+        .stdin(match input {
+            Some(_) => Stdio::piped(),
+            None => Stdio::null(),
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -117,6 +135,7 @@ pub(crate) async fn run_command(
     jobs.insert((session, id), Job::Process(pgid));
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
+    let feeder = input.map(|input| tokio::spawn(feed(child.stdin.take(), input, id, out.clone())));
     let pumps = async {
         tokio::join!(
             pump(stdout, Stream::Stdout, id, out.clone()),
@@ -147,6 +166,9 @@ pub(crate) async fn run_command(
         },
         None => (run.await, false),
     };
+    if let Some(feeder) = feeder {
+        feeder.abort(); // the job is over: no more input is taken for it
+    }
     jobs.remove((session, id));
     use std::os::unix::process::ExitStatusExt;
     match status {
@@ -162,6 +184,28 @@ pub(crate) async fn run_command(
             timed_out,
             ..JobExit::failed(format!("waiting for the job failed: {e}"))
         },
+    }
+}
+
+/// Writes a job's input to its stdin as it comes, saying `InputTaken` for each chunk
+/// (the master then sends one more); closes the pipe at the end of the input. A job
+/// that closed its stdin early gets no more, but its chunks are still taken (and
+/// dropped), so that a master sending the same input to many jobs is not held up.
+async fn feed(
+    mut pipe: Option<tokio::process::ChildStdin>,
+    mut input: InputReceiver,
+    id: u64,
+    out: mpsc::Sender<Frame>,
+) {
+    while let Some(InputItem::Data(data)) = input.recv().await {
+        if let Some(stdin) = &mut pipe
+            && stdin.write_all(&data).await.is_err()
+        {
+            pipe = None;
+        }
+        if out.send(Frame::InputTaken { id }).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::key::ClusterKey;
-use crate::runtime::protocol::{Frame, JobExit, NodeId, Stream};
+use crate::runtime::protocol::{Frame, INPUT_CHUNK, INPUT_WINDOW, JobExit, NodeId, Stream};
 use crate::runtime::session::Session as Connection;
 use crate::runtime::transport::{self, DEAD_AFTER, TransportError};
 
@@ -45,6 +45,17 @@ pub enum MasterError {
     NoWelcome {
         /// The slave.
         node: NodeId,
+    },
+    #[error("the job on {0} takes no more input: it has ended")]
+    /// Input written to a command or file that has ended (or whose connection is gone).
+    InputClosed(NodeId),
+    #[error("{}: {source}", path.display())]
+    /// A local file of a copy could not be read or written.
+    LocalFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
     },
 }
 
@@ -147,6 +158,14 @@ impl LineSplitter {
 enum Pending {
     Call(oneshot::Sender<Result<Value, String>>),
     Exec(mpsc::Sender<ExecEvent>),
+    /// A file being fetched: its bytes, then the `Result`.
+    Fetch(mpsc::Sender<Fetched>),
+}
+
+/// What comes of a file being fetched from a slave.
+enum Fetched {
+    Data(Vec<u8>),
+    Done(Result<Value, String>),
 }
 
 /// A slave's session, or none yet; locked while it is being opened.
@@ -167,6 +186,10 @@ struct Session {
     tags: BTreeMap<String, String>,
     out: mpsc::Sender<Frame>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    /// The input credit of each command or file that takes input: permits are `Input`
+    /// frames the master may still send before the slave says it took one. Closed when
+    /// the job ends or the connection is lost.
+    credits: Mutex<HashMap<u64, Arc<Semaphore>>>,
     terminating: Mutex<Option<oneshot::Sender<()>>>,
     next_id: AtomicU64,
     /// Its reader ended (the slave closed, went silent or sent a bad frame): the next
@@ -175,6 +198,13 @@ struct Session {
 }
 
 impl Session {
+    /// Request `id` has ended: writers of its input stop waiting for room.
+    fn end_input(&self, id: u64) {
+        if let Some(credit) = self.credits.lock().ok().and_then(|mut c| c.remove(&id)) {
+            credit.close();
+        }
+    }
+
     /// Neither end has closed it: requests can go on it.
     fn usable(&self) -> bool {
         !self.out.is_closed() && !self.lost.load(Ordering::Acquire)
@@ -383,6 +413,7 @@ impl Master {
             tags,
             out: connection.sender(),
             pending: Arc::new(Mutex::new(HashMap::new())),
+            credits: Mutex::new(HashMap::new()),
             terminating: Mutex::new(None),
             next_id: AtomicU64::new(1),
             lost: std::sync::atomic::AtomicBool::new(false),
@@ -436,33 +467,255 @@ impl Master {
         Ok(RemoteTask { session: s, id, rx })
     }
 
-    /// Runs a command on `node`; read its output and exit from the returned handle.
+    /// Runs a command on `node` with `/dev/null` as its stdin; read its output and exit
+    /// from the returned handle.
     pub async fn exec(
         &self,
         node: NodeId,
         argv: Vec<String>,
         timeout: Option<Duration>,
     ) -> Result<CommandJob, MasterError> {
+        Ok(self.start_command(node, argv, timeout, false).await?.0)
+    }
+
+    /// Runs a command on `node` whose stdin is what is written to the returned
+    /// [`JobInput`] (ended by [`JobInput::finish`]); read its output and exit from the
+    /// [`CommandJob`]. Writing waits while the slave has [`INPUT_WINDOW`] chunks not
+    /// yet taken by the command: a command that reads slowly slows the writer down,
+    /// and memory stays bounded on both sides.
+    ///
+    /// ```no_run
+    /// # async fn demo(master: localnet::Master, slave: localnet::NodeId) -> Result<(), localnet::MasterError> {
+    /// let (mut job, input) = master.exec_with_input(slave, vec!["wc".into(), "-l".into()], None).await?;
+    /// input.write(b"one\ntwo\n").await?;
+    /// input.finish().await?;
+    /// while let Some(event) = job.next().await {
+    ///     println!("{event:?}"); // Output(Stdout, b"2\n"), then Exit(..)
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn exec_with_input(
+        &self,
+        node: NodeId,
+        argv: Vec<String>,
+        timeout: Option<Duration>,
+    ) -> Result<(CommandJob, JobInput), MasterError> {
+        let (job, input) = self.start_command(node, argv, timeout, true).await?;
+        let input = input.ok_or(MasterError::Lost(node))?;
+        Ok((job, input))
+    }
+
+    async fn start_command(
+        &self,
+        node: NodeId,
+        argv: Vec<String>,
+        timeout: Option<Duration>,
+        stdin: bool,
+    ) -> Result<(CommandJob, Option<JobInput>), MasterError> {
         let s = self.session(node).await?;
         let id = s.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(16);
         if let Ok(mut p) = s.pending.lock() {
             p.insert(id, Pending::Exec(tx));
         }
+        let input = stdin.then(|| JobInput::register(&s, id));
         s.out
             .send(Frame::Exec {
                 id,
                 argv,
                 timeout_ms: timeout.map(|t| t.as_millis() as u64),
+                stdin,
             })
             .await
             .map_err(|_| MasterError::Lost(node))?;
-        Ok(CommandJob {
+        let job = CommandJob {
             node,
             name: s.name.clone(),
             id,
             session: s,
             events: rx,
+        };
+        Ok((job, input))
+    }
+
+    /// Starts writing a file on `node`: `size` bytes, written to the returned
+    /// [`FileUpload`], with permission bits `mode`. `remote` is an absolute path on the
+    /// slave: an existing directory there gets a file `name` inside it (with
+    /// `into_dir`, it must be a directory), anything else is the file's own path.
+    /// The slave renames the file into place only once its size and SHA-256 match.
+    pub async fn put_file_from(
+        &self,
+        node: NodeId,
+        remote: &str,
+        name: &str,
+        mode: u32,
+        size: u64,
+        into_dir: bool,
+    ) -> Result<FileUpload, MasterError> {
+        let s = self.session(node).await?;
+        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = s.pending.lock() {
+            p.insert(id, Pending::Call(tx));
+        }
+        let input = JobInput::register(&s, id);
+        s.out
+            .send(Frame::PutFile {
+                id,
+                path: remote.to_string(),
+                name: name.to_string(),
+                mode,
+                size,
+                into_dir,
+            })
+            .await
+            .map_err(|_| MasterError::Lost(node))?;
+        let answer = Some(RemoteTask { session: s, id, rx });
+        Ok(FileUpload { input, answer })
+    }
+
+    /// Copies the local file `local` to `remote` on `node` (see
+    /// [`Master::put_file_from`]), keeping its mode; returns where it went, its size
+    /// and SHA-256, as the slave verified them.
+    ///
+    /// ```no_run
+    /// # async fn demo(master: localnet::Master, slave: localnet::NodeId) -> Result<(), localnet::MasterError> {
+    /// let copied = master.put_file(slave, "/etc/hosts".as_ref(), "/tmp/").await?;
+    /// println!("{} bytes to {}, sha256 {}", copied.bytes, copied.path, copied.sha256);
+    /// # Ok(()) }
+    /// ```
+    pub async fn put_file(
+        &self,
+        node: NodeId,
+        local: &std::path::Path,
+        remote: &str,
+    ) -> Result<CopiedFile, MasterError> {
+        use sha2::Digest;
+        use std::os::unix::fs::PermissionsExt;
+        use tokio::io::AsyncReadExt;
+        let local_error = |source| MasterError::LocalFile {
+            path: local.to_path_buf(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(local).await.map_err(local_error)?;
+        let meta = file.metadata().await.map_err(local_error)?;
+        let name = local
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut upload = self
+            .put_file_from(
+                node,
+                remote,
+                &name,
+                meta.permissions().mode(),
+                meta.len(),
+                false,
+            )
+            .await?;
+        let mut hasher = sha2::Sha256::new();
+        let mut chunk = vec![0; INPUT_CHUNK];
+        loop {
+            let n = file.read(&mut chunk).await.map_err(local_error)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&chunk[..n]);
+            upload.write(&chunk[..n]).await?;
+        }
+        upload.finish(&hex::encode(hasher.finalize())).await
+    }
+
+    /// Starts fetching the file at `remote` (an absolute path) from `node`: read its
+    /// bytes and then its mode and digest from the returned [`FileDownload`].
+    pub async fn get_file(&self, node: NodeId, remote: &str) -> Result<FileDownload, MasterError> {
+        let s = self.session(node).await?;
+        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(16);
+        if let Ok(mut p) = s.pending.lock() {
+            p.insert(id, Pending::Fetch(tx));
+        }
+        s.out
+            .send(Frame::GetFile {
+                id,
+                path: remote.to_string(),
+            })
+            .await
+            .map_err(|_| MasterError::Lost(node))?;
+        Ok(FileDownload { node, events: rx })
+    }
+
+    /// Copies the file at `remote` on `node` to the local path `local`, with its mode:
+    /// written beside it under a temporary name and renamed into place once its
+    /// SHA-256 matches the slave's.
+    ///
+    /// ```no_run
+    /// # async fn demo(master: localnet::Master, slave: localnet::NodeId) -> Result<(), localnet::MasterError> {
+    /// let got = master.fetch_file(slave, "/var/log/syslog", "syslog.s1".as_ref()).await?;
+    /// println!("{} bytes, sha256 {}", got.bytes, got.sha256);
+    /// # Ok(()) }
+    /// ```
+    pub async fn fetch_file(
+        &self,
+        node: NodeId,
+        remote: &str,
+        local: &std::path::Path,
+    ) -> Result<CopiedFile, MasterError> {
+        use sha2::Digest;
+        use std::os::unix::fs::PermissionsExt;
+        use tokio::io::AsyncWriteExt;
+        let local_error = |source| MasterError::LocalFile {
+            path: local.to_path_buf(),
+            source,
+        };
+        let mut download = self.get_file(node, remote).await?;
+        let temp_name = format!(
+            ".{}.localnet-{:016x}",
+            local
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            fastrand::u64(..)
+        );
+        let temp = local.with_file_name(temp_name);
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .await
+            .map_err(local_error)?;
+        let guard = RemoveOnDrop(Some(temp.clone()));
+        let mut hasher = sha2::Sha256::new();
+        let copied = loop {
+            match download.next().await? {
+                DownloadEvent::Data(data) => {
+                    hasher.update(&data);
+                    file.write_all(&data).await.map_err(local_error)?;
+                }
+                DownloadEvent::Done(copied) => break copied,
+            }
+        };
+        file.flush().await.map_err(local_error)?;
+        drop(file);
+        let digest = hex::encode(hasher.finalize());
+        if digest != copied.sha256 {
+            return Err(MasterError::Remote {
+                node,
+                error: format!(
+                    "{remote} arrived damaged or changed while it was sent: sha256 {digest}, the slave's {}",
+                    copied.sha256
+                ),
+            });
+        }
+        tokio::fs::set_permissions(&temp, std::fs::Permissions::from_mode(copied.mode & 0o7777))
+            .await
+            .map_err(local_error)?;
+        tokio::fs::rename(&temp, local).await.map_err(local_error)?;
+        drop(guard.disarm());
+        Ok(CopiedFile {
+            path: local.to_string_lossy().into_owned(),
+            ..copied
         })
     }
 
@@ -513,6 +766,185 @@ impl Master {
         report.acknowledged.sort();
         report.failed.sort_by_key(|(n, _)| *n);
         report
+    }
+}
+
+/// A file removed when dropped, unless disarmed.
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) -> Self {
+        self.0 = None;
+        self
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A file copied to or from a slave, as verified at the receiving end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopiedFile {
+    /// Where it was written (on the slave for a put, locally for a fetch).
+    pub path: String,
+    /// Its size.
+    pub bytes: u64,
+    /// The SHA-256 of its bytes, in hex.
+    pub sha256: String,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
+impl CopiedFile {
+    /// The slave's answer to a put or get, as a `CopiedFile`.
+    fn from_answer(node: NodeId, value: &Value, mode: u32) -> Result<Self, MasterError> {
+        let bad = || MasterError::Remote {
+            node,
+            error: format!("unexpected answer to a copy: {value}"),
+        };
+        Ok(Self {
+            path: value["path"].as_str().unwrap_or_default().to_string(),
+            bytes: value["bytes"].as_u64().ok_or_else(bad)?,
+            sha256: value["sha256"].as_str().ok_or_else(bad)?.to_string(),
+            mode: value["mode"]
+                .as_u64()
+                .and_then(|m| u32::try_from(m).ok())
+                .unwrap_or(mode),
+        })
+    }
+}
+
+/// The input of a command started with [`Master::exec_with_input`], or the bytes of a
+/// file being put ([`FileUpload`]).
+pub struct JobInput {
+    session: Arc<Session>,
+    id: u64,
+    credit: Arc<Semaphore>,
+}
+
+impl JobInput {
+    /// Input for request `id` of `session`, with a full window of credit.
+    fn register(session: &Arc<Session>, id: u64) -> Self {
+        let credit = Arc::new(Semaphore::new(INPUT_WINDOW));
+        if let Ok(mut credits) = session.credits.lock() {
+            credits.insert(id, credit.clone());
+        }
+        Self {
+            session: session.clone(),
+            id,
+            credit,
+        }
+    }
+
+    /// Sends `data`, in chunks of at most [`INPUT_CHUNK`] bytes, each once the slave
+    /// has room for it. An error when the job has ended or the connection is lost.
+    pub async fn write(&self, data: &[u8]) -> Result<(), MasterError> {
+        let node = self.session.node;
+        for chunk in data.chunks(INPUT_CHUNK) {
+            self.credit
+                .acquire()
+                .await
+                .map_err(|_| MasterError::InputClosed(node))?
+                .forget();
+            let frame = Frame::Input {
+                id: self.id,
+                data: chunk.to_vec(),
+            };
+            self.session
+                .out
+                .send(frame)
+                .await
+                .map_err(|_| MasterError::Lost(node))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the input: the command reads end-of-file once it has read the rest.
+    pub async fn finish(self) -> Result<(), MasterError> {
+        self.end(None).await
+    }
+
+    async fn end(&self, sha256: Option<String>) -> Result<(), MasterError> {
+        self.session
+            .out
+            .send(Frame::InputEnd {
+                id: self.id,
+                sha256,
+            })
+            .await
+            .map_err(|_| MasterError::Lost(self.session.node))
+    }
+}
+
+/// A file being written on a slave ([`Master::put_file_from`]).
+pub struct FileUpload {
+    input: JobInput,
+    /// The slave's answer; taken when the slave ended the copy early.
+    answer: Option<RemoteTask>,
+}
+
+impl FileUpload {
+    /// Sends the next bytes of the file (see [`JobInput::write`]). When the slave has
+    /// ended the copy (it cannot write there, say), its reason is the error.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), MasterError> {
+        match self.input.write(data).await {
+            Err(MasterError::InputClosed(node)) => match self.answer.take() {
+                Some(answer) => Err(answer
+                    .join()
+                    .await
+                    .err()
+                    .unwrap_or(MasterError::InputClosed(node))),
+                None => Err(MasterError::InputClosed(node)),
+            },
+            other => other,
+        }
+    }
+
+    /// Ends the file, whose bytes have the SHA-256 `sha256` (hex), and waits for the
+    /// slave to verify it and put it in place.
+    pub async fn finish(mut self, sha256: &str) -> Result<CopiedFile, MasterError> {
+        let node = self.input.session.node;
+        let answer = self.answer.take().ok_or(MasterError::InputClosed(node))?;
+        self.input.end(Some(sha256.to_string())).await?;
+        let value = answer.join().await?;
+        CopiedFile::from_answer(node, &value, 0)
+    }
+}
+
+/// What a [`FileDownload`] gives next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DownloadEvent {
+    /// The next bytes of the file.
+    Data(Vec<u8>),
+    /// The end: the file's size, digest and mode as the slave read them (its `path`
+    /// is empty).
+    Done(CopiedFile),
+}
+
+/// A file being fetched from a slave ([`Master::get_file`]).
+pub struct FileDownload {
+    node: NodeId,
+    events: mpsc::Receiver<Fetched>,
+}
+
+impl FileDownload {
+    /// The next bytes, or the end; an error if the slave could not send the file or
+    /// the connection was lost.
+    pub async fn next(&mut self) -> Result<DownloadEvent, MasterError> {
+        let node = self.node;
+        match self.events.recv().await {
+            Some(Fetched::Data(data)) => Ok(DownloadEvent::Data(data)),
+            Some(Fetched::Done(Ok(value))) => Ok(DownloadEvent::Done(CopiedFile::from_answer(
+                node, &value, 0,
+            )?)),
+            Some(Fetched::Done(Err(error))) => Err(MasterError::Remote { node, error }),
+            None => Err(MasterError::Lost(node)),
+        }
     }
 }
 
@@ -576,29 +1008,58 @@ async fn read_loop(mut connection: Connection, session: Arc<Session>, log_sink: 
         };
         match frame {
             Frame::Result { id, ok, err } => {
+                session.end_input(id);
                 let pending = session.pending.lock().ok().and_then(|mut p| p.remove(&id));
-                if let Some(Pending::Call(tx)) = pending {
-                    let _ = tx.send(match (ok, err) {
-                        (_, Some(e)) => Err(e),
-                        (Some(v), None) => Ok(v),
-                        (None, None) => Ok(Value::Null),
-                    });
+                let result = match (ok, err) {
+                    (_, Some(e)) => Err(e),
+                    (Some(v), None) => Ok(v),
+                    (None, None) => Ok(Value::Null),
+                };
+                match pending {
+                    Some(Pending::Call(tx)) => {
+                        let _ = tx.send(result);
+                    }
+                    Some(Pending::Fetch(tx)) => {
+                        let _ = tx.send(Fetched::Done(result)).await;
+                    }
+                    _ => {}
+                }
+            }
+            Frame::InputTaken { id } => {
+                if let Some(credit) = session
+                    .credits
+                    .lock()
+                    .ok()
+                    .and_then(|c| c.get(&id).cloned())
+                {
+                    credit.add_permits(1);
                 }
             }
             Frame::Output { id, stream, data } => {
-                let tx = match session.pending.lock().ok().and_then(|p| match p.get(&id) {
-                    Some(Pending::Exec(tx)) => Some(tx.clone()),
+                enum To {
+                    Exec(mpsc::Sender<ExecEvent>),
+                    Fetch(mpsc::Sender<Fetched>),
+                }
+                let to = session.pending.lock().ok().and_then(|p| match p.get(&id) {
+                    Some(Pending::Exec(tx)) => Some(To::Exec(tx.clone())),
+                    Some(Pending::Fetch(tx)) => Some(To::Fetch(tx.clone())),
                     _ => None,
-                }) {
-                    Some(tx) => tx,
-                    None => continue,
-                };
+                });
                 // Waits when the consumer is slow: backpressure reaches the slave's pipe.
-                let _ = tx.send(ExecEvent::Output(stream, data)).await;
+                match to {
+                    Some(To::Exec(tx)) => {
+                        let _ = tx.send(ExecEvent::Output(stream, data)).await;
+                    }
+                    Some(To::Fetch(tx)) => {
+                        let _ = tx.send(Fetched::Data(data)).await;
+                    }
+                    None => continue,
+                }
                 // Timers and keepalives first (see the session's writer).
                 tokio::task::yield_now().await;
             }
             Frame::Exit { id, exit } => {
+                session.end_input(id);
                 let pending = session.pending.lock().ok().and_then(|mut p| p.remove(&id));
                 if let Some(Pending::Exec(tx)) = pending {
                     let _ = tx.send(ExecEvent::Exit(exit)).await;
@@ -621,6 +1082,11 @@ async fn read_loop(mut connection: Connection, session: Arc<Session>, log_sink: 
     // whatever still waits on it fails.
     session.lost.store(true, Ordering::Release);
     connection.abort();
+    if let Ok(mut credits) = session.credits.lock() {
+        for (_, credit) in credits.drain() {
+            credit.close();
+        }
+    }
     let pending: Vec<Pending> = session
         .pending
         .lock()
@@ -634,6 +1100,10 @@ async fn read_loop(mut connection: Connection, session: Arc<Session>, log_sink: 
             Pending::Exec(tx) => {
                 let exit = JobExit::connection_lost();
                 let _ = tx.send(ExecEvent::Exit(exit)).await;
+            }
+            Pending::Fetch(tx) => {
+                let lost = Err("connection to the slave lost".into());
+                let _ = tx.send(Fetched::Done(lost)).await;
             }
         }
     }

@@ -194,6 +194,64 @@ pub enum Frame {
         argv: Vec<String>,
         /// Kill the command after this many milliseconds; none: no limit.
         timeout_ms: Option<u64>,
+        /// The command's stdin comes in `Input` frames (ended by `InputEnd`); without
+        /// it, stdin is `/dev/null`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stdin: bool,
+    },
+    /// Master → slave: bytes for the standard input of command `id` (started with
+    /// `stdin`) or for file `id` (`PutFile`). The master sends at most
+    /// [`INPUT_WINDOW`] of them before an `InputTaken` for each. On the wire it is
+    /// binary, not JSON: byte `0x02`, the id (u64, little endian), then the bytes.
+    Input {
+        /// The `Exec`'s or `PutFile`'s id.
+        id: u64,
+        #[serde(with = "base64_field")]
+        /// The bytes, at most [`INPUT_CHUNK`].
+        data: Vec<u8>,
+    },
+    /// Master → slave: no more input for `id` (the command's stdin reaches its end;
+    /// a file is complete, and must have this SHA-256).
+    InputEnd {
+        /// The `Exec`'s or `PutFile`'s id.
+        id: u64,
+        /// For a file: the SHA-256 of all its bytes, in hex.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+    },
+    /// Slave → master: one `Input` frame of `id` was taken (written to the command's
+    /// pipe or the file): the master may send one more.
+    InputTaken {
+        /// The `Exec`'s or `PutFile`'s id.
+        id: u64,
+    },
+    /// Master → slave: write a file, whose bytes follow in `Input` frames and
+    /// `InputEnd`; answered with a `Result` (`ok`: `{"path", "bytes", "sha256"}`).
+    /// The slave writes a temporary file beside the target and renames it once the
+    /// size and digest match, so a failed copy leaves the old file (or none).
+    PutFile {
+        /// The request id.
+        id: u64,
+        /// Where to write: an absolute path on the slave; a directory there (or, with
+        /// `into_dir`, one that must be) gets `name` inside it.
+        path: String,
+        /// The file's own name (its last path component), for a directory target.
+        name: String,
+        /// The permission bits to give it (`mode & 0o7777`).
+        mode: u32,
+        /// How many bytes will come.
+        size: u64,
+        /// `path` must be a directory.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        into_dir: bool,
+    },
+    /// Master → slave: send a file: its bytes come in `Output` frames (stdout), then a
+    /// `Result` (`ok`: `{"mode", "bytes", "sha256"}`).
+    GetFile {
+        /// The request id.
+        id: u64,
+        /// An absolute path on the slave, of a regular file.
+        path: String,
     },
     /// Master → slave: kill a running call or command.
     Kill {
@@ -247,8 +305,18 @@ pub enum Frame {
 }
 
 /// First byte of a binary `Output` frame. Every other frame is a JSON object, whose
-/// first byte is `{`.
+/// first byte is `{`, or an `Input` frame ([`INPUT_TAG`]).
 const OUTPUT_TAG: u8 = 0x01;
+/// First byte of a binary `Input` frame.
+const INPUT_TAG: u8 = 0x02;
+/// Bytes of a binary `Input` frame before its data: the tag and the id.
+const INPUT_HEADER: usize = 1 + 8;
+/// Most bytes of input in one `Input` frame (one transport frame).
+pub const INPUT_CHUNK: usize = crate::runtime::transport::MAX_PAYLOAD - INPUT_HEADER;
+/// Most `Input` frames of one command or file a master sends before the slave says it
+/// took them (`InputTaken`): what a slave holds for it is bounded by this many chunks
+/// (512 KiB), and a master that sends more is cut off.
+pub const INPUT_WINDOW: usize = 8;
 /// Bytes of a binary `Output` frame before its data: the tag, the job id (u64, little
 /// endian) and the stream (0 stdout, 1 stderr).
 pub(crate) const OUTPUT_HEADER: usize = 1 + 8 + 1;
@@ -265,6 +333,13 @@ pub(crate) fn encode(frame: &Frame) -> Vec<u8> {
                 Stream::Stdout => 0,
                 Stream::Stderr => 1,
             });
+            bytes.extend_from_slice(data);
+            bytes
+        }
+        Frame::Input { id, data } => {
+            let mut bytes = Vec::with_capacity(INPUT_HEADER + data.len());
+            bytes.push(INPUT_TAG);
+            bytes.extend_from_slice(&id.to_le_bytes());
             bytes.extend_from_slice(data);
             bytes
         }
@@ -362,10 +437,26 @@ pub enum DecodeError {
     /// A binary output frame naming a stream other than 0 (stdout) or 1 (stderr).
     #[error("an output frame names stream {0}, not 0 (stdout) or 1 (stderr)")]
     UnknownStream(u8),
+    /// A binary input frame shorter than its header, or longer than a chunk.
+    #[error("an input frame of {0} bytes is not {INPUT_HEADER} to {max} bytes long", max = INPUT_HEADER + INPUT_CHUNK)]
+    BadInput(usize),
 }
 
 /// Decodes a frame.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
+    if bytes.first() == Some(&INPUT_TAG) {
+        return match bytes.split_at_checked(INPUT_HEADER) {
+            Some((header, data)) if data.len() <= INPUT_CHUNK => {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&header[1..9]);
+                Ok(Frame::Input {
+                    id: u64::from_le_bytes(id),
+                    data: data.to_vec(),
+                })
+            }
+            _ => Err(DecodeError::BadInput(bytes.len())),
+        };
+    }
     if bytes.first() != Some(&OUTPUT_TAG) {
         return Ok(serde_json::from_slice(bytes)?);
     }
@@ -425,6 +516,26 @@ mod tests {
                 },
             },
             Frame::Terminate,
+            Frame::Input {
+                id: 4,
+                data: b"\x01{not json\n".to_vec(),
+            },
+            Frame::Input {
+                id: 5,
+                data: Vec::new(),
+            },
+            Frame::InputEnd {
+                id: 4,
+                sha256: Some("ab".into()),
+            },
+            Frame::PutFile {
+                id: 6,
+                path: "/tmp/x".into(),
+                name: "x".into(),
+                mode: 0o755,
+                size: 3,
+                into_dir: true,
+            },
         ];
         for f in frames {
             assert_eq!(decode(&encode(&f)).unwrap(), f);
@@ -438,6 +549,14 @@ mod tests {
         );
         let err = decode(&[OUTPUT_TAG, 0, 0, 0, 0, 0, 0, 0, 0, 7, b'x']).unwrap_err();
         assert!(err.to_string().contains("names stream 7"), "{err}");
+        let err = decode(&[INPUT_TAG, 1, 2]).unwrap_err();
+        assert!(err.to_string().contains("input frame of 3 bytes"), "{err}");
+        let mut long = vec![INPUT_TAG; INPUT_HEADER + INPUT_CHUNK + 1];
+        long[0] = INPUT_TAG;
+        assert!(matches!(decode(&long), Err(DecodeError::BadInput(_))));
+        // An old master's Exec (no stdin field) still decodes, with no stdin.
+        let old = decode(br#"{"t":"exec","id":1,"argv":["true"],"timeout_ms":null}"#).unwrap();
+        assert!(matches!(old, Frame::Exec { stdin: false, .. }), "{old:?}");
         // Output travels as its bytes, with a 10-byte header and nothing escaped.
         let data = vec![b'"'; 1000];
         let wire = encode(&Frame::Output {

@@ -7,7 +7,7 @@
 //! it forwards its own log lines to a master that asked for them; and it kills a
 //! master's jobs when that master goes away, and all jobs when told to terminate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,11 +17,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::key::ClusterKey;
+use crate::runtime::files::{self, PutRequest};
 use crate::runtime::functions::{self, RemoteTable};
-use crate::runtime::jobs::{self, Job, Jobs};
+use crate::runtime::jobs::{self, InputItem, Job, Jobs};
 use crate::runtime::logs::{self, LOG_QUEUE};
 use crate::runtime::logs::{LIFECYCLE, LogTargets};
-use crate::runtime::protocol::{Frame, JobExit};
+use crate::runtime::protocol::{Frame, INPUT_WINDOW, JobExit};
 use crate::runtime::session::{Session, SessionError};
 use crate::runtime::transport::{self, DEAD_AFTER};
 
@@ -187,6 +188,25 @@ pub async fn serve_until(
     Ok(())
 }
 
+/// Why an open cluster's slave (no key, no `--insecure`) runs no commands and copies no
+/// files, and what to do.
+const OPEN_CLUSTER_REFUSAL: &str = "this slave runs an open cluster (no key) and runs only registered functions. \
+     Give the slaves and the master the same key (`localnet key generate --out FILE`, then \
+     --key-file FILE on both), or start the slave with --insecure to let anyone on the LAN run commands and copy files";
+
+/// A channel for the input of command or file `id`, registered in `inputs` (whose
+/// entries for ended jobs are dropped first, so that the map stays as small as what
+/// is in flight).
+fn input_channel(
+    inputs: &mut HashMap<u64, mpsc::Sender<InputItem>>,
+    id: u64,
+) -> jobs::InputReceiver {
+    inputs.retain(|_, tx| !tx.is_closed());
+    let (tx, rx) = mpsc::channel(INPUT_WINDOW + 1);
+    inputs.insert(id, tx);
+    rx
+}
+
 /// What one connection's task knows: its id, and the slave's shared state.
 struct Served {
     id: u64,
@@ -211,6 +231,8 @@ impl Served {
         let mut master = String::from("?");
         // This connection's redirection of the slave's log lines, while it lasts.
         let mut redirected: Option<u64> = None;
+        // Where the input of this connection's commands and files goes, by id.
+        let mut inputs: HashMap<u64, mpsc::Sender<InputItem>> = HashMap::new();
         // Why the connection ended, logged once redirection is off (below); `None` for a
         // clean close.
         let ended: Option<String> = loop {
@@ -240,7 +262,42 @@ impl Served {
                     id,
                     argv,
                     timeout_ms,
-                } => self.exec(id, argv, timeout_ms, &out).await,
+                    stdin,
+                } => {
+                    let input = stdin.then(|| input_channel(&mut inputs, id));
+                    self.exec(id, argv, timeout_ms, input, &out).await
+                }
+                Frame::Input { id, data } => self.take_input(&mut inputs, id, data),
+                Frame::InputEnd { id, sha256 } => {
+                    if let Some(tx) = inputs.remove(&id) {
+                        // Room is kept for the end (the window is one less than the channel).
+                        let _ = tx.try_send(InputItem::End { sha256 });
+                    }
+                }
+                Frame::PutFile {
+                    id,
+                    path,
+                    name,
+                    mode,
+                    size,
+                    into_dir,
+                } => {
+                    let input = input_channel(&mut inputs, id);
+                    let request = PutRequest {
+                        id,
+                        path,
+                        name,
+                        mode,
+                        size,
+                        into_dir,
+                    };
+                    let task = files::put(request, input, out.clone());
+                    self.file(id, Box::pin(task), &out).await
+                }
+                Frame::GetFile { id, path } => {
+                    let task = files::get(id, path, out.clone());
+                    self.file(id, Box::pin(task), &out).await
+                }
                 Frame::Kill { id } => self.jobs.kill((self.id, id)),
                 Frame::RedirectLogs { on } => {
                     if on {
@@ -282,6 +339,81 @@ impl Served {
         }
         drop(out);
         connection.abort();
+    }
+
+    /// Hands a chunk of input to its command or file. A master that sends more than
+    /// [`INPUT_WINDOW`] chunks ahead breaks the protocol: that job or copy is cut off.
+    fn take_input(
+        &self,
+        inputs: &mut HashMap<u64, mpsc::Sender<InputItem>>,
+        id: u64,
+        data: Vec<u8>,
+    ) {
+        let Some(tx) = inputs.get(&id) else {
+            return; // its job has ended, or never took input
+        };
+        match tx.try_send(InputItem::Data(data)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                inputs.remove(&id);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                inputs.remove(&id);
+                self.jobs.kill((self.id, id));
+                tracing::warn!(
+                    job = id,
+                    "the master sent more than {INPUT_WINDOW} chunks of input ahead: the job was cut off"
+                );
+            }
+        }
+    }
+
+    /// Puts or gets a file for the master (a key, or --insecure, is needed as for
+    /// commands), answering with a `Result`.
+    async fn file(
+        &self,
+        id: u64,
+        task: std::pin::Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>,
+        out: &mpsc::Sender<Frame>,
+    ) {
+        if self.opts.key.is_none() && !self.opts.insecure {
+            let refusal = Frame::Result {
+                id,
+                ok: None,
+                err: Some(format!("refused: {OPEN_CLUSTER_REFUSAL}")),
+            };
+            let _ = out.send(refusal).await;
+            return;
+        }
+        let admission = match self.admit() {
+            Ok(a) => a,
+            Err(why) => {
+                let _ = out
+                    .send(Frame::Result {
+                        id,
+                        ok: None,
+                        err: Some(why),
+                    })
+                    .await;
+                return;
+            }
+        };
+        let out = out.clone();
+        let task = tokio::spawn(task);
+        self.jobs
+            .insert((self.id, id), Job::Task(task.abort_handle()));
+        let jobs = self.jobs.clone();
+        let session = self.id;
+        tokio::spawn(async move {
+            let (ok, err) = match task.await {
+                Ok(Ok(value)) => (Some(value), None),
+                Ok(Err(e)) => (None, Some(e)),
+                Err(_) => (None, Some("the copy was stopped".to_string())),
+            };
+            jobs.remove((session, id));
+            let _ = out.send(Frame::Result { id, ok, err }).await;
+            drop(admission);
+        });
     }
 
     /// Ends this connection's redirection of log lines, if it has one.
@@ -380,6 +512,7 @@ impl Served {
         id: u64,
         argv: Vec<String>,
         timeout_ms: Option<u64>,
+        input: Option<jobs::InputReceiver>,
         out: &mpsc::Sender<Frame>,
     ) {
         let refuse = |error: String| Frame::Exit {
@@ -387,12 +520,9 @@ impl Served {
             exit: JobExit::failed(error),
         };
         if self.opts.key.is_none() && !self.opts.insecure {
-            let why = "refused: this slave runs an open cluster (no key) and runs only registered functions. \
-                       Give the slaves and the master the same key (`localnet key generate --out FILE`, then \
-                       --key-file FILE on both), or start the slave with --insecure to let anyone on the LAN run commands";
             let refusal = Frame::Exit {
                 id,
-                exit: JobExit::refusal(why),
+                exit: JobExit::refusal(format!("refused: {OPEN_CLUSTER_REFUSAL}")),
             };
             let _ = out.send(refusal).await;
             return;
@@ -422,7 +552,7 @@ impl Served {
             if out.is_closed() {
                 return; // the master went away while the job waited for a slot
             }
-            let exit = jobs::run_command(session, id, &argv, timeout_ms, &jobs, &out).await;
+            let exit = jobs::run_command(session, id, &argv, timeout_ms, input, &jobs, &out).await;
             let _ = out.send(Frame::Exit { id, exit }).await;
         });
     }
@@ -431,7 +561,7 @@ impl Served {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::master::{ExecEvent, Master};
+    use crate::runtime::master::{ExecEvent, Master, MasterError};
     use crate::runtime::protocol::NodeId;
     use serde_json::json;
 
@@ -451,6 +581,158 @@ mod tests {
             Ok(Some(ExecEvent::Exit(exit))) => exit.error.unwrap_or_default(),
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    /// A slave on loopback that runs commands (insecure), and a master for it.
+    async fn command_slave() -> (Master, NodeId, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = NodeId::new(listener.local_addr().unwrap());
+        let opts = SlaveOptions {
+            name: "files".into(),
+            slots: 4,
+            tags: BTreeMap::new(),
+            key: None,
+            insecure: true,
+            table: RemoteTable::new(),
+            logs: None,
+        };
+        let server = tokio::spawn(serve(listener, opts));
+        (Master::new("m", None, None), node, server)
+    }
+
+    async fn output_and_exit(job: &mut crate::runtime::master::CommandJob) -> (Vec<u8>, JobExit) {
+        let mut stdout = Vec::new();
+        loop {
+            match job.next().await {
+                Some(ExecEvent::Output(crate::Stream::Stdout, data)) => stdout.extend(data),
+                Some(ExecEvent::Output(..)) => {}
+                Some(ExecEvent::Exit(exit)) => return (stdout, exit),
+                None => panic!("no exit"),
+            }
+        }
+    }
+
+    fn scratch_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("localnet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_command_gets_every_byte_of_its_input_and_one_that_stops_reading_holds_nothing_up() {
+        use sha2::Digest;
+        let (master, node, server) = command_slave().await;
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut job, input) = master
+            .exec_with_input(node, vec!["sha256sum".into()], None)
+            .await
+            .unwrap();
+        let writer = async {
+            input.write(&data).await.unwrap();
+            input.finish().await.unwrap();
+        };
+        let ((stdout, exit), ()) = tokio::join!(output_and_exit(&mut job), writer);
+        assert!(exit.success(), "{exit:?}");
+        let expected = hex::encode(sha2::Sha256::digest(&data));
+        assert!(
+            String::from_utf8_lossy(&stdout).starts_with(&expected),
+            "{stdout:?}"
+        );
+        // `head -c 5` reads 5 bytes and ends: the rest is taken and dropped (or refused
+        // once the job ended), never waited for.
+        let (mut job, input) = master
+            .exec_with_input(node, vec!["head".into(), "-c".into(), "5".into()], None)
+            .await
+            .unwrap();
+        let writer = async {
+            match input.write(&data).await {
+                Ok(()) => input.finish().await.unwrap(),
+                Err(e) => assert!(matches!(e, MasterError::InputClosed(_)), "{e}"),
+            }
+        };
+        let done = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(output_and_exit(&mut job), writer).0
+        });
+        let (stdout, exit) = done
+            .await
+            .expect("a job that stops reading holds nothing up");
+        assert!(exit.success(), "{exit:?}");
+        assert_eq!(stdout, &data[..5]);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn files_are_put_and_fetched_verified_with_their_mode_and_a_damaged_one_is_not_put_in_place()
+     {
+        use std::os::unix::fs::PermissionsExt;
+        let (master, node, server) = command_slave().await;
+        let dir = scratch_dir("files");
+        let local = dir.join("tool.sh");
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&local, &data).unwrap();
+        std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o751)).unwrap();
+        let remote_dir = dir.join("remote");
+        std::fs::create_dir(&remote_dir).unwrap();
+        let remote = format!("{}/", remote_dir.display());
+        let put = master.put_file(node, &local, &remote).await.unwrap();
+        let placed = remote_dir.join("tool.sh");
+        assert_eq!(put.path, placed.to_string_lossy());
+        assert_eq!(put.bytes, data.len() as u64);
+        assert_eq!(std::fs::read(&placed).unwrap(), data);
+        let mode = std::fs::metadata(&placed).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o751);
+        // Fetched back: same bytes, mode and digest.
+        let back = dir.join("back.files");
+        let got = master
+            .fetch_file(node, &placed.to_string_lossy(), &back)
+            .await
+            .unwrap();
+        assert_eq!(
+            (got.bytes, &got.sha256, got.mode),
+            (put.bytes, &put.sha256, 0o751)
+        );
+        assert_eq!(std::fs::read(&back).unwrap(), data);
+        // A wrong digest: refused, the old file stays, no temporary file is left.
+        let mut upload = master
+            .put_file_from(node, &placed.to_string_lossy(), "tool.sh", 0o644, 3, false)
+            .await
+            .unwrap();
+        upload.write(b"new").await.unwrap();
+        let err = upload
+            .finish(&"0".repeat(64))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("arrived damaged"), "{err}");
+        assert_eq!(std::fs::read(&placed).unwrap(), data);
+        let names: Vec<_> = std::fs::read_dir(&remote_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["tool.sh"], "no temporary file is left");
+        // Relative paths, directories and missing files are refused with a reason.
+        let err = master
+            .put_file(node, &local, "relative/x")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not an absolute path"), "{err}");
+        let err = master
+            .fetch_file(node, &remote_dir.to_string_lossy(), &dir.join("d"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let err = master
+            .fetch_file(node, "/nonexistent/file", &dir.join("n"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("cannot read /nonexistent/file"),
+            "{err}"
+        );
+        assert!(!dir.join("n").exists() && !dir.join("d").exists());
+        server.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
