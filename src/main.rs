@@ -105,6 +105,7 @@ async fn run(cli: Cli, stdio: &cli::Stdio) -> Result<()> {
         Command::Status(args) => cli::watch::status(args).await,
         Command::Slave(args) => cli::slave::run(args).await,
         Command::Master(args) => cli::master::run(args, stdio).await,
+        Command::Copy(args) => cli::copy::run(args, stdio).await,
         Command::Terminate(args) => cli::terminate::run(args).await,
         Command::Key(KeyCommand::Generate { out }) => cli::key::generate(&out),
         Command::Completions { .. } | Command::Man { .. } => Ok(()), // handled in main

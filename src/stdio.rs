@@ -54,6 +54,8 @@ struct State {
     failed: Option<std::io::ErrorKind>,
     /// Every handle is gone: the thread ends once the queue is empty.
     closed: bool,
+    /// The status line changed: the thread redraws it.
+    redraw: bool,
 }
 
 struct Queue {
@@ -83,7 +85,37 @@ pub struct OutputStream {
 struct Handle {
     queue: Arc<Queue>,
     target: Target,
+    terminal: Arc<Terminal>,
 }
+
+/// A status line kept at the bottom of a terminal (see [`OutputStream::pair`]): the
+/// writer threads of stdout and stderr take its lock to write, so that each chunk of
+/// output goes above the line (it is cleared first and drawn again after).
+#[derive(Default)]
+struct Terminal {
+    /// The line, empty for none (locked only to read or change it, never while writing).
+    status: Mutex<String>,
+    /// Held while a writer thread writes to the terminal.
+    drawing: Mutex<()>,
+    /// Stderr is a terminal (the line is drawn there).
+    stderr_is_tty: bool,
+    /// Stdout is the terminal too (its chunks must go above the line).
+    stdout_is_tty: bool,
+}
+
+impl Terminal {
+    fn lock(&self) -> std::sync::MutexGuard<'_, String> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The status line now.
+    fn line(&self) -> String {
+        self.lock().clone()
+    }
+}
+
+/// Clears the line the cursor is on (the status line) and returns to its start.
+const CLEAR_LINE: &[u8] = b"\r\x1b[K";
 
 impl Drop for Handle {
     fn drop(&mut self) {
@@ -100,14 +132,23 @@ impl std::fmt::Debug for OutputStream {
     }
 }
 
-fn writer_thread(queue: &Queue, target: Target) {
+fn writer_thread(queue: &Queue, target: Target, terminal: &Terminal) {
+    let on_terminal = terminal.stderr_is_tty
+        && match target {
+            Target::Stdout => terminal.stdout_is_tty,
+            Target::Stderr => true,
+        };
     loop {
         let chunk = {
             let mut state = queue.lock();
             loop {
                 if let Some(chunk) = state.chunks.pop_front() {
                     state.writing = true;
-                    break chunk;
+                    break Some(chunk);
+                }
+                if std::mem::take(&mut state.redraw) {
+                    state.writing = true;
+                    break None;
                 }
                 if state.closed {
                     return;
@@ -115,13 +156,36 @@ fn writer_thread(queue: &Queue, target: Target) {
                 state = queue.work.wait(state).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let written = match target {
+        let write = |bytes: &[u8]| match target {
             Target::Stdout => {
                 let mut out = std::io::stdout().lock();
-                out.write_all(&chunk).and_then(|()| out.flush())
+                out.write_all(bytes).and_then(|()| out.flush())
             }
-            Target::Stderr => std::io::stderr().lock().write_all(&chunk),
+            Target::Stderr => std::io::stderr().lock().write_all(bytes),
         };
+        let written = match (&chunk, on_terminal) {
+            (Some(chunk), false) => write(chunk),
+            (chunk, true) => {
+                // Above the status line: clear it, write, draw it again.
+                let _drawing = terminal.drawing.lock().unwrap_or_else(|e| e.into_inner());
+                let status = terminal.line();
+                let mut err = std::io::stderr().lock();
+                let drawn = !status.is_empty() || chunk.is_none();
+                let mut result = Ok(());
+                if drawn {
+                    result = err.write_all(CLEAR_LINE);
+                }
+                if let Some(chunk) = chunk {
+                    result = result.and_then(|()| write(chunk));
+                }
+                if drawn && !status.is_empty() {
+                    result = result.and_then(|()| err.write_all(status.as_bytes()));
+                }
+                result
+            }
+            (None, false) => Ok(()),
+        };
+        let chunk = chunk.unwrap_or_default();
         let mut state = queue.lock();
         state.writing = false;
         state.bytes = state.bytes.saturating_sub(chunk.len());
@@ -141,21 +205,74 @@ impl OutputStream {
     /// A handle to `target`, with a writer thread of its own. If the thread cannot be
     /// started, writes fail (and log lines are dropped) instead of blocking.
     pub fn new(target: Target) -> Self {
+        Self::with_terminal(target, Arc::new(Terminal::default()))
+    }
+
+    /// Handles to stdout and stderr that share a status line
+    /// ([`OutputStream::set_status`]), drawn when stderr is a terminal.
+    pub fn pair() -> (Self, Self) {
+        use std::io::IsTerminal;
+        let terminal = Arc::new(Terminal {
+            status: Mutex::new(String::new()),
+            drawing: Mutex::new(()),
+            stderr_is_tty: std::io::stderr().is_terminal(),
+            stdout_is_tty: std::io::stdout().is_terminal(),
+        });
+        (
+            Self::with_terminal(Target::Stdout, terminal.clone()),
+            Self::with_terminal(Target::Stderr, terminal),
+        )
+    }
+
+    /// Whether a status line set here would be shown (stderr is a terminal).
+    pub fn shows_status(&self) -> bool {
+        self.handle.terminal.stderr_is_tty
+    }
+
+    /// Shows `line` (one line, no newline) at the bottom of the terminal, below the
+    /// output, until it is changed; an empty `line` removes it. Never waits: the
+    /// stderr writer thread draws it. Nothing is shown unless the stream was made by
+    /// [`OutputStream::pair`] and stderr is a terminal.
+    pub fn set_status(&self, line: &str) {
+        let terminal = &self.handle.terminal;
+        if !terminal.stderr_is_tty {
+            return;
+        }
+        {
+            let mut status = terminal.lock();
+            if *status == line {
+                return;
+            }
+            status.clear();
+            status.push_str(line);
+        }
+        // The stderr stream's thread draws; from the stdout handle, the next chunk does.
+        if self.handle.target == Target::Stderr {
+            self.queue().lock().redraw = true;
+            self.queue().work.notify_one();
+        }
+    }
+
+    fn with_terminal(target: Target, terminal: Arc<Terminal>) -> Self {
         let queue = Arc::new(Queue {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             idle: Condvar::new(),
             room: tokio::sync::Notify::new(),
         });
-        let for_thread = queue.clone();
+        let for_thread = (queue.clone(), terminal.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("localnet-{target:?}").to_lowercase())
-            .spawn(move || writer_thread(&for_thread, target));
+            .spawn(move || writer_thread(&for_thread.0, target, &for_thread.1));
         if let Err(e) = spawned {
             queue.lock().failed = Some(e.kind());
         }
         Self {
-            handle: Arc::new(Handle { queue, target }),
+            handle: Arc::new(Handle {
+                queue,
+                target,
+                terminal,
+            }),
         }
     }
 

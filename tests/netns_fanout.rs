@@ -312,3 +312,346 @@ fn connect_timeout_bounds_a_slave_that_takes_no_connection() {
         "{took:?}: the default is 5 s"
     );
 }
+
+/// `localnet master --key-file KEY --wait 5s --slaves N EXTRA...` on host 0, as a
+/// command to finish (stdin, stdout and stderr are the caller's to set).
+fn master_command(lan: &Lan, key: &str, slaves: usize, extra: &[&str]) -> std::process::Command {
+    let mut command = lan.command(0, &binary());
+    let n = slaves.to_string();
+    command.args([
+        "master",
+        "--interface",
+        "eth0",
+        "--key-file",
+        key,
+        "--wait",
+        "5s",
+    ]);
+    command.args(["--slaves", &n]).args(extra);
+    command
+}
+
+/// `n` bytes that do not repeat in any short period (so a lost or doubled chunk shows).
+fn pseudo_random(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The resident set of process `pid`, in kB.
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every slave printed `digest  -` (sha256sum of its stdin) and nothing else.
+fn assert_every_digest(stdout: &str, names: &[&str], digest: &str) {
+    let mut lines: Vec<&str> = stdout.lines().collect();
+    lines.sort();
+    let expected: Vec<String> = names.iter().map(|n| format!("{n}: {digest}  -")).collect();
+    assert_eq!(lines, expected, "{stdout}");
+}
+
+#[test]
+fn stdin_from_a_pipe_reaches_every_job_whole_with_bounded_memory() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let Some(lan) = Lan::new("stdin", 133, 6) else {
+        return;
+    };
+    let names = ["p1", "p2", "p3", "p4", "p5"];
+    let key = named_slaves(&lan, &names);
+    let data = pseudo_random(50 << 20);
+    let digest = sha256_hex(&data);
+    let mut child = master_command(&lan, &key, 5, &["--", "sha256sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("master");
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&data).expect("write stdin");
+    });
+    // The master's resident set while 250 MB go through it (50 MB to each of 5).
+    let sampler = std::thread::spawn(move || {
+        let mut most = 0;
+        while let Some(kb) = rss_kb(pid) {
+            most = most.max(kb);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        most
+    });
+    let out = child.wait_with_output().expect("master output");
+    writer.join().expect("writer");
+    let most_kb = sampler.join().expect("sampler");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_every_digest(&text(&out.stdout), &names, &digest);
+    assert!(
+        most_kb < 40 * 1024,
+        "the master held {most_kb} kB at most while broadcasting 50 MB: memory is not bounded"
+    );
+}
+
+#[test]
+fn stdin_from_a_file_reaches_every_job_even_in_a_window_and_a_pipe_needs_all_at_once() {
+    use std::process::Stdio;
+    let Some(lan) = Lan::new("stdinf", 134, 6) else {
+        return;
+    };
+    let names = ["f1", "f2", "f3", "f4", "f5"];
+    let key = named_slaves(&lan, &names);
+    let data = pseudo_random(3 << 20);
+    let path = lan.dir().join("input");
+    std::fs::write(&path, &data).expect("input file");
+    // A file is read by each job from its start: jobs started late by --fanout get it all.
+    let out = master_command(&lan, &key, 5, &["--fanout", "2", "--", "sha256sum"])
+        .stdin(std::fs::File::open(&path).expect("open input"))
+        .output()
+        .expect("master");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_every_digest(&text(&out.stdout), &names, &sha256_hex(&data));
+    // A pipe is read once: a window would starve the later jobs, so it is refused.
+    let out = master_command(&lan, &key, 5, &["--fanout", "2", "--", "sha256sum"])
+        .stdin(Stdio::piped())
+        .output()
+        .expect("master");
+    assert_eq!(out.status.code(), Some(1));
+    assert_contains(&text(&out.stderr), "stdin is a pipe");
+    assert_contains(&text(&out.stderr), "--no-stdin");
+    // --no-stdin: every job reads end-of-file at once.
+    let out = master_command(&lan, &key, 5, &["--no-stdin", "--", "wc", "-c"])
+        .stdin(std::fs::File::open(&path).expect("open input"))
+        .output()
+        .expect("master");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    lines.sort();
+    let zero: Vec<String> = names.iter().map(|n| format!("{n}: 0")).collect();
+    assert_eq!(lines, zero);
+}
+
+#[test]
+fn name_address_and_rank_are_substituted_in_each_slaves_command() {
+    let Some(lan) = Lan::new("subst", 135, 4) else {
+        return;
+    };
+    let key = named_slaves(&lan, &["r2", "r1", "r3"]);
+    let out = master_command(
+        &lan,
+        &key,
+        3,
+        &["--", "echo", "{name}@{addr}#{rank}", "{other}"],
+    )
+    .output()
+    .expect("master");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    lines.sort();
+    // Host i+1 runs names[i]; ranks follow name order.
+    let expected: Vec<String> = [("r1", 2, 0), ("r2", 1, 1), ("r3", 3, 2)]
+        .iter()
+        .map(|(name, host, rank)| format!("{name}: {name}@{}#{rank} {{other}}", lan.ip(*host)))
+        .collect();
+    assert_eq!(lines, expected);
+}
+
+#[test]
+fn copy_sends_files_with_their_mode_and_rcopy_fetches_each_slaves_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(lan) = Lan::new("copy", 136, 6) else {
+        return;
+    };
+    let names = ["c1", "c2", "c3", "c4", "c5"];
+    let key = named_slaves(&lan, &names);
+    // The slaves share this machine's file system: each gets a directory of its own
+    // through {name} in DEST.
+    let root = lan.dir().join("slaves");
+    for name in names {
+        std::fs::create_dir_all(root.join(name)).expect("slave dir");
+    }
+    let data = pseudo_random(8 << 20);
+    let source = lan.dir().join("tool.bin");
+    std::fs::write(&source, &data).expect("source");
+    std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let dest = format!("{}/{{name}}/", root.display());
+    let copy = |args: &[&str]| {
+        let mut command = lan.command(0, &binary());
+        command.args([
+            "copy",
+            "--interface",
+            "eth0",
+            "--key-file",
+            &key,
+            "--wait",
+            "5s",
+        ]);
+        command.args(["--slaves", "5"]).args(args);
+        command.output().expect("copy")
+    };
+    let out = copy(&[source.to_str().unwrap(), &dest]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for name in names {
+        let placed = root.join(name).join("tool.bin");
+        let got = std::fs::read(&placed).expect("copied file");
+        assert_eq!(sha256_hex(&got), sha256_hex(&data), "{name}");
+        let mode = std::fs::metadata(&placed).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o750, "{name}");
+    }
+    // Each slave's own file back, as NAME appended, with its mode.
+    for name in names {
+        let own = root.join(name).join("own.log");
+        std::fs::write(&own, format!("the log of {name}\n").repeat(10_000)).expect("own");
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    }
+    let back = lan.dir().join("back");
+    let remote = format!("{}/{{name}}/own.log", root.display());
+    let out = copy(&["--rcopy", &remote, back.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for name in names {
+        let fetched = back.join(format!("own.log.{name}"));
+        let got = std::fs::read(&fetched).expect("fetched file");
+        let own = std::fs::read(root.join(name).join("own.log")).expect("own");
+        assert_eq!(sha256_hex(&got), sha256_hex(&own), "{name}");
+        let mode = std::fs::metadata(&fetched).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o640, "{name}");
+    }
+    // What cannot be copied says why: a directory, a relative destination, a file
+    // that is not there on one slave.
+    let out = copy(&[root.to_str().unwrap(), &dest]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_contains(&text(&out.stderr), "is a directory; copy sends files");
+    let out = copy(&[source.to_str().unwrap(), "relative/"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_contains(&text(&out.stderr), "not an absolute path");
+    std::fs::remove_file(root.join("c3").join("own.log")).expect("remove");
+    let out = copy(&["--rcopy", &remote, back.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_contains(&text(&out.stderr), "localnet: failed: c3 (");
+    assert_contains(&text(&out.stderr), "own.log: No such file or directory");
+}
+
+#[test]
+fn ctrl_c_says_who_runs_and_a_second_within_a_second_kills_every_job() {
+    let Some(lan) = Lan::new("ctrlc", 137, 4) else {
+        return;
+    };
+    let names = ["k1", "k2", "k3"];
+    let key = named_slaves(&lan, &names);
+    let bin = binary();
+    let args = [
+        "master",
+        "--interface",
+        "eth0",
+        "--key-file",
+        &key,
+        "--wait",
+        "5s",
+        "--slaves",
+        "3",
+        "--",
+        "sleep",
+        "3017",
+    ];
+    let pid = lan.spawn(0, "master", &bin, &args);
+    // The jobs, not the master (whose command line holds the same words).
+    let jobs = || {
+        support::pids_matching("sleep 3017")
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.starts_with(b"sleep\0"))
+            })
+            .count()
+    };
+    assert!(
+        support::eventually(Duration::from_secs(10), || jobs() == 3),
+        "the jobs started"
+    );
+    // One Ctrl-C: who is still running; nothing is killed.
+    lan.signal(pid, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(support::alive(pid), "one Ctrl-C does not end the master");
+    assert_eq!(jobs(), 3);
+    assert_contains(
+        &lan.log("master"),
+        "still running on k[1-3] (3); Ctrl-C again within 1 s kills them",
+    );
+    // Two within a second: every job is killed, the master ends with 130.
+    lan.signal(pid, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(200));
+    lan.signal(pid, libc::SIGINT);
+    assert_eq!(
+        lan.wait(pid, Duration::from_secs(10)),
+        Some(130),
+        "{}",
+        lan.log("master")
+    );
+    assert!(
+        support::eventually(Duration::from_secs(3), || jobs() == 0),
+        "no job is left behind"
+    );
+    assert_contains(&lan.log("master"), "killing the jobs on k[1-3]");
+    assert_contains(&lan.log("master"), "killed by signal 9: k[1-3] (3)");
+}
+
+#[test]
+fn on_a_terminal_a_progress_line_stays_below_the_output() {
+    let Some(lan) = Lan::new("prog", 138, 4) else {
+        return;
+    };
+    if !support::tool_available("script", "util-linux") {
+        return;
+    }
+    let names = ["t1", "t2", "t3"];
+    let key = named_slaves(&lan, &names);
+    // Under `script`, the master's stdout and stderr are a terminal.
+    let command = format!(
+        "{} master --interface eth0 --key-file {key} --wait 5s --slaves 3 -- \
+         sh -c 'sleep 0.3; echo hi; sleep 0.3; echo bye >&2; sleep 0.3'",
+        binary().display()
+    );
+    let out = lan
+        .command(0, std::path::Path::new("script"))
+        .args(["-qefc", &command, "/dev/null"])
+        .output()
+        .expect("script");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let tty = text(&out.stdout);
+    assert_contains(&tty, "0/3 done · 3 running");
+    const CLEAR: &str = "\r\x1b[K";
+    // Every line of output starts on a cleared line (or after another line of the
+    // same chunk), never after the progress text.
+    for name in names {
+        for line in [format!("{name}: hi"), format!("{name}: bye")] {
+            let at = tty
+                .find(&line)
+                .unwrap_or_else(|| panic!("no {line:?} in {tty:?}"));
+            let before = &tty[..at];
+            assert!(
+                before.ends_with(CLEAR) || before.ends_with('\n'),
+                "{line:?} follows {:?}",
+                &before[before.len().saturating_sub(30)..]
+            );
+        }
+    }
+    // The line is gone at the end.
+    assert!(
+        tty.ends_with(CLEAR),
+        "{:?}",
+        &tty[tty.len().saturating_sub(60)..]
+    );
+}

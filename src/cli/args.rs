@@ -46,6 +46,9 @@ pub enum Command {
     Slave(SlaveArgs),
     /// Find slaves, run a command on each, print their output as `name: line`.
     Master(MasterArgs),
+    /// Copy files to slaves (or back from them with --rcopy), verified by SHA-256, with
+    /// their mode; needs a cluster key, as commands do (or slaves run with --insecure).
+    Copy(CopyArgs),
     /// Terminate slaves: they kill their jobs, say goodbye and exit.
     Terminate(TerminateArgs),
     /// Manage cluster keys.
@@ -173,8 +176,9 @@ pub struct SlaveArgs {
     pub net: NetArgs,
 }
 
+/// Which slaves `master` and `copy` act on, and how they are reached.
 #[derive(Args)]
-pub struct MasterArgs {
+pub struct SelectArgs {
     /// Wait for this many slaves (returns early once they are known; an error if fewer
     /// are found within --wait).
     #[arg(long, value_name = "N")]
@@ -194,14 +198,10 @@ pub struct MasterArgs {
     /// Leave out the slaves named in this node set.
     #[arg(long, value_name = "SET", value_parser = parse_node_set)]
     pub exclude: Option<NodeSet>,
-    /// At most N jobs at once: a sliding window, the next slave (in name order) starts
-    /// when a running job ends (default: every slave at once).
+    /// At most N slaves at work at once: a sliding window, the next slave (in name
+    /// order) starts when one ends (default: every slave at once).
     #[arg(long, short = 'f', value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub fanout: Option<u64>,
-    /// Exit with the largest exit code of the remote commands when one failed (pdsh's
-    /// -S), instead of 1.
-    #[arg(long)]
-    pub max_exit: bool,
     /// Run on N slaves chosen at random among those that match (all of them if fewer).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub pick: Option<u64>,
@@ -209,6 +209,21 @@ pub struct MasterArgs {
     /// open within this long (pdsh's -t; --timeout is the command's, pdsh's -u).
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub connect_timeout: Duration,
+    /// A local daemon's control socket to ask for slaves first.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+#[derive(Args)]
+pub struct MasterArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Exit with the largest exit code of the remote commands when one failed (pdsh's
+    /// -S), instead of 1.
+    #[arg(long)]
+    pub max_exit: bool,
     /// Kill the command on a slave after this long.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, allow_hyphen_values = true)]
     pub timeout: Option<Duration>,
@@ -244,14 +259,33 @@ pub struct MasterArgs {
     /// Also show the slaves' own log lines, on stderr as `name: LEVEL line`.
     #[arg(long)]
     pub slave_logs: bool,
-    /// A local daemon's control socket to ask for slaves first.
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
-    #[command(flatten)]
-    pub net: NetArgs,
-    /// The command to run on every slave.
+    /// Give the command /dev/null as its stdin. Without it, the command's stdin is this
+    /// command's: a file (`< FILE`) is read by every job from its start, a pipe is
+    /// broadcast to every job as it comes (the slowest job sets the pace; memory stays
+    /// bounded), and a terminal or /dev/null gives no input.
+    #[arg(long, short = 'n')]
+    pub no_stdin: bool,
+    /// The command to run on every slave. `{name}`, `{addr}` and `{rank}` in it become
+    /// each slave's name, IP address and rank (0, 1, ... in name order), as pdsh's %h.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// `localnet copy`: files to slaves, or back from them.
+#[derive(Args)]
+pub struct CopyArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Fetch SRC (paths on the slaves) from every slave into the local directory DEST,
+    /// each as `DEST/<file name>.<slave name>` (clush --rcopy).
+    #[arg(long)]
+    pub rcopy: bool,
+    /// SRC... DEST: local files and an absolute path on the slaves (a directory there,
+    /// or with several SRC or a trailing `/`, one that must be; else the file's new
+    /// path). With --rcopy: absolute paths on the slaves and a local directory.
+    /// `{name}`, `{addr}` and `{rank}` in the slaves' paths become each slave's own.
+    #[arg(required = true, num_args = 2.., value_name = "SRC... DEST")]
+    pub paths: Vec<String>,
 }
 
 #[derive(Args)]

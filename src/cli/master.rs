@@ -11,14 +11,16 @@ use localnet::{ExecEvent, JobExit, LineSplitter, Master, MasterError, NodeId, St
 use tokio::io::AsyncWriteExt;
 
 use super::Stdio;
-use super::args::{Cli, MasterArgs};
+use super::args::{Cli, MasterArgs, SelectArgs};
 use super::gather::{self, GATHER_CAP, Gathered};
 use super::output::{CappedOutput, describe_matches, hint_text, job_result};
+use super::progress::{Progress, killed};
+use super::stdin::{JobStdin, StdinFeeds, StdinSource, feed};
 
 /// Finds slaves, runs the command on each and reports those that failed; any failure
 /// is an error.
 pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
-    if args.raw && args.slaves.is_some_and(|n| n != 1) {
+    if args.raw && args.select.slaves.is_some_and(|n| n != 1) {
         use clap::CommandFactory;
         Cli::command()
             .error(
@@ -40,74 +42,15 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             .await
             .with_context(|| format!("cannot make the output directory {}", dir.display()))?;
     }
-    let tags: BTreeMap<String, String> = args.tags.iter().cloned().collect();
-    // --raw must know that the selection matches one slave only: it looks for the whole
-    // --wait (or takes the daemon's whole list) instead of stopping at the first answer.
-    // A count to wait for counts every matching slave, whatever its name: with a node
-    // set, the whole search (or the daemon's list) is taken, and counted after it.
-    let named = args.nodes.is_some() || args.exclude.is_some();
-    let wanted = if args.raw || named { None } else { args.slaves };
+    let stdin = match args.no_stdin {
+        true => StdinSource::None,
+        false => StdinSource::of_this_process(),
+    };
     // The key is loaded once (a warning about its mode is said once).
-    let opts = super::backend_options(&args.net, args.control.clone())?;
-    let stderr = stdio.err.clone();
-    let log_sink: localnet::LogSink =
-        Arc::new(move |slave: &str, line: &str| stderr.log_line(&format!("{slave}: {line}")));
-    let master = Master::new(
-        &localnet::host_name(),
-        opts.discovery.key.clone(),
-        Some(log_sink),
-    );
-    master.set_connect_timeout(args.connect_timeout);
-    // Connections open while the search goes on: the command starts as soon as it ends.
-    let localnet::Discovered { slaves, hints } =
-        super::find_slaves(&opts, wanted, args.wait, &tags, Some(&master)).await?;
-    let Selection { slaves, missing } = select(slaves, args.nodes.as_ref(), args.exclude.as_ref());
-    if let Some(n) = args.slaves
-        && slaves.len() < n
-    {
-        match hints.is_empty() {
-            true => bail!(
-                "found only {} of {n} slaves within {} (check that they run with the same --group, --port and key, \
-                 and `localnet peers` lists them)",
-                slaves.len(),
-                humantime::format_duration(args.wait)
-            ),
-            false => bail!(
-                "found only {} of {n} slaves within {}{}",
-                slaves.len(),
-                humantime::format_duration(args.wait),
-                hint_text(&hints)
-            ),
-        }
-    }
-    if slaves.is_empty() && named {
-        match (&args.nodes, missing.is_empty()) {
-            (Some(_), false) => bail!(
-                "no slave found within {} is in the node set (missing: {})",
-                humantime::format_duration(args.wait),
-                fold_names(&missing)
-            ),
-            _ => bail!(
-                "every slave found within {} is left out by --nodes and --exclude",
-                humantime::format_duration(args.wait)
-            ),
-        }
-    }
-    if slaves.is_empty() {
-        match hints.is_empty() {
-            true => bail!(
-                "no slaves found within {}; start some with `localnet slave`",
-                humantime::format_duration(args.wait)
-            ),
-            false => bail!(
-                "no slaves found within {}{}",
-                humantime::format_duration(args.wait),
-                hint_text(&hints)
-            ),
-        }
-    }
-    // --slaves counts the matching slaves, before --pick chooses among them.
-    let slaves = pick(slaves, args.pick.map(to_usize));
+    let opts = super::backend_options(&args.select.net, args.select.control.clone())?;
+    let master = new_master(&opts, &args.select, stdio);
+    let Chosen { slaves, missing } = choose(&args.select, &opts, args.raw, &master).await?;
+    let select = &args.select;
     if args.raw && slaves.len() > 1 {
         bail!(
             "--raw runs the command on exactly one slave, but {} match: {}; select one with --nodes NAME or --tag KEY=VALUE",
@@ -115,28 +58,42 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             describe_matches(&slaves)
         );
     }
-    let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
-    master.add_known(&nodes);
+    if matches!(stdin, StdinSource::Pipe)
+        && let Some(n) = select.fanout.map(to_usize)
+        && n < slaves.len()
+    {
+        bail!(
+            "stdin is a pipe, and its bytes go to every job as they come: with --fanout {n} below the {} slaves, \
+             later jobs would miss what earlier ones read. Redirect stdin from a file (< FILE), leave out --fanout, \
+             or give no input with --no-stdin",
+            slaves.len()
+        );
+    }
     // The sliding window of --fanout: a job starts when one of the running ends.
     let most = tokio::sync::Semaphore::MAX_PERMITS;
     let window = Arc::new(tokio::sync::Semaphore::new(
-        args.fanout.map_or(most, |n| to_usize(n).min(most)),
+        select.fanout.map_or(most, |n| to_usize(n).min(most)),
     ));
+    let mut feeds = StdinFeeds::new(stdin, slaves.len()).context("cannot read stdin")?;
+    let progress = Progress::start(stdio, slaves.len(), mode != OutputMode::Raw);
     let mut jobs = Vec::new();
-    for peer in &slaves {
+    for (rank, peer) in slaves.iter().enumerate() {
+        let stdin = feeds.stdin_for(rank);
         let window = window.clone();
         let gathered = gathered.clone();
         let output_dir = args.output_dir.clone();
         let master = master.clone();
         let node = NodeId::new(peer.addr);
         let name = peer.name.clone();
-        let argv = args.command.clone();
+        let argv = substitute(&args.command, &peer.name, peer.addr.ip(), rank);
         let timeout = args.timeout;
         let slave_logs = args.slave_logs;
         let stdio = stdio.clone();
+        let progress = progress.clone();
         jobs.push(tokio::spawn(async move {
             // Never closed, so acquiring fails only if it were; then run unlimited.
             let _permit = window.acquire().await.ok();
+            progress.started(&name);
             let job = Job {
                 master: &master,
                 node,
@@ -146,8 +103,11 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
                 slave_logs,
                 gathered: &gathered,
                 output_dir: output_dir.as_deref(),
+                stdin,
+                kill: progress.kill_signal(),
             };
             let outcome = run_on_slave(job, argv, &stdio).await;
+            progress.ended(&name, outcome.as_ref().is_ok_and(JobExit::success));
             (name, node, outcome)
         }));
     }
@@ -159,7 +119,7 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
             "{} ({}): not found within {} (missing)",
             fold_names(&missing),
             missing.len(),
-            humantime::format_duration(args.wait)
+            humantime::format_duration(select.wait)
         ));
         by_kind.insert(Failure::Missing, missing.clone());
     }
@@ -208,6 +168,7 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     }
     // Job output first (it is written by another thread), then the verdict: a line per
     // failed slave, then (when several failed) one per way of failing, as a node set.
+    progress.finish();
     stdio.out.flush().await;
     let mut verdict: String = failures
         .iter()
@@ -221,6 +182,13 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     }
     stdio.err.write(verdict.into_bytes()).await?;
     stdio.err.flush().await;
+    if progress.killed() {
+        return Err(super::ExitStatus {
+            code: 130,
+            why: "interrupted: every job still running was killed".into(),
+        }
+        .into());
+    }
     let failed = failures.len() - usize::from(!missing.is_empty());
     let why = match (failed, missing.len()) {
         (0, 0) => return Ok(()),
@@ -244,6 +212,96 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         (true, Some(code)) => Err(super::ExitStatus { code, why }.into()),
         _ => bail!(why),
     }
+}
+
+/// The master of a run: named after this host, with the cluster key, slaves' log lines
+/// on stderr, and the connect timeout of `select`.
+pub(super) fn new_master(
+    opts: &localnet::BackendOptions,
+    select: &SelectArgs,
+    stdio: &Stdio,
+) -> Master {
+    let stderr = stdio.err.clone();
+    let log_sink: localnet::LogSink =
+        Arc::new(move |slave: &str, line: &str| stderr.log_line(&format!("{slave}: {line}")));
+    let master = Master::new(
+        &localnet::host_name(),
+        opts.discovery.key.clone(),
+        Some(log_sink),
+    );
+    master.set_connect_timeout(select.connect_timeout);
+    master
+}
+
+/// The slaves a run goes to.
+pub(super) struct Chosen {
+    /// The slaves, in name order.
+    pub slaves: Vec<localnet::Peer>,
+    /// Names of `--nodes` that were not found.
+    pub missing: Vec<String>,
+}
+
+/// Finds the slaves `select` asks for (connecting to each as it is found), keeps those
+/// of `--nodes` less `--exclude`, checks `--slaves` and picks `--pick` of them; an
+/// error says why none would do. `whole_search`: look for the whole `--wait` (or take
+/// the daemon's whole list) even with a count, to know that no other slave matches.
+pub(super) async fn choose(
+    select: &SelectArgs,
+    opts: &localnet::BackendOptions,
+    whole_search: bool,
+    master: &Master,
+) -> Result<Chosen> {
+    let tags: BTreeMap<String, String> = select.tags.iter().cloned().collect();
+    // A count to wait for counts every matching slave, whatever its name: with a node
+    // set, the whole search (or the daemon's list) is taken, and counted after it.
+    let named = select.nodes.is_some() || select.exclude.is_some();
+    let wanted = if whole_search || named {
+        None
+    } else {
+        select.slaves
+    };
+    // Connections open while the search goes on: the work starts as soon as it ends.
+    let localnet::Discovered { slaves, hints } =
+        super::find_slaves(opts, wanted, select.wait, &tags, Some(master)).await?;
+    let Selection { slaves, missing } =
+        self::select(slaves, select.nodes.as_ref(), select.exclude.as_ref());
+    let wait = humantime::format_duration(select.wait);
+    if let Some(n) = select.slaves
+        && slaves.len() < n
+    {
+        match hints.is_empty() {
+            true => bail!(
+                "found only {} of {n} slaves within {wait} (check that they run with the same --group, --port and key, \
+                 and `localnet peers` lists them)",
+                slaves.len(),
+            ),
+            false => bail!(
+                "found only {} of {n} slaves within {wait}{}",
+                slaves.len(),
+                hint_text(&hints)
+            ),
+        }
+    }
+    if slaves.is_empty() && named {
+        match (&select.nodes, missing.is_empty()) {
+            (Some(_), false) => bail!(
+                "no slave found within {wait} is in the node set (missing: {})",
+                fold_names(&missing)
+            ),
+            _ => bail!("every slave found within {wait} is left out by --nodes and --exclude"),
+        }
+    }
+    if slaves.is_empty() {
+        match hints.is_empty() {
+            true => bail!("no slaves found within {wait}; start some with `localnet slave`"),
+            false => bail!("no slaves found within {wait}{}", hint_text(&hints)),
+        }
+    }
+    // --slaves counts the matching slaves, before --pick chooses among them.
+    let slaves = pick(slaves, select.pick.map(to_usize));
+    let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
+    master.add_known(&nodes);
+    Ok(Chosen { slaves, missing })
 }
 
 /// Writes `--gather`'s or `--by-node`'s blocks: each header and its stdout on stdout,
@@ -271,7 +329,7 @@ async fn write_blocks(blocks: Vec<gather::Block>, stdio: &Stdio) -> Result<()> {
 
 /// How a slave's run failed, as the summary groups them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Failure {
+pub(super) enum Failure {
     /// The command exited with this code (not 0).
     Exited(u8),
     /// The command was killed by this signal.
@@ -306,13 +364,16 @@ impl Failure {
         }
     }
 
-    fn of_error(error: &anyhow::Error) -> Failure {
+    pub(super) fn of_error(error: &anyhow::Error) -> Failure {
         use localnet::transport::TransportError as T;
         match error.downcast_ref::<MasterError>() {
             Some(MasterError::Connect {
                 source: T::KeyRequired | T::NoKeyExpected | T::Handshake,
                 ..
             }) => Failure::Refused,
+            Some(MasterError::Remote { error, .. }) if error.starts_with("refused:") => {
+                Failure::Refused
+            }
             Some(MasterError::Remote { .. }) => Failure::NotRun,
             _ => Failure::Unreachable,
         }
@@ -341,7 +402,7 @@ struct Selection {
 }
 
 /// A slave's name as a file name: no `/`, not `.` or `..`.
-fn file_name(name: &str) -> String {
+pub(super) fn file_name(name: &str) -> String {
     match name.replace(['/', '\0'], "_") {
         dots if dots == "." || dots == ".." => format!("_{dots}"),
         safe => safe,
@@ -357,11 +418,11 @@ fn named_slaves(n: usize) -> String {
 }
 
 /// A count from the command line (a `u64`) as a `usize`, saturating.
-fn to_usize(n: u64) -> usize {
+pub(super) fn to_usize(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
 }
 
-fn fold_names(names: &[String]) -> String {
+pub(super) fn fold_names(names: &[String]) -> String {
     localnet::nodeset::fold(names.iter().map(String::as_str))
 }
 
@@ -406,6 +467,53 @@ fn pick(mut slaves: Vec<localnet::Peer>, n: Option<usize>) -> Vec<localnet::Peer
     slaves
 }
 
+/// A task that is aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The command for one slave: `{name}`, `{addr}` and `{rank}` in its words replaced by
+/// the slave's name, IP address and rank.
+pub(super) fn substitute(
+    command: &[String],
+    name: &str,
+    addr: std::net::IpAddr,
+    rank: usize,
+) -> Vec<String> {
+    let (addr, rank) = (addr.to_string(), rank.to_string());
+    command
+        .iter()
+        .map(|word| {
+            // One pass: a name that contains `{rank}` stays as it is.
+            let mut out = String::with_capacity(word.len());
+            let mut rest = word.as_str();
+            while let Some(at) = rest.find('{') {
+                out.push_str(&rest[..at]);
+                rest = &rest[at..];
+                let token = [("{name}", name), ("{addr}", &addr), ("{rank}", &rank)]
+                    .into_iter()
+                    .find(|(token, _)| rest.starts_with(token));
+                match token {
+                    Some((token, value)) => {
+                        out.push_str(value);
+                        rest = &rest[token.len()..];
+                    }
+                    None => {
+                        out.push('{');
+                        rest = &rest[1..];
+                    }
+                }
+            }
+            out.push_str(rest);
+            out
+        })
+        .collect()
+}
+
 /// One slave's job, as `run_on_slave` runs it.
 struct Job<'a> {
     master: &'a Master,
@@ -418,6 +526,10 @@ struct Job<'a> {
     gathered: &'a std::sync::Mutex<Vec<Gathered>>,
     /// `--output-dir`.
     output_dir: Option<&'a std::path::Path>,
+    /// Its stdin, if it gets one.
+    stdin: Option<JobStdin>,
+    /// Becomes true when the job is to be killed (a second Ctrl-C).
+    kill: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How `localnet master` shows a job's output.
@@ -448,6 +560,8 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
         slave_logs,
         gathered,
         output_dir,
+        stdin,
+        mut kill,
     } = job;
     if slave_logs {
         master.redirect_logs_here(&[node]).await?;
@@ -468,7 +582,13 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
             Some([open("out").await?, open("err").await?])
         }
     };
-    let mut job = master.exec(node, argv, timeout).await?;
+    let (mut job, mut feeding) = match stdin {
+        None => (master.exec(node, argv, timeout).await?, None),
+        Some(stdin) => {
+            let (job, input) = master.exec_with_input(node, argv, timeout).await?;
+            (job, Some(AbortOnDrop(tokio::spawn(feed(input, stdin)))))
+        }
+    };
     let target = |stream| match stream {
         Stream::Stdout => &stdio.out,
         Stream::Stderr => &stdio.err,
@@ -492,8 +612,17 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
         _ => [CappedOutput::default(), CappedOutput::default()],
     };
     let mut splitters = [LineSplitter::default(), LineSplitter::default()];
+    let mut killing = false;
     let exit = loop {
-        match job.next().await {
+        let event = tokio::select! {
+            event = job.next() => event,
+            () = killed(&mut kill), if !killing => {
+                killing = true;
+                job.kill().await;
+                continue;
+            }
+        };
+        match event {
             Some(ExecEvent::Output(stream, data)) => {
                 if let Some(files) = &mut files {
                     let (path, file) = &mut files[index(stream)];
@@ -518,6 +647,7 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
                 tokio::task::yield_now().await;
             }
             Some(ExecEvent::Exit(exit)) => {
+                drop(feeding.take()); // the job takes no more input
                 for (path, file) in files.iter_mut().flatten() {
                     file.flush()
                         .await

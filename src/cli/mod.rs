@@ -3,6 +3,7 @@
 //! network options into the library's options, reaching the daemon, finding slaves.
 
 pub mod args;
+pub mod copy;
 pub mod daemon;
 pub mod docs;
 pub mod gather;
@@ -10,7 +11,9 @@ pub mod key;
 pub mod master;
 pub mod output;
 pub mod peers;
+pub mod progress;
 pub mod slave;
+pub mod stdin;
 pub mod terminate;
 pub mod watch;
 
@@ -23,7 +26,7 @@ use localnet::control::{self, ControlClient, ControlError};
 use localnet::{BackendOptions, ClusterKey, Discovered, Master, NodeId, NodeOptions, Peer};
 
 use args::NetArgs;
-use localnet::stdio::{OutputStream, Target};
+use localnet::stdio::OutputStream;
 
 /// The process's output streams, made once in `main` and handed to the subcommands that
 /// write job output (see [`localnet::stdio`]: nothing written there blocks the runtime).
@@ -36,12 +39,11 @@ pub struct Stdio {
 }
 
 impl Stdio {
-    /// One writer thread per stream.
+    /// One writer thread per stream; they share a status line (drawn on stderr when it
+    /// is a terminal).
     pub fn new() -> Self {
-        Self {
-            out: OutputStream::new(Target::Stdout),
-            err: OutputStream::new(Target::Stderr),
-        }
+        let (out, err) = OutputStream::pair();
+        Self { out, err }
     }
 
     /// Waits (outside the runtime) until everything queued has been written.
