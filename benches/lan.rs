@@ -4,8 +4,8 @@
 //! ```text
 //! cargo bench --bench lan -- --nodes 5,20,50 --repeat 5 [--idle-secs 30]
 //!     [--systems localnet,serf,avahi,pdsh,clush,socat,ssh] [--localnet-args "--heartbeat 1s"]
-//!     [--rows discovery,fanout,lines,terminate,oneshot,simple,throughput]
-//!     [--oneshot-repeat 20] [--throughput-lines 10000000]
+//!     [--rows discovery,fanout,lines,terminate,oneshot,simple,throughput,copy]
+//!     [--oneshot-repeat 20] [--throughput-lines 10000000] [--copy-mb 100]
 //! ```
 //!
 //! For each LAN size it builds one LAN of network namespaces and runs each system on the
@@ -36,6 +36,12 @@
 //!   per second of the job's output (`--throughput-lines` lines of 101 bytes, 10 M),
 //!   beside the same bytes over the same veth through a plain TCP pipe (`socat`) and
 //!   through `ssh host 'cmd'`, one after the other in each repeat.
+//! - `copy`: a file of `--copy-mb` random megabytes (100) from host 0 to every host, until
+//!   the copying command exits: `localnet copy` (keyed slaves, through host 0's daemon;
+//!   each host's copy in a directory of its own, `{name}`), `clush --copy` (scp) and
+//!   `pdcp -R ssh`, both against the sshds (every host writes the same path, as they
+//!   cannot name a directory per host; the hosts share this machine's file system).
+//!   localnet's copies are checked (SHA-256) after each run.
 //!
 //! Times of the discovery rows come from each node's own event log with a wall-clock
 //! stamp (localnet's log lines; a Serf event handler writing `date +%s.%N`;
@@ -74,7 +80,7 @@ use support::{Lan, Start, binary, eventually, peers, slave};
 /// Every system this bench knows, in the order of the table's columns.
 const SYSTEMS: [&str; 7] = ["localnet", "serf", "avahi", "pdsh", "clush", "socat", "ssh"];
 /// The groups of rows `--rows` picks from (see the top of this file).
-const ROW_GROUPS: [&str; 7] = [
+const ROW_GROUPS: [&str; 8] = [
     "discovery",
     "fanout",
     "lines",
@@ -82,6 +88,7 @@ const ROW_GROUPS: [&str; 7] = [
     "oneshot",
     "simple",
     "throughput",
+    "copy",
 ];
 
 struct Args {
@@ -96,6 +103,8 @@ struct Args {
     oneshot_repeat: usize,
     /// Lines of 101 bytes each throughput run moves.
     throughput_lines: u64,
+    /// Megabytes of the file the copy rows send.
+    copy_mb: usize,
 }
 
 impl Args {
@@ -117,6 +126,7 @@ fn parse_args() -> Args {
         localnet_args: Vec::new(),
         oneshot_repeat: 20,
         throughput_lines: 10_000_000,
+        copy_mb: 100,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -141,6 +151,7 @@ fn parse_args() -> Args {
             "--throughput-lines" => {
                 args.throughput_lines = value().parse().expect("--throughput-lines N")
             }
+            "--copy-mb" => args.copy_mb = value().parse().expect("--copy-mb N"),
             "--bench" => {} // cargo bench passes it
             other => panic!("unknown argument {other}; see the top of benches/lan.rs"),
         }
@@ -251,9 +262,11 @@ const ONESHOT: &str = "one-shot `peers`, no daemon on host 0, until it exits wit
 const ONESHOT_LOSS: &str = "one-shot `peers` at 5 % loss, until it exits with every host (ms)";
 const ONESHOT_LOSS_MISSES: &str = "one-shot `peers` at 5 % loss: runs that missed a host (%)";
 const SIMPLE: &str = "`examples/simple.rs`: master finds every slave and terminates them (ms)";
+const COPY: &str =
+    "copy a file of `--copy-mb` MB (100) to every node, until the command exits (ms)";
 
 /// The rows in the order of the table.
-const ROW_NAMES: [&str; 17] = [
+const ROW_NAMES: [&str; 18] = [
     ALL_SEE_ALL,
     FAILED,
     LEFT,
@@ -271,6 +284,7 @@ const ROW_NAMES: [&str; 17] = [
     CPU,
     LINES,
     THROUGHPUT,
+    COPY,
 ];
 
 /// One event a node logged: (unix seconds, event, peer name).
@@ -950,6 +964,39 @@ fn measure_runtime(lan: &Lan, args: &Args, rows: &mut Rows) {
             let (warm, _) = master(&["--control", sock], &["true"]);
             record(rows, FAN_OUT_WARM, warm, wait);
         }
+        if args.row("copy") {
+            let file = copy_source(lan, args.copy_mb);
+            let root = lan.dir().join("copy-localnet");
+            for i in 0..n {
+                let dir = root.join(format!("s{i}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).expect("copy destination");
+            }
+            let dest = format!("{}/{{name}}/", root.display());
+            let mut copy = vec!["copy", "--slaves", &slaves_arg, "--wait", "10s"];
+            copy.extend_from_slice(&net);
+            copy.extend_from_slice(&[
+                "--control",
+                sock,
+                file.0.to_str().unwrap_or_default(),
+                &dest,
+            ]);
+            let limit = Duration::from_secs(300);
+            let finished = run_timed(lan, 0, &[], &binary(), &copy, limit);
+            let outcome = finished_ms("localnet copy", finished);
+            let intact = (0..n).all(|i| {
+                let copied = root.join(format!("s{i}")).join("copy.bin");
+                sha256_file(&copied).is_some_and(|d| d == file.1)
+            });
+            match outcome {
+                Outcome::Value(_) if !intact => {
+                    eprintln!("localnet copy: a copy differs from the source");
+                    record_outcome(rows, COPY, Outcome::Missed, limit);
+                }
+                outcome => record_outcome(rows, COPY, outcome, limit),
+            }
+            let _ = std::fs::remove_dir_all(&root);
+        }
         if args.row("lines") {
             let (ms, out) = master(&["--control", sock], &["sh", "-c", &job]);
             let lines = out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
@@ -1342,6 +1389,72 @@ fn measure_ssh_fan_out(lan: &Lan, fleet: &SshFleet, tool: &str, repeat: usize, r
     }
 }
 
+/// The file the copy rows send (`copy.bin` in the LAN's directory, `mb` random
+/// megabytes, made once per LAN) and its SHA-256.
+fn copy_source(lan: &Lan, mb: usize) -> (PathBuf, String) {
+    let path = lan.dir().join("copy.bin");
+    if !path.exists() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let bytes: Vec<u8> = (0..mb << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        std::fs::write(&path, bytes).expect("copy source");
+    }
+    let digest = sha256_file(&path).expect("read copy source");
+    (path, digest)
+}
+
+fn sha256_file(path: &Path) -> Option<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).ok()?;
+    Some(hex::encode(sha2::Sha256::digest(&bytes)))
+}
+
+/// The copy row of `clush --copy` or `pdcp -R ssh`: the file to the same directory on
+/// every host (see the top of this file), `repeat` times, every host at once.
+fn measure_ssh_copy(lan: &Lan, fleet: &SshFleet, tool: &str, args: &Args, rows: &mut Rows) {
+    let n = lan.hosts().to_string();
+    let hosts: Vec<String> = (0..lan.hosts()).map(|i| lan.ip(i).to_string()).collect();
+    let hosts = hosts.join(",");
+    let options = fleet.options().join(" ");
+    let (file, _) = copy_source(lan, args.copy_mb);
+    let file = file.to_str().unwrap_or_default().to_string();
+    let dest = lan.dir().join(format!("copy-{tool}"));
+    let limit = Duration::from_secs(300);
+    for _ in 0..args.repeat {
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::create_dir_all(&dest).expect("copy destination");
+        let dest = dest.to_str().unwrap_or_default();
+        let finished = match tool {
+            "pdsh" => run_timed(
+                lan,
+                0,
+                &[("PDSH_SSH_ARGS_APPEND", options.clone())],
+                Path::new("pdcp"),
+                &["-R", "ssh", "-f", &n, "-w", &hosts, &file, dest],
+                limit,
+            ),
+            _ => run_timed(
+                lan,
+                0,
+                &[],
+                Path::new("clush"),
+                &[
+                    "-f", &n, "-o", &options, "-w", &hosts, "--copy", &file, "--dest", dest,
+                ],
+                limit,
+            ),
+        };
+        record_outcome(rows, COPY, finished_ms(tool, finished), limit);
+    }
+    let _ = std::fs::remove_dir_all(&dest);
+}
+
 /// The throughput row: `lines` lines of 101 bytes from host 1 to host 0 through a keyed
 /// localnet slave and master (through host 0's daemon), a plain TCP pipe (`socat`) and
 /// `ssh host 'cmd'`, each once per repeat, over the same veths.
@@ -1572,7 +1685,10 @@ fn measure_size(
             };
             measure(&system, lan, args.repeat, args.idle_secs, rows);
         }
-        if ["fanout", "lines", "terminate"].iter().any(|r| args.row(r)) {
+        if ["fanout", "lines", "terminate", "copy"]
+            .iter()
+            .any(|r| args.row(r))
+        {
             eprintln!("{n} nodes: localnet master/slave ...");
             measure_runtime(lan, args, rows);
         }
@@ -1602,7 +1718,7 @@ fn measure_size(
     // sshd on every host for pdsh and clush, on host 1 for the ssh pipe.
     let fan_out_tools: Vec<&'static str> = ["pdsh", "clush"]
         .into_iter()
-        .filter(|t| args.row("fanout") && args.system(t))
+        .filter(|t| (args.row("fanout") || args.row("copy")) && args.system(t))
         .filter(|t| {
             let found = find_program(t).is_some();
             if !found {
@@ -1640,7 +1756,13 @@ fn measure_size(
         for tool in fan_out_tools {
             eprintln!("{n} nodes: {tool} ...");
             let rows = by_system.entry(tool).or_default();
-            measure_ssh_fan_out(lan, fleet, tool, args.repeat, rows);
+            if args.row("fanout") {
+                measure_ssh_fan_out(lan, fleet, tool, args.repeat, rows);
+            }
+            if args.row("copy") {
+                eprintln!("{n} nodes: {tool} copy ...");
+                measure_ssh_copy(lan, fleet, tool, args, rows);
+            }
         }
     }
     if args.row("throughput") {
@@ -1679,6 +1801,7 @@ fn main() {
         "idle_secs": args.idle_secs,
         "oneshot_repeat": args.oneshot_repeat,
         "throughput_lines": args.throughput_lines,
+        "copy_mb": args.copy_mb,
         "sizes": {}
     });
     for &n in &args.nodes {

@@ -474,11 +474,14 @@ fn frame() -> impl Strategy<Value = Frame> {
     let text = "[ -~]{0,20}";
     prop_oneof![
         text.prop_map(|name| Frame::Hello { name }),
-        (text, any::<usize>()).prop_map(|(name, slots)| Frame::Welcome {
-            name,
-            slots,
-            tags: BTreeMap::new()
-        }),
+        (text, any::<usize>(), prop::collection::vec(text, 0..3)).prop_map(
+            |(name, slots, features)| Frame::Welcome {
+                name,
+                slots,
+                tags: BTreeMap::new(),
+                features
+            }
+        ),
         (any::<u64>(), text, any::<i64>()).prop_map(|(id, name, n)| Frame::Call {
             id,
             name,

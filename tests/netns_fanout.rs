@@ -613,7 +613,7 @@ fn on_a_terminal_a_progress_line_stays_below_the_output() {
     let Some(lan) = Lan::new("prog", 138, 4) else {
         return;
     };
-    if !support::tool_available("script", "util-linux") {
+    if !support::tool_available("script", "bsdutils") {
         return;
     }
     let names = ["t1", "t2", "t3"];
@@ -654,4 +654,37 @@ fn on_a_terminal_a_progress_line_stays_below_the_output() {
         "{:?}",
         &tty[tty.len().saturating_sub(60)..]
     );
+}
+
+#[test]
+fn gather_folds_the_host_names_of_twenty_slaves_into_one_block() {
+    let Some(lan) = Lan::new("ghost", 139, 21) else {
+        return;
+    };
+    if !support::tool_available("unshare", "util-linux") {
+        return;
+    }
+    let key = lan.key("k");
+    let bin = binary();
+    // Each slave on a host name of its own (a UTS namespace), named after it by default.
+    for i in 1..=20 {
+        let script = format!(
+            "hostname web{i} && exec {} slave --interface eth0 --key-file {key}",
+            bin.display()
+        );
+        let log = format!("web{i}");
+        lan.spawn(
+            i,
+            &log,
+            std::path::Path::new("unshare"),
+            &["--uts", "sh", "-c", &script],
+        );
+    }
+    let out = master_command(&lan, &key, 20, &["--gather", "--", "hostname"])
+        .output()
+        .expect("master");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let gathered = text(&out.stdout);
+    eprintln!("FIGURE localnet master --gather -- hostname, 20 slaves:\n{gathered}");
+    assert_eq!(gathered, "---- web[1-20] (20) ----\n{name}\n");
 }

@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use super::Stdio;
 use super::args::CopyArgs;
 use super::master::{Chosen, Failure, choose, fold_names, new_master, substitute, to_usize};
-use super::progress::Progress;
+use super::progress::{Interrupted, Progress};
 
 /// A local file to send, as read before the copy.
 struct Source {
@@ -65,20 +65,30 @@ pub async fn run(args: CopyArgs, stdio: &Stdio) -> Result<()> {
             progress.clone(),
         );
         let (node, name) = (NodeId::new(peer.addr), peer.name.clone());
+        // What fetched files get appended: the name, with the address when two
+        // slaves share the name (one would overwrite the other's).
+        let suffix = match slaves.iter().filter(|p| p.name == peer.name).count() {
+            1 => super::master::file_name(&peer.name),
+            _ => super::master::file_name(&format!("{}@{}", peer.name, peer.addr.ip())),
+        };
         tasks.push(tokio::spawn(async move {
             let _permit = window.acquire().await.ok();
+            if progress.killed() {
+                return Err(Interrupted("not started").into());
+            }
             progress.started(&name);
             let mut kill = progress.kill_signal();
             let work = async {
                 match &*plan {
                     Plan::Put(sources) => put_all(&master, node, sources, &dest, into_dir).await,
-                    Plan::Fetch(files) => fetch_all(&master, node, &name, files).await,
+                    Plan::Fetch(files) => fetch_all(&master, node, &suffix, files).await,
                 }
             };
             let copied = tokio::select! {
+                biased;
+                // Stopped half-way: the slave removes what it got.
+                () = super::progress::killed(&mut kill) => Err(Interrupted("stopped").into()),
                 copied = work => copied,
-                // Stopped half-way: the slave drops what it got when this process ends.
-                () = super::progress::killed(&mut kill) => Err(anyhow::anyhow!("stopped by Ctrl-C")),
             };
             progress.ended(&name, copied.is_ok());
             copied
@@ -93,7 +103,7 @@ pub async fn run(args: CopyArgs, stdio: &Stdio) -> Result<()> {
         if let Err(e) = outcome {
             failures.push(format!("{} ({}): {e:#}", peer.name, peer.addr));
             by_kind
-                .entry(Failure::of_error(&e))
+                .entry(Failure::of_copy_error(&e))
                 .or_default()
                 .push(peer.name.clone());
         }
@@ -262,14 +272,13 @@ async fn put_all(
     Ok(())
 }
 
-/// Fetches every file from `node` to its local path with `.NAME` appended.
+/// Fetches every file from `node` to its local path with `.SUFFIX` appended.
 async fn fetch_all(
     master: &Master,
     node: NodeId,
-    name: &str,
+    suffix: &str,
     files: &[(String, PathBuf)],
 ) -> Result<()> {
-    let suffix = super::master::file_name(name);
     for (remote, local) in files {
         let mut local = local.clone().into_os_string();
         local.push(format!(".{suffix}"));

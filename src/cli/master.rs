@@ -14,7 +14,7 @@ use super::Stdio;
 use super::args::{Cli, MasterArgs, SelectArgs};
 use super::gather::{self, GATHER_CAP, Gathered};
 use super::output::{CappedOutput, describe_matches, hint_text, job_result};
-use super::progress::{Progress, killed};
+use super::progress::{Interrupted, Progress, killed};
 use super::stdin::{JobStdin, StdinFeeds, StdinSource, feed};
 
 /// Finds slaves, runs the command on each and reports those that failed; any failure
@@ -93,6 +93,10 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
         jobs.push(tokio::spawn(async move {
             // Never closed, so acquiring fails only if it were; then run unlimited.
             let _permit = window.acquire().await.ok();
+            if progress.killed() {
+                // Its turn came after the second Ctrl-C: it never starts.
+                return (name, node, Err(Interrupted("not started").into()));
+            }
             progress.started(&name);
             let job = Job {
                 master: &master,
@@ -344,6 +348,12 @@ pub(super) enum Failure {
     NotRun,
     /// Named in `--nodes` and not found.
     Missing,
+    /// The copy failed on the slave (it could not write or read the file).
+    CopyFailed,
+    /// Something failed here (a local file could not be read or written).
+    Local,
+    /// Ctrl-C stopped it, or kept it from starting.
+    Interrupted,
 }
 
 impl Failure {
@@ -366,6 +376,9 @@ impl Failure {
 
     pub(super) fn of_error(error: &anyhow::Error) -> Failure {
         use localnet::transport::TransportError as T;
+        if error.downcast_ref::<Interrupted>().is_some() {
+            return Failure::Interrupted;
+        }
         match error.downcast_ref::<MasterError>() {
             Some(MasterError::Connect {
                 source: T::KeyRequired | T::NoKeyExpected | T::Handshake,
@@ -375,7 +388,22 @@ impl Failure {
                 Failure::Refused
             }
             Some(MasterError::Remote { .. }) => Failure::NotRun,
-            _ => Failure::Unreachable,
+            Some(MasterError::LocalFile { .. }) => Failure::Local,
+            Some(
+                MasterError::Connect { .. } | MasterError::Lost(_) | MasterError::NoWelcome { .. },
+            ) => Failure::Unreachable,
+            Some(_) => Failure::NotRun,
+            // Not the library's error: our own context, a local file.
+            None => Failure::Local,
+        }
+    }
+
+    /// How a copy failed: as [`Failure::of_error`], with the slave's errors as
+    /// [`Failure::CopyFailed`].
+    pub(super) fn of_copy_error(error: &anyhow::Error) -> Failure {
+        match Failure::of_error(error) {
+            Failure::NotRun => Failure::CopyFailed,
+            other => other,
         }
     }
 }
@@ -390,6 +418,9 @@ impl std::fmt::Display for Failure {
             Failure::Unreachable => f.write_str("unreachable"),
             Failure::NotRun => f.write_str("could not run"),
             Failure::Missing => f.write_str("missing"),
+            Failure::CopyFailed => f.write_str("copy failed on the slave"),
+            Failure::Local => f.write_str("failed here"),
+            Failure::Interrupted => f.write_str("interrupted"),
         }
     }
 }
@@ -584,10 +615,16 @@ async fn run_on_slave(job: Job<'_>, argv: Vec<String>, stdio: &Stdio) -> Result<
     };
     let (mut job, mut feeding) = match stdin {
         None => (master.exec(node, argv, timeout).await?, None),
-        Some(stdin) => {
-            let (job, input) = master.exec_with_input(node, argv, timeout).await?;
-            (job, Some(AbortOnDrop(tokio::spawn(feed(input, stdin)))))
-        }
+        Some(stdin) => match master.exec_with_input(node, argv.clone(), timeout).await {
+            Ok((job, input)) => (job, Some(AbortOnDrop(tokio::spawn(feed(input, stdin))))),
+            Err(MasterError::Unsupported { .. }) => {
+                stdio.err.log_line(&format!(
+                    "localnet: {name} runs an older localnet that takes no stdin: its job reads /dev/null"
+                ));
+                (master.exec(node, argv, timeout).await?, None)
+            }
+            Err(e) => return Err(e.into()),
+        },
     };
     let target = |stream| match stream {
         Stream::Stdout => &stdio.out,

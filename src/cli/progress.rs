@@ -35,8 +35,16 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.ctrl_c.abort();
+        if self.show {
+            self.err.set_status(""); // an error return too leaves no progress line
+        }
     }
 }
+
+/// A slave's work that Ctrl-C stopped, or kept from starting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: interrupted by Ctrl-C")]
+pub struct Interrupted(pub &'static str);
 
 #[derive(Default)]
 struct State {
@@ -57,9 +65,15 @@ impl Progress {
                 while tokio::signal::ctrl_c().await.is_ok() {
                     let Some(inner) = weak.upgrade() else { return };
                     let now = tokio::time::Instant::now();
+                    if *inner.kill.borrow() {
+                        // Killing did not end the run (output nobody reads, say): go now;
+                        // the slaves kill what is left when the connections close.
+                        eprintln!("\nlocalnet: interrupted");
+                        std::process::exit(130);
+                    }
                     if last.is_some_and(|at| now.duration_since(at) <= SECOND_CTRL_C_WITHIN) {
                         inner.say(&format!(
-                            "localnet: killing the jobs on {}",
+                            "localnet: killing the jobs on {} (Ctrl-C again: exit at once)",
                             inner.running_text()
                         ));
                         inner.kill.send_replace(true);

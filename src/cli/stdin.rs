@@ -96,8 +96,12 @@ impl StdinFeeds {
                 }
                 tokio::spawn(async move {
                     while let Some(chunk) = read.recv().await {
-                        // A job that ended (or never started) has dropped its receiver.
+                        // A job that ended (or never started) has dropped its receiver;
+                        // once none is left, stdin is read no further.
                         senders.retain(|tx| !tx.is_closed());
+                        if senders.is_empty() {
+                            return;
+                        }
                         for tx in &senders {
                             let _ = tx.send(chunk.clone()).await;
                         }

@@ -90,7 +90,7 @@ pub(crate) async fn put(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| name.clone());
-    let temp_path = dir.join(format!(".{file_name}.localnet-{:016x}", fastrand::u64(..)));
+    let temp_path = dir.join(crate::runtime::master::temp_name(&file_name));
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -135,9 +135,10 @@ pub(crate) async fn put(
             target.display()
         ));
     }
-    if let Some(expected) = expected
-        && !expected.eq_ignore_ascii_case(&digest)
-    {
+    let Some(expected) = expected else {
+        return Err("the copy ended without its SHA-256: nothing was put in place".into());
+    };
+    if !expected.eq_ignore_ascii_case(&digest) {
         return Err(format!(
             "{} arrived damaged or changed while it was sent: sha256 {digest}, expected {expected}",
             target.display()
@@ -162,7 +163,11 @@ pub(crate) async fn put(
 /// mode, size and SHA-256.
 pub(crate) async fn get(id: u64, path: String, out: mpsc::Sender<Frame>) -> Result<Value, String> {
     let source = absolute(&path)?;
-    let mut file = tokio::fs::File::open(source)
+    // Without blocking: opening a FIFO would wait for a writer, for ever.
+    let mut file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(source)
         .await
         .map_err(|e| format!("cannot read {path}: {e}"))?;
     let meta = file

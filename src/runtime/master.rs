@@ -14,7 +14,9 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::key::ClusterKey;
-use crate::runtime::protocol::{Frame, INPUT_CHUNK, INPUT_WINDOW, JobExit, NodeId, Stream};
+use crate::runtime::protocol::{
+    FEATURE_FILES, FEATURE_INPUT, Frame, INPUT_CHUNK, INPUT_WINDOW, JobExit, NodeId, Stream,
+};
 use crate::runtime::session::Session as Connection;
 use crate::runtime::transport::{self, DEAD_AFTER, TransportError};
 
@@ -45,6 +47,16 @@ pub enum MasterError {
     NoWelcome {
         /// The slave.
         node: NodeId,
+    },
+    #[error(
+        "{node} runs an older localnet without {what}: upgrade localnet there (`localnet --version` on both sides)"
+    )]
+    /// The slave does not do what was asked (it is an older version).
+    Unsupported {
+        /// The slave.
+        node: NodeId,
+        /// What it does not do.
+        what: &'static str,
     },
     #[error("the job on {0} takes no more input: it has ended")]
     /// Input written to a command or file that has ended (or whose connection is gone).
@@ -184,6 +196,8 @@ struct Session {
     node: NodeId,
     name: String,
     tags: BTreeMap<String, String>,
+    /// What the slave said it does beyond the first protocol (`Welcome`).
+    features: Vec<String>,
     out: mpsc::Sender<Frame>,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     /// The input credit of each command or file that takes input: permits are `Input`
@@ -198,6 +212,17 @@ struct Session {
 }
 
 impl Session {
+    /// An error unless the slave named `feature` in its greeting.
+    fn require(&self, feature: &str, what: &'static str) -> Result<(), MasterError> {
+        match self.features.iter().any(|f| f == feature) {
+            true => Ok(()),
+            false => Err(MasterError::Unsupported {
+                node: self.node,
+                what,
+            }),
+        }
+    }
+
     /// Request `id` has ended: writers of its input stop waiting for room.
     fn end_input(&self, id: u64) {
         if let Some(credit) = self.credits.lock().ok().and_then(|mut c| c.remove(&id)) {
@@ -394,11 +419,16 @@ impl Master {
                 name: self.inner.name.clone(),
             })
             .await;
-        let (name, tags) = loop {
+        let (name, tags, features) = loop {
             // The greeting counts in the connect timeout too.
             let left = timeout.saturating_sub(opened.elapsed());
             match connection.recv(DEAD_AFTER.min(left)).await {
-                Ok(Some(Frame::Welcome { name, tags, .. })) => break (name, tags),
+                Ok(Some(Frame::Welcome {
+                    name,
+                    tags,
+                    features,
+                    ..
+                })) => break (name, tags, features),
                 Ok(Some(Frame::Ping)) => continue,
                 Ok(_) => return Err(MasterError::NoWelcome { node }),
                 Err(err) => {
@@ -411,6 +441,7 @@ impl Master {
             node,
             name,
             tags,
+            features,
             out: connection.sender(),
             pending: Arc::new(Mutex::new(HashMap::new())),
             credits: Mutex::new(HashMap::new()),
@@ -482,16 +513,24 @@ impl Master {
     /// [`JobInput`] (ended by [`JobInput::finish`]); read its output and exit from the
     /// [`CommandJob`]. Writing waits while the slave has [`INPUT_WINDOW`] chunks not
     /// yet taken by the command: a command that reads slowly slows the writer down,
-    /// and memory stays bounded on both sides.
+    /// and memory stays bounded on both sides. Read the output while writing (as
+    /// below): a command that writes as it reads (`cat`) stops taking input while
+    /// its output is not read, and so does every command of that slave.
     ///
     /// ```no_run
     /// # async fn demo(master: localnet::Master, slave: localnet::NodeId) -> Result<(), localnet::MasterError> {
     /// let (mut job, input) = master.exec_with_input(slave, vec!["wc".into(), "-l".into()], None).await?;
-    /// input.write(b"one\ntwo\n").await?;
-    /// input.finish().await?;
-    /// while let Some(event) = job.next().await {
-    ///     println!("{event:?}"); // Output(Stdout, b"2\n"), then Exit(..)
-    /// }
+    /// let write = async {
+    ///     input.write(b"one\ntwo\n").await?;
+    ///     input.finish().await
+    /// };
+    /// let read = async {
+    ///     while let Some(event) = job.next().await {
+    ///         println!("{event:?}"); // Output(Stdout, b"2\n"), then Exit(..)
+    ///     }
+    /// };
+    /// let (written, ()) = tokio::join!(write, read);
+    /// written?;
     /// # Ok(()) }
     /// ```
     pub async fn exec_with_input(
@@ -513,6 +552,9 @@ impl Master {
         stdin: bool,
     ) -> Result<(CommandJob, Option<JobInput>), MasterError> {
         let s = self.session(node).await?;
+        if stdin {
+            s.require(FEATURE_INPUT, "a command's stdin")?;
+        }
         let id = s.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(16);
         if let Ok(mut p) = s.pending.lock() {
@@ -553,6 +595,7 @@ impl Master {
         into_dir: bool,
     ) -> Result<FileUpload, MasterError> {
         let s = self.session(node).await?;
+        s.require(FEATURE_FILES, "copies")?;
         let id = s.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = s.pending.lock() {
@@ -571,7 +614,11 @@ impl Master {
             .await
             .map_err(|_| MasterError::Lost(node))?;
         let answer = Some(RemoteTask { session: s, id, rx });
-        Ok(FileUpload { input, answer })
+        Ok(FileUpload {
+            input,
+            answer,
+            mode,
+        })
     }
 
     /// Copies the local file `local` to `remote` on `node` (see
@@ -630,6 +677,7 @@ impl Master {
     /// bytes and then its mode and digest from the returned [`FileDownload`].
     pub async fn get_file(&self, node: NodeId, remote: &str) -> Result<FileDownload, MasterError> {
         let s = self.session(node).await?;
+        s.require(FEATURE_FILES, "copies")?;
         let id = s.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(16);
         if let Ok(mut p) = s.pending.lock() {
@@ -642,7 +690,12 @@ impl Master {
             })
             .await
             .map_err(|_| MasterError::Lost(node))?;
-        Ok(FileDownload { node, events: rx })
+        Ok(FileDownload {
+            session: s,
+            id,
+            done: false,
+            events: rx,
+        })
     }
 
     /// Copies the file at `remote` on `node` to the local path `local`, with its mode:
@@ -668,16 +721,12 @@ impl Master {
             path: local.to_path_buf(),
             source,
         };
-        let mut download = self.get_file(node, remote).await?;
-        let temp_name = format!(
-            ".{}.localnet-{:016x}",
-            local
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            fastrand::u64(..)
-        );
-        let temp = local.with_file_name(temp_name);
+        // The local file first: a fetch that cannot be written is never started.
+        let file_name = local
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = local.with_file_name(temp_name(&file_name));
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -686,6 +735,7 @@ impl Master {
             .await
             .map_err(local_error)?;
         let guard = RemoveOnDrop(Some(temp.clone()));
+        let mut download = self.get_file(node, remote).await?;
         let mut hasher = sha2::Sha256::new();
         let copied = loop {
             match download.next().await? {
@@ -708,13 +758,16 @@ impl Master {
                 ),
             });
         }
-        tokio::fs::set_permissions(&temp, std::fs::Permissions::from_mode(copied.mode & 0o7777))
+        // No set-user-id, set-group-id or sticky bit from a slave (whoever runs one).
+        let mode = copied.mode & 0o777;
+        tokio::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
             .await
             .map_err(local_error)?;
         tokio::fs::rename(&temp, local).await.map_err(local_error)?;
         drop(guard.disarm());
         Ok(CopiedFile {
             path: local.to_string_lossy().into_owned(),
+            mode,
             ..copied
         })
     }
@@ -769,6 +822,16 @@ impl Master {
     }
 }
 
+/// The name of a temporary file beside `name` (so a leftover one says whose it was),
+/// short enough for any file name: the name's part is cut to 64 bytes.
+pub(crate) fn temp_name(name: &str) -> String {
+    let mut end = name.len().min(64);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(".{}.localnet-{:016x}", &name[..end], fastrand::u64(..))
+}
+
 /// A file removed when dropped, unless disarmed.
 struct RemoveOnDrop(Option<std::path::PathBuf>);
 
@@ -821,10 +884,31 @@ impl CopiedFile {
 
 /// The input of a command started with [`Master::exec_with_input`], or the bytes of a
 /// file being put ([`FileUpload`]).
+///
+/// Dropping it before [`JobInput::finish`] ends the input too (the command reads
+/// end-of-file), as closing a pipe would.
 pub struct JobInput {
     session: Arc<Session>,
     id: u64,
     credit: Arc<Semaphore>,
+    /// `InputEnd` was sent, or must not be (a copy that was dropped is killed instead).
+    ended: bool,
+}
+
+impl Drop for JobInput {
+    fn drop(&mut self) {
+        if let Ok(mut credits) = self.session.credits.lock() {
+            credits.remove(&self.id);
+        }
+        if !self.ended {
+            let end = Frame::InputEnd {
+                id: self.id,
+                sha256: None,
+            };
+            // Never waits: with the outbox full, the job ends with its connection.
+            let _ = self.session.out.try_send(end);
+        }
+    }
 }
 
 impl JobInput {
@@ -838,6 +922,7 @@ impl JobInput {
             session: session.clone(),
             id,
             credit,
+            ended: false,
         }
     }
 
@@ -865,11 +950,12 @@ impl JobInput {
     }
 
     /// Ends the input: the command reads end-of-file once it has read the rest.
-    pub async fn finish(self) -> Result<(), MasterError> {
+    pub async fn finish(mut self) -> Result<(), MasterError> {
         self.end(None).await
     }
 
-    async fn end(&self, sha256: Option<String>) -> Result<(), MasterError> {
+    async fn end(&mut self, sha256: Option<String>) -> Result<(), MasterError> {
+        self.ended = true;
         self.session
             .out
             .send(Frame::InputEnd {
@@ -881,11 +967,24 @@ impl JobInput {
     }
 }
 
-/// A file being written on a slave ([`Master::put_file_from`]).
+/// A file being written on a slave ([`Master::put_file_from`]). Dropped before
+/// [`FileUpload::finish`], the copy is stopped: the slave removes what it wrote.
 pub struct FileUpload {
     input: JobInput,
     /// The slave's answer; taken when the slave ended the copy early.
     answer: Option<RemoteTask>,
+    /// The permission bits asked for.
+    mode: u32,
+}
+
+impl Drop for FileUpload {
+    fn drop(&mut self) {
+        if !self.input.ended {
+            self.input.ended = true; // no end: the copy is killed
+            let kill = Frame::Kill { id: self.input.id };
+            let _ = self.input.session.out.try_send(kill);
+        }
+    }
 }
 
 impl FileUpload {
@@ -912,7 +1011,7 @@ impl FileUpload {
         let answer = self.answer.take().ok_or(MasterError::InputClosed(node))?;
         self.input.end(Some(sha256.to_string())).await?;
         let value = answer.join().await?;
-        CopiedFile::from_answer(node, &value, 0)
+        CopiedFile::from_answer(node, &value, self.mode & 0o7777)
     }
 }
 
@@ -926,18 +1025,32 @@ pub enum DownloadEvent {
     Done(CopiedFile),
 }
 
-/// A file being fetched from a slave ([`Master::get_file`]).
+/// A file being fetched from a slave ([`Master::get_file`]). Dropped before its end,
+/// the slave stops sending it.
 pub struct FileDownload {
-    node: NodeId,
+    session: Arc<Session>,
+    id: u64,
+    /// The end (or an error) came.
+    done: bool,
     events: mpsc::Receiver<Fetched>,
+}
+
+impl Drop for FileDownload {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.session.out.try_send(Frame::Kill { id: self.id });
+        }
+    }
 }
 
 impl FileDownload {
     /// The next bytes, or the end; an error if the slave could not send the file or
     /// the connection was lost.
     pub async fn next(&mut self) -> Result<DownloadEvent, MasterError> {
-        let node = self.node;
-        match self.events.recv().await {
+        let node = self.session.node;
+        let event = self.events.recv().await;
+        self.done = !matches!(event, Some(Fetched::Data(_)));
+        match event {
             Some(Fetched::Data(data)) => Ok(DownloadEvent::Data(data)),
             Some(Fetched::Done(Ok(value))) => Ok(DownloadEvent::Done(CopiedFile::from_answer(
                 node, &value, 0,
@@ -1123,10 +1236,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node = NodeId::new(listener.local_addr().unwrap());
         let slave = tokio::spawn(async move {
+            // An older slave: it names no features.
             let welcome = || Frame::Welcome {
                 name: "fake".into(),
                 slots: 1,
                 tags: BTreeMap::new(),
+                features: Vec::new(),
             };
             let (stream, _) = listener.accept().await.unwrap();
             let (reader, mut writer) = transport::accept(stream, None).await.unwrap();
@@ -1165,6 +1280,15 @@ mod tests {
         .await
         .expect("a call on a half-dead connection would never be answered");
         assert_eq!(answer.unwrap(), serde_json::json!(7));
+        // Nothing it would not understand is sent to it: stdin and copies need features.
+        let stdin = master.exec_with_input(node, vec!["cat".into()], None).await;
+        assert!(
+            matches!(stdin, Err(MasterError::Unsupported { .. })),
+            "{:?}",
+            stdin.err()
+        );
+        let err = master.get_file(node, "/etc/hostname").await.err();
+        assert!(err.is_some_and(|e| e.to_string().contains("older localnet without copies")));
         drop(master);
         slave.abort();
     }

@@ -176,6 +176,11 @@ pub enum Frame {
         slots: usize,
         /// The slave's tags.
         tags: BTreeMap<String, String>,
+        /// What the slave does beyond the first protocol ([`FEATURES`]): a master
+        /// sends `Input`, `PutFile` or `GetFile` only to a slave that names them (an
+        /// older slave would call the frames malformed and close the connection).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// Master → slave: call a registered function and answer with `Result`.
     Call {
@@ -303,6 +308,14 @@ pub enum Frame {
     /// Either way: I am alive.
     Ping,
 }
+
+/// The features a slave of this version names in its `Welcome`: `input` (a command's
+/// stdin in `Input` frames) and `files` (`PutFile` and `GetFile`).
+pub const FEATURES: [&str; 2] = [FEATURE_INPUT, FEATURE_FILES];
+/// A command's stdin in `Input` frames.
+pub const FEATURE_INPUT: &str = "input";
+/// Files put on and fetched from the slave.
+pub const FEATURE_FILES: &str = "files";
 
 /// First byte of a binary `Output` frame. Every other frame is a JSON object, whose
 /// first byte is `{`, or an `Input` frame ([`INPUT_TAG`]).

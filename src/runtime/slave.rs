@@ -22,7 +22,7 @@ use crate::runtime::functions::{self, RemoteTable};
 use crate::runtime::jobs::{self, InputItem, Job, Jobs};
 use crate::runtime::logs::{self, LOG_QUEUE};
 use crate::runtime::logs::{LIFECYCLE, LogTargets};
-use crate::runtime::protocol::{Frame, INPUT_WINDOW, JobExit};
+use crate::runtime::protocol::{FEATURES, Frame, INPUT_WINDOW, JobExit};
 use crate::runtime::session::{Session, SessionError};
 use crate::runtime::transport::{self, DEAD_AFTER};
 
@@ -250,6 +250,7 @@ impl Served {
                         name: self.opts.name.clone(),
                         slots: self.opts.slots,
                         tags: self.opts.tags.clone(),
+                        features: FEATURES.map(str::to_string).to_vec(),
                     };
                     if out.send(welcome).await.is_err() {
                         break Some("the connection's writer stopped".into());
@@ -269,9 +270,13 @@ impl Served {
                 }
                 Frame::Input { id, data } => self.take_input(&mut inputs, id, data),
                 Frame::InputEnd { id, sha256 } => {
-                    if let Some(tx) = inputs.remove(&id) {
-                        // Room is kept for the end (the window is one less than the channel).
-                        let _ = tx.try_send(InputItem::End { sha256 });
+                    // Room is kept for the end (the window is one less than the
+                    // channel): no room means the master broke the window.
+                    if let Some(tx) = inputs.remove(&id)
+                        && let Err(mpsc::error::TrySendError::Full(_)) =
+                            tx.try_send(InputItem::End { sha256 })
+                    {
+                        self.jobs.kill((self.id, id));
                     }
                 }
                 Frame::PutFile {
