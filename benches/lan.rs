@@ -1300,7 +1300,7 @@ impl SshFleet {
                      PubkeyAuthentication yes\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nGSSAPIAuthentication no\nUsePAM no\n\
                      UseDNS no\nStrictModes no\nPrintMotd no\nPrintLastLog no\n\
-                     MaxStartups 200\nLogLevel ERROR\n",
+                     MaxStartups 200\nSubsystem sftp internal-sftp\nLogLevel ERROR\n",
                     ip = lan.ip(i),
                     dir = fleet.dir.display(),
                     pid = pid_file.display(),
@@ -1422,7 +1422,7 @@ fn measure_ssh_copy(lan: &Lan, fleet: &SshFleet, tool: &str, args: &Args, rows: 
     let hosts: Vec<String> = (0..lan.hosts()).map(|i| lan.ip(i).to_string()).collect();
     let hosts = hosts.join(",");
     let options = fleet.options().join(" ");
-    let (file, _) = copy_source(lan, args.copy_mb);
+    let (file, digest) = copy_source(lan, args.copy_mb);
     let file = file.to_str().unwrap_or_default().to_string();
     let dest = lan.dir().join(format!("copy-{tool}"));
     let limit = Duration::from_secs(300);
@@ -1445,12 +1445,29 @@ fn measure_ssh_copy(lan: &Lan, fleet: &SshFleet, tool: &str, args: &Args, rows: 
                 &[],
                 Path::new("clush"),
                 &[
-                    "-f", &n, "-o", &options, "-w", &hosts, "--copy", &file, "--dest", dest,
+                    "-S", "-f", &n, "-o", &options, "-w", &hosts, "--copy", &file, "--dest", dest,
                 ],
                 limit,
             ),
         };
-        record_outcome(rows, COPY, finished_ms(tool, finished), limit);
+        let stderr = finished
+            .as_ref()
+            .map(|f| f.stderr.clone())
+            .unwrap_or_default();
+        let outcome = finished_ms(tool, finished);
+        // The copy is there, whole (every host wrote the same path).
+        let copied = Path::new(dest).join("copy.bin");
+        match outcome {
+            Outcome::Value(_) if sha256_file(&copied).as_ref() != Some(&digest) => {
+                eprintln!(
+                    "{tool}: {} is not the source: {}",
+                    copied.display(),
+                    stderr.trim()
+                );
+                record_outcome(rows, COPY, Outcome::Missed, limit);
+            }
+            outcome => record_outcome(rows, COPY, outcome, limit),
+        }
     }
     let _ = std::fs::remove_dir_all(&dest);
 }
