@@ -72,7 +72,7 @@ use std::sync::Mutex;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{min_median_max, rss_kb, unix_now};
+use common::{cpu_ns, min_median_max, rss_kb, unix_now};
 use serde::Serialize;
 use serde_json::{Value, json};
 use support::{Lan, Start, binary, eventually, peers, slave};
@@ -742,21 +742,6 @@ fn tx_bytes(lan: &Lan, i: usize) -> u64 {
         .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
         .and_then(|v| v[0]["stats64"]["tx"]["bytes"].as_u64())
         .unwrap_or(0)
-}
-
-/// CPU time process `pid` has run so far, in nanoseconds: the sum over its threads of
-/// the scheduler's own account (`/proc/PID/task/*/schedstat`), which is exact where
-/// `/proc/PID/stat` counts whole 10 ms ticks (an idle daemon uses a few per second).
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|task| {
-            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-            stat.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum()
 }
 
 /// Runs one system's discovery rows on the LAN `repeat` times.

@@ -22,6 +22,8 @@ pub struct DaemonOptions {
     pub node: NodeOptions,
     /// Where the control socket listens (see [`crate::node::control::default_path`]).
     pub control: PathBuf,
+    /// The HTTP endpoint, if one is asked for ([`crate::http`]).
+    pub http: Option<crate::http::HttpOptions>,
 }
 
 /// Why the daemon could not start (once running, it only stops on a signal).
@@ -36,6 +38,9 @@ pub enum DaemonError {
     /// The discovery node could not start or did not answer.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// The HTTP endpoint could not listen.
+    #[error(transparent)]
+    Http(std::io::Error),
 }
 
 /// A future that ends at the first SIGINT or SIGTERM, and logs which it was; the
@@ -60,7 +65,15 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
 pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let path = opts.control;
     let control = ControlSocket::bind(&path).await?;
+    let http = match &opts.http {
+        Some(http) => Some((
+            crate::http::bind(http).await.map_err(DaemonError::Http)?,
+            http.clone(),
+        )),
+        None => None,
+    };
     let shutdown = shutdown_signal().map_err(DaemonError::Signal)?;
+    let tags = opts.node.tags.clone();
     let node = Node::start(opts.node).await?;
     let handle = node.handle();
     let status = handle.status().await?;
@@ -73,9 +86,21 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         keyed = status.keyed,
         "localnet daemon running"
     );
+    let clients = control.clients();
     let server = tokio::spawn({
         let handle = handle.clone();
         async move { control.serve(handle).await }
+    });
+    let http = http.map(|(listener, http)| {
+        tracing::info!(listen = %http.listen, "HTTP: /metrics, /sd, /peers, /events and the status page at /");
+        let sources = crate::http::Sources {
+            node: handle.clone(),
+            slave: None,
+            logs: None,
+            control: Some(clients),
+            tags,
+        };
+        tokio::spawn(crate::http::serve(listener, sources, http))
     });
     // Sockets are bound and the control socket listens: ready.
     service::ready(&format!("{} peers known", status.peers));
@@ -109,6 +134,9 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     }
     service::stopping();
     node.shutdown().await;
+    if let Some(http) = http {
+        http.abort();
+    }
     server.abort();
     let _ = server.await; // drops the control socket, which removes its file
     tracing::info!("goodbye sent; exiting");

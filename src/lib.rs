@@ -29,6 +29,7 @@
 
 pub mod daemon;
 pub mod discovery;
+pub mod http;
 mod key;
 pub mod memory;
 mod node;
@@ -62,6 +63,7 @@ pub use runtime::backend::{
 };
 pub use runtime::functions::error_text;
 pub use runtime::functions::{RemoteError, RemoteResult, RemoteTable};
+pub use runtime::jobs::{RunningJob, SlaveCounts, SlaveMonitor};
 pub use runtime::logs::{LIFECYCLE, LogTargets, RedirectLayer};
 pub use runtime::master::{
     CommandJob, CopiedFile, DownloadEvent, ExecEvent, FileDownload, FileUpload, JobInput,

@@ -86,3 +86,18 @@ pub fn rss_kb(pid: u32) -> u64 {
 pub fn peak_rss_mb() -> f64 {
     status_kb("self", "VmHWM").map_or(0.0, |kb| kb as f64 / 1024.0)
 }
+
+/// CPU time process `pid` has run so far, in nanoseconds: the sum over its threads of
+/// the scheduler's own account (`/proc/PID/task/*/schedstat`), which is exact where
+/// `/proc/PID/stat` counts whole 10 ms ticks (an idle daemon uses a few per second).
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}

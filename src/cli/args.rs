@@ -97,6 +97,18 @@ pub struct DaemonArgs {
     /// Name shown to peers; default: the host name.
     #[arg(long, value_name = "N", value_parser = parse_name)]
     pub name: Option<String>,
+    /// Serve HTTP on IP:PORT (off unless given): Prometheus metrics at /metrics,
+    /// Prometheus HTTP service discovery at /sd (every alive peer), a live status page
+    /// at /, and /peers, /events (server-sent events) and /status for scripts. It
+    /// serves anyone who can reach the address: bind to 127.0.0.1 or a private
+    /// network's address.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
+    pub http: Option<std::net::SocketAddr>,
+    /// The port /sd gives for every peer's target (default: the port of --http, for a
+    /// LAN whose nodes all serve --http on one port).
+    #[arg(long, value_name = "PORT", requires = "http", value_parser = clap::value_parser!(u16).range(1..))]
+    pub sd_port: Option<u16>,
+
     #[command(flatten)]
     pub net: NetArgs,
     /// Tag announced to peers, as KEY=VALUE (repeatable).
@@ -172,6 +184,18 @@ pub struct SlaveArgs {
     /// Run commands without a cluster key: anyone on the LAN may then run anything here.
     #[arg(long)]
     pub insecure: bool,
+    /// Serve HTTP on IP:PORT (off unless given): Prometheus metrics at /metrics,
+    /// Prometheus HTTP service discovery at /sd (every alive peer), a live status page
+    /// at / (with the slave's running jobs), and /jobs, /peers, /events (server-sent events) and /status for scripts. It
+    /// serves anyone who can reach the address: bind to 127.0.0.1 or a private
+    /// network's address.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_socket_addr)]
+    pub http: Option<std::net::SocketAddr>,
+    /// The port /sd gives for every peer's target (default: the port of --http, for a
+    /// LAN whose nodes all serve --http on one port).
+    #[arg(long, value_name = "PORT", requires = "http", value_parser = clap::value_parser!(u16).range(1..))]
+    pub sd_port: Option<u16>,
+
     #[command(flatten)]
     pub net: NetArgs,
 }
@@ -387,6 +411,15 @@ pub fn parse_name(s: &str) -> Result<String, String> {
         return Err(format!("{s:?} is {} bytes long: at most 64", s.len()));
     }
     Ok(s.to_string())
+}
+
+/// An address `IP:PORT` (`[v6]:PORT` for IPv6); nothing is looked up.
+pub fn parse_socket_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    let (host, port) = parse_listen(s)?;
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| format!("{s:?}: {host:?} is not an IP address"))?;
+    Ok(std::net::SocketAddr::new(ip, port))
 }
 
 /// A TCP listen address `IP:PORT` (`[v6]:PORT` for IPv6; port 0 = any free port). The

@@ -15,6 +15,16 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     node.state_dir = args.state_dir;
     node.protocol.min_interval_ms = args.heartbeat.as_millis() as u64;
     let control = args.control.unwrap_or_else(control::default_path);
-    localnet::daemon::run(DaemonOptions { node, control }).await?;
+    let http = args.http.map(|listen| localnet::http::HttpOptions {
+        listen,
+        sd_port: args.sd_port,
+        release_when_idle: true,
+    });
+    localnet::daemon::run(DaemonOptions {
+        node,
+        control,
+        http,
+    })
+    .await?;
     Ok(())
 }

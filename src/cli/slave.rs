@@ -15,6 +15,18 @@ pub async fn run(args: SlaveArgs) -> Result<()> {
     opts.discovery.tags = args.tags.into_iter().collect();
     opts.slots = args.slots;
     opts.insecure = args.insecure;
+    let http = match args.http {
+        Some(listen) => {
+            let http = localnet::http::HttpOptions {
+                listen,
+                sd_port: args.sd_port,
+                release_when_idle: true,
+            };
+            Some((localnet::http::bind(&http).await?, http))
+        }
+        None => None,
+    };
+    let tags = opts.discovery.tags.clone();
     let backend = Backend::initialize_with(&host, port, builtin_functions(), opts).await?;
     let node = backend.node_id();
     let signalled =
@@ -25,7 +37,20 @@ pub async fn run(args: SlaveArgs) -> Result<()> {
     localnet::memory::release_unused_code_after_start();
     // On a signal the slave kills its jobs and says goodbye before it exits, so that
     // peers see it leave rather than fail.
-    backend.start_slave_until(signalled).await?;
+    backend
+        .start_slave_with(signalled, |node, monitor| async move {
+            let Some((listener, http)) = http else { return };
+            tracing::info!(listen = %http.listen, "HTTP: /metrics, /sd, /peers, /events, /jobs and the status page at /");
+            let sources = localnet::http::Sources {
+                node,
+                slave: Some(monitor),
+                logs: localnet::LogTargets::of_current_subscriber(),
+                control: None,
+                tags,
+            };
+            localnet::http::serve(listener, sources, http).await
+        })
+        .await?;
     Ok(())
 }
 

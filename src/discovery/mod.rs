@@ -359,6 +359,16 @@ pub struct Stats {
     pub dropped_rate: u64,
     /// Announcements of new peers ignored because the peer table was full.
     pub dropped_table_full: u64,
+    /// Datagrams queued for sending, by kind: records (announcements and answers).
+    pub sent_announcements: u64,
+    /// Heartbeats queued for sending.
+    pub sent_heartbeats: u64,
+    /// Probes (group probes and direct ones) queued for sending.
+    pub sent_probes: u64,
+    /// Pings (of a suspect, or for a record in a small group) queued for sending.
+    pub sent_pings: u64,
+    /// Goodbyes queued for sending.
+    pub sent_goodbyes: u64,
 }
 
 /// How big a core's internal collections are: all are bounded, which the fuzz tests check.
@@ -1578,6 +1588,14 @@ impl Discovery {
         match wire::encode(msg, auth) {
             Ok(payload) => {
                 let size = payload.len();
+                let kind = match msg {
+                    Message::Announce { .. } => &mut self.stats.sent_announcements,
+                    Message::Heartbeat { .. } => &mut self.stats.sent_heartbeats,
+                    Message::Probe { .. } => &mut self.stats.sent_probes,
+                    Message::Ping { .. } => &mut self.stats.sent_pings,
+                    Message::Goodbye { .. } => &mut self.stats.sent_goodbyes,
+                };
+                *kind += 1;
                 self.stats.sent += 1;
                 self.stats.sent_bytes += size as u64;
                 self.transmits.push_back(Transmit { dest, payload });

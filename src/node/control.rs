@@ -140,6 +140,18 @@ pub struct ControlSocket {
     path: PathBuf,
     /// Device and inode of the socket file as bound.
     identity: Option<(u64, u64)>,
+    clients: std::sync::Arc<ControlClients>,
+}
+
+/// How many clients a control socket serves, for metrics.
+#[derive(Debug, Default)]
+pub struct ControlClients {
+    /// Clients connected now.
+    pub connected: std::sync::atomic::AtomicU64,
+    /// Clients served since the socket was bound.
+    pub served: std::sync::atomic::AtomicU64,
+    /// Clients turned away (over [`MAX_CLIENTS`]).
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for ControlSocket {
@@ -229,7 +241,13 @@ impl ControlSocket {
             listener,
             path: path.to_path_buf(),
             identity: file_identity(path),
+            clients: Default::default(),
         })
+    }
+
+    /// Its client counts (shared: they move as it serves).
+    pub fn clients(&self) -> std::sync::Arc<ControlClients> {
+        self.clients.clone()
     }
 
     /// The socket's path.
@@ -244,15 +262,21 @@ impl ControlSocket {
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
+                    use std::sync::atomic::Ordering::Relaxed;
                     let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        self.clients.refused.fetch_add(1, Relaxed);
                         tokio::spawn(refuse_busy(stream));
                         continue;
                     };
                     let node = node.clone();
+                    let clients = self.clients.clone();
+                    clients.served.fetch_add(1, Relaxed);
+                    clients.connected.fetch_add(1, Relaxed);
                     tokio::spawn(async move {
                         if let Err(err) = serve_client(stream, node).await {
                             tracing::debug!(%err, "control client");
                         }
+                        clients.connected.fetch_sub(1, Relaxed);
                         drop(permit);
                     });
                 }

@@ -20,6 +20,7 @@ use crate::discovery::{Refusal, Rejection};
 use crate::node::control::{self, ControlClient, ControlError};
 use crate::node::{Node, NodeOptions};
 use crate::runtime::functions::RemoteTable;
+use crate::runtime::jobs::SlaveMonitor;
 use crate::runtime::logs::LogTargets;
 use crate::runtime::master::Master;
 use crate::runtime::protocol::NodeId;
@@ -173,6 +174,18 @@ impl Backend {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), BackendError> {
+        self.start_slave_with(shutdown, |_, _| std::future::pending())
+            .await
+    }
+
+    /// Like [`Backend::start_slave_until`], and runs `beside(node, monitor)` while the
+    /// slave serves (dropped when it ends): what a slave's `--http` endpoint runs, with
+    /// the slave's discovery node and its [`SlaveMonitor`].
+    pub async fn start_slave_with<F: Future<Output = ()>>(
+        self,
+        shutdown: impl Future<Output = ()>,
+        beside: impl FnOnce(crate::NodeHandle, Arc<SlaveMonitor>) -> F,
+    ) -> Result<(), BackendError> {
         let mut discovery = self.discovery("slave");
         let name = discovery
             .name
@@ -189,11 +202,21 @@ impl Backend {
             insecure: self.opts.insecure,
             table: self.table,
             logs: self.opts.logs.clone(),
+            monitor: Some(Arc::new(SlaveMonitor::default())),
         };
+        let beside = beside(node.handle(), opts.monitor.clone().unwrap_or_default());
         if opts.key.is_none() && opts.insecure {
             tracing::warn!("--insecure: any host on the LAN can run commands on this slave");
         }
-        let served = slave::serve_until(self.listener, opts, shutdown).await;
+        // What runs beside never ends the slave, even if it ends.
+        let beside = async {
+            beside.await;
+            std::future::pending::<()>().await
+        };
+        let served = tokio::select! {
+            served = slave::serve_until(self.listener, opts, shutdown) => served,
+            () = beside => Ok(()),
+        };
         node.shutdown().await;
         served.map_err(BackendError::Slave)
     }

@@ -5,10 +5,13 @@
 //! when its timeout passes, when the slave terminates or dies), its output streamed as
 //! it comes with backpressure (a job blocks on its pipe rather than lose a line).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use serde::Serialize;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -33,10 +36,117 @@ pub(crate) enum InputItem {
 /// [`INPUT_WINDOW`](crate::runtime::protocol::INPUT_WINDOW) chunks and the end wait in it.
 pub(crate) type InputReceiver = mpsc::Receiver<InputItem>;
 
+/// What a slave shows of itself while it serves (`--http`: its metrics and status page):
+/// counters of its jobs and connections, and the commands running now. Hand one to the
+/// slave ([`SlaveOptions::monitor`](crate::SlaveOptions::monitor)) to read it.
+///
+/// ```
+/// let monitor = localnet::SlaveMonitor::default();
+/// assert_eq!(monitor.counts().jobs_started, 0);
+/// assert!(monitor.running().is_empty());
+/// ```
+#[derive(Debug, Default)]
+pub struct SlaveMonitor {
+    jobs_started: AtomicU64,
+    jobs_succeeded: AtomicU64,
+    jobs_failed: AtomicU64,
+    jobs_timed_out: AtomicU64,
+    output_bytes: AtomicU64,
+    output_lines: AtomicU64,
+    connections: AtomicU64,
+    running: Mutex<BTreeMap<(u64, u64), RunningJob>>,
+}
+
+/// A command running on a slave.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunningJob {
+    /// The command line, its words joined by spaces.
+    pub command: String,
+    /// The name of the master that started it.
+    pub master: String,
+    /// When it started, in milliseconds since the Unix epoch.
+    pub started_unix_ms: u64,
+}
+
+/// A slave's counters at one moment ([`SlaveMonitor::counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SlaveCounts {
+    /// Commands started.
+    pub jobs_started: u64,
+    /// Commands that exited with code 0.
+    pub jobs_succeeded: u64,
+    /// Commands that ended otherwise (a code, a signal, could not run), timeouts aside.
+    pub jobs_failed: u64,
+    /// Commands killed because their timeout passed.
+    pub jobs_timed_out: u64,
+    /// Bytes of command output sent to masters.
+    pub output_bytes: u64,
+    /// Newlines in that output.
+    pub output_lines: u64,
+    /// Master connections open now.
+    pub connections: u64,
+}
+
+impl SlaveMonitor {
+    /// The counters now.
+    pub fn counts(&self) -> SlaveCounts {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SlaveCounts {
+            jobs_started: get(&self.jobs_started),
+            jobs_succeeded: get(&self.jobs_succeeded),
+            jobs_failed: get(&self.jobs_failed),
+            jobs_timed_out: get(&self.jobs_timed_out),
+            output_bytes: get(&self.output_bytes),
+            output_lines: get(&self.output_lines),
+            connections: get(&self.connections),
+        }
+    }
+
+    /// The commands running now, oldest first.
+    pub fn running(&self) -> Vec<RunningJob> {
+        let mut jobs: Vec<RunningJob> = self
+            .running
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        jobs.sort_by_key(|j| j.started_unix_ms);
+        jobs
+    }
+
+    /// A master connection opened (`true`) or closed.
+    pub(crate) fn connection(&self, open: bool) {
+        match open {
+            true => self.connections.fetch_add(1, Ordering::Relaxed),
+            false => self.connections.fetch_sub(1, Ordering::Relaxed),
+        };
+    }
+
+    fn output(&self, data: &[u8]) {
+        self.output_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let lines = memchr::memchr_iter(b'\n', data).count() as u64;
+        self.output_lines.fetch_add(lines, Ordering::Relaxed);
+    }
+
+    fn ended(&self, key: (u64, u64), exit: &JobExit) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&key);
+        }
+        let counter = if exit.timed_out {
+            &self.jobs_timed_out
+        } else if exit.success() {
+            &self.jobs_succeeded
+        } else {
+            &self.jobs_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What a slave knows about the jobs it runs, across connections.
-#[derive(Default)]
 pub(crate) struct Jobs {
     running: Mutex<HashMap<(u64, u64), Job>>,
+    pub(crate) monitor: Arc<SlaveMonitor>,
 }
 
 pub(crate) enum Job {
@@ -59,6 +169,14 @@ impl Job {
 }
 
 impl Jobs {
+    /// The jobs of a slave that shows itself in `monitor`.
+    pub(crate) fn new(monitor: Arc<SlaveMonitor>) -> Self {
+        Self {
+            running: Mutex::new(HashMap::new()),
+            monitor,
+        }
+    }
+
     pub(crate) fn insert(&self, key: (u64, u64), job: Job) {
         if let Ok(mut map) = self.running.lock() {
             map.insert(key, job);
@@ -96,9 +214,27 @@ impl Jobs {
 /// streaming its output to `out` and `input` (if any) to its stdin; kills it after
 /// `timeout_ms`.
 pub(crate) async fn run_command(
+    (session, id): (u64, u64),
+    argv: &[String],
+    master: &str,
+    timeout_ms: Option<u64>,
+    input: Option<InputReceiver>,
+    jobs: &Jobs,
+    out: &mpsc::Sender<Frame>,
+) -> JobExit {
+    let monitor = &jobs.monitor;
+    monitor.jobs_started.fetch_add(1, Ordering::Relaxed);
+    let exit = command_exit(session, id, argv, master, timeout_ms, input, jobs, out).await;
+    monitor.ended((session, id), &exit);
+    exit
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn command_exit(
     session: u64,
     id: u64,
     argv: &[String],
+    master: &str,
     timeout_ms: Option<u64>,
     input: Option<InputReceiver>,
     jobs: &Jobs,
@@ -133,13 +269,24 @@ pub(crate) async fn run_command(
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     jobs.insert((session, id), Job::Process(pgid));
+    if let Ok(mut running) = jobs.monitor.running.lock() {
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let job = RunningJob {
+            command: argv.join(" "),
+            master: master.to_string(),
+            started_unix_ms,
+        };
+        running.insert((session, id), job);
+    }
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let feeder = input.map(|input| tokio::spawn(feed(child.stdin.take(), input, id, out.clone())));
     let pumps = async {
         tokio::join!(
-            pump(stdout, Stream::Stdout, id, out.clone()),
-            pump(stderr, Stream::Stderr, id, out.clone())
+            pump(stdout, Stream::Stdout, id, out.clone(), &jobs.monitor),
+            pump(stderr, Stream::Stderr, id, out.clone(), &jobs.monitor)
         )
     };
     let waited = async {
@@ -217,6 +364,7 @@ async fn pump(
     stream: Stream,
     id: u64,
     out: mpsc::Sender<Frame>,
+    monitor: &SlaveMonitor,
 ) {
     let Some(mut pipe) = pipe else { return };
     // Read into uninitialised capacity (no zeroing), starting small: most jobs write
@@ -232,6 +380,7 @@ async fn pump(
                 return;
             }
         };
+        monitor.output(&data);
         if n == capacity {
             capacity = (capacity * 2).min(BATCH_BYTES);
         } else if n < capacity / 4 {

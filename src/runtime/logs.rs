@@ -37,6 +37,8 @@ pub struct LogTargets {
     /// The queue towards the master that asked last, with the token it was given.
     current: Mutex<Option<(u64, mpsc::Sender<String>)>>,
     next_token: AtomicU64,
+    /// Lines handed to a master's queue.
+    forwarded: AtomicU64,
     /// Where lines that could not be forwarded go (made on first use unless given).
     local: OnceLock<OutputStream>,
 }
@@ -69,10 +71,19 @@ impl LogTargets {
         let Ok(target) = self.current.lock() else {
             return false;
         };
-        match &*target {
+        let sent = match &*target {
             Some((_, tx)) => tx.try_send(line).is_ok(),
             None => false,
+        };
+        if sent {
+            self.forwarded.fetch_add(1, Ordering::Relaxed);
         }
+        sent
+    }
+
+    /// How many log lines were handed to masters so far.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(Ordering::Relaxed)
     }
 
     /// A tracing layer that sends log events to the master that redirected them.
@@ -210,6 +221,7 @@ mod tests {
             insecure: false,
             table,
             logs,
+            monitor: None,
         };
         tokio::spawn(serve(listener, opts));
         node

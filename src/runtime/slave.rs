@@ -19,7 +19,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::key::ClusterKey;
 use crate::runtime::files::{self, PutRequest};
 use crate::runtime::functions::{self, RemoteTable};
-use crate::runtime::jobs::{self, InputItem, Job, Jobs};
+use crate::runtime::jobs::{self, InputItem, Job, Jobs, SlaveMonitor};
 use crate::runtime::logs::{self, LOG_QUEUE};
 use crate::runtime::logs::{LIFECYCLE, LogTargets};
 use crate::runtime::protocol::{FEATURES, Frame, INPUT_WINDOW, JobExit};
@@ -46,6 +46,9 @@ pub struct SlaveOptions {
     /// program that put one there needs nothing more), else targets of its own (which
     /// no layer feeds: a master that asks then gets no lines).
     pub logs: Option<Arc<LogTargets>>,
+    /// Where the slave shows its counters and running jobs (`None`: a monitor of its
+    /// own, which nobody reads).
+    pub monitor: Option<Arc<SlaveMonitor>>,
 }
 
 /// Most calls and commands one connection may have in flight on a slave (running, or
@@ -127,7 +130,8 @@ pub async fn serve_until(
         .unwrap_or_default();
     let opts = Arc::new(opts);
     let mut shutdown = std::pin::pin!(shutdown);
-    let jobs = Arc::new(Jobs::default());
+    let monitor = opts.monitor.clone().unwrap_or_default();
+    let jobs = Arc::new(Jobs::new(monitor));
     let slots = Arc::new(Semaphore::new(opts.slots.max(1)));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_SLAVE));
     let terminate = Arc::new(Notify::new());
@@ -178,7 +182,12 @@ pub async fn serve_until(
             // The connection's place among MAX_CONNECTIONS, until it closes.
             let _connection = connection;
             match transport::accept(stream, session.opts.key.as_ref()).await {
-                Ok((reader, writer)) => session.run(Session::start(reader, writer), peer).await,
+                Ok((reader, writer)) => {
+                    let monitor = session.jobs.monitor.clone();
+                    monitor.connection(true);
+                    session.run(Session::start(reader, writer), peer).await;
+                    monitor.connection(false);
+                }
                 Err(err) => tracing::warn!(target: LIFECYCLE, %peer, %err, "refused a connection"),
             }
         });
@@ -205,6 +214,16 @@ fn input_channel(
     let (tx, rx) = mpsc::channel(INPUT_WINDOW + 1);
     inputs.insert(id, tx);
     rx
+}
+
+/// A command a master asked for, as `exec` takes it.
+struct Command {
+    id: u64,
+    argv: Vec<String>,
+    timeout_ms: Option<u64>,
+    input: Option<jobs::InputReceiver>,
+    /// The master's name.
+    master: String,
 }
 
 /// What one connection's task knows: its id, and the slave's shared state.
@@ -266,7 +285,14 @@ impl Served {
                     stdin,
                 } => {
                     let input = stdin.then(|| input_channel(&mut inputs, id));
-                    self.exec(id, argv, timeout_ms, input, &out).await
+                    let command = Command {
+                        id,
+                        argv,
+                        timeout_ms,
+                        input,
+                        master: master.clone(),
+                    };
+                    self.exec(command, &out).await
                 }
                 Frame::Input { id, data } => self.take_input(&mut inputs, id, data),
                 Frame::InputEnd { id, sha256 } => {
@@ -512,14 +538,14 @@ impl Served {
         });
     }
 
-    async fn exec(
-        &self,
-        id: u64,
-        argv: Vec<String>,
-        timeout_ms: Option<u64>,
-        input: Option<jobs::InputReceiver>,
-        out: &mpsc::Sender<Frame>,
-    ) {
+    async fn exec(&self, command: Command, out: &mpsc::Sender<Frame>) {
+        let Command {
+            id,
+            argv,
+            timeout_ms,
+            input,
+            master,
+        } = command;
         let refuse = |error: String| Frame::Exit {
             id,
             exit: JobExit::failed(error),
@@ -557,7 +583,8 @@ impl Served {
             if out.is_closed() {
                 return; // the master went away while the job waited for a slot
             }
-            let exit = jobs::run_command(session, id, &argv, timeout_ms, input, &jobs, &out).await;
+            let key = (session, id);
+            let exit = jobs::run_command(key, &argv, &master, timeout_ms, input, &jobs, &out).await;
             let _ = out.send(Frame::Exit { id, exit }).await;
         });
     }
@@ -600,6 +627,7 @@ mod tests {
             insecure: true,
             table: RemoteTable::new(),
             logs: None,
+            monitor: None,
         };
         let server = tokio::spawn(serve(listener, opts));
         (Master::new("m", None, None), node, server)
@@ -769,6 +797,7 @@ mod tests {
             insecure: false,
             table: RemoteTable::new().register("echo", |v| async move { Ok(v) }),
             logs: None,
+            monitor: None,
         };
         let server = tokio::spawn(serve(listener, opts));
         let mut held = Vec::new();
@@ -823,6 +852,7 @@ mod tests {
             insecure: true,
             table,
             logs: None,
+            monitor: None,
         };
         let server = tokio::spawn(serve(listener, opts));
         // Four connections fill the slave's places, 256 each; one more on each is
