@@ -1,7 +1,9 @@
 //! The HTTP endpoint of a daemon or slave (`--http ADDR`, off unless asked).
 //!
 //! This module owns the HTTP side of a node: the listener and its connections (at most
-//! [`MAX_CONNECTIONS`], each with a deadline for its request headers), and the routes:
+//! [`MAX_CONNECTIONS`], each with a deadline for its request headers; requests parsed
+//! by `httparse`, answers written here: five GET routes need no HTTP framework, and
+//! an idle node keeps less code resident without one), and the routes:
 //! `/metrics` (Prometheus text format, built in [`metrics`] from the node's counters at
 //! each scrape), `/sd` (Prometheus HTTP service discovery: every alive peer as a
 //! target), `/peers` (the peer table as JSON), `/events` (peer events as server-sent
@@ -11,18 +13,14 @@
 
 pub mod metrics;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -134,22 +132,152 @@ pub async fn serve(listener: TcpListener, sources: Sources, opts: HttpOptions) {
         let state = state.clone();
         tokio::spawn(async move {
             let _place = place;
-            let service = hyper::service::service_fn(move |request| {
-                let state = state.clone();
-                async move {
-                    state.seen_request();
-                    Ok::<_, Infallible>(route(&state, request).await)
-                }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(err) = connection.await {
+            if let Err(err) = serve_connection(stream, &state).await {
                 tracing::debug!(%peer, %err, "HTTP connection ended");
             }
         });
     }
+}
+
+/// Most bytes of a request's head (request line and headers).
+const MAX_HEAD: usize = 8192;
+
+/// Serves the requests of one connection (kept open between requests, as Prometheus
+/// and browsers do) until the client closes it, sends something that is not a GET of
+/// ours, or is silent for [`HEADER_TIMEOUT`] before a request.
+async fn serve_connection(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        // The head of the next request, within the deadline.
+        let (head_len, method, path, close) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut request = httparse::Request::new(&mut headers);
+            match request.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let header = |name: &str| {
+                        request
+                            .headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+                    };
+                    // A body (none of our routes takes one) is not read: answer, close.
+                    let body = header("content-length").is_some_and(|v| v.trim() != "0")
+                        || header("transfer-encoding").is_some();
+                    let close = body
+                        || header("connection").is_some_and(|v| v.contains("close"))
+                        || request.version == Some(0);
+                    let method = request.method.unwrap_or("").to_string();
+                    let path = request.path.unwrap_or("/").to_string();
+                    break (len, method, path, close);
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    let answer = Answer::text(431, "the request's head is too long\n");
+                    return write_answer(&mut stream, &answer, true, true).await;
+                }
+                Err(e) => {
+                    let answer = Answer::text(400, format!("not an HTTP request: {e}\n"));
+                    return write_answer(&mut stream, &answer, true, true).await;
+                }
+            }
+            let mut chunk = [0u8; 2048];
+            let n = match tokio::time::timeout(HEADER_TIMEOUT, stream.read(&mut chunk)).await {
+                Ok(read) => read?,
+                Err(_) => return Ok(()), // silent: closed
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        buf.drain(..head_len);
+        state.seen_request();
+        let head_only = method == "HEAD";
+        if method != "GET" && !head_only {
+            let mut answer = Answer::text(405, "only GET is served here\n");
+            answer.allow = true;
+            return write_answer(&mut stream, &answer, false, true).await;
+        }
+        // The path without a query.
+        let path = path.split(['?', '#']).next().unwrap_or("/");
+        if path == "/events" {
+            return event_stream(&mut stream, &state.sources.node, head_only).await;
+        }
+        let answer = route(state, path).await;
+        write_answer(&mut stream, &answer, head_only, close).await?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// A response with a body.
+struct Answer {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    /// Say which methods are served (a 405).
+    allow: bool,
+}
+
+impl Answer {
+    fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
+        Self {
+            status,
+            content_type,
+            body: body.into(),
+            allow: false,
+        }
+    }
+
+    fn text(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Self::new(status, "text/plain; charset=utf-8", body)
+    }
+}
+
+/// The reason phrase of the statuses we send.
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    }
+}
+
+async fn write_answer(
+    stream: &mut TcpStream,
+    answer: &Answer,
+    head_only: bool,
+    close: bool,
+) -> std::io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
+        answer.status,
+        reason(answer.status),
+        answer.content_type,
+        answer.body.len()
+    )
+    .into_bytes();
+    if answer.allow {
+        out.extend_from_slice(b"Allow: GET, HEAD\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(&answer.body);
+    }
+    stream.write_all(&out).await?;
+    if close {
+        let _ = stream.shutdown().await;
+    }
+    Ok(())
 }
 
 /// What the handlers share.
@@ -208,61 +336,24 @@ async fn count_events(state: Arc<State>) {
     }
 }
 
-type Body = BoxBody<Bytes, Infallible>;
-
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).boxed());
-    *response.status_mut() = status;
-    if let Ok(value) = content_type.parse() {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, value);
-    }
-    response.headers_mut().insert(
-        hyper::header::CACHE_CONTROL,
-        hyper::header::HeaderValue::from_static("no-store"),
-    );
-    response
-}
-
-fn json(value: &impl Serialize) -> Response<Body> {
+fn json(value: &impl Serialize) -> Answer {
     match serde_json::to_vec(value) {
-        Ok(bytes) => respond(StatusCode::OK, "application/json", bytes),
-        Err(e) => respond(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain; charset=utf-8",
-            format!("cannot encode: {e}\n"),
-        ),
+        Ok(bytes) => Answer::new(200, "application/json", bytes),
+        Err(e) => Answer::text(500, format!("cannot encode: {e}\n")),
     }
 }
 
-fn unavailable(why: impl std::fmt::Display) -> Response<Body> {
-    respond(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "text/plain; charset=utf-8",
-        format!("the node does not answer: {why}\n"),
-    )
+fn unavailable(why: impl std::fmt::Display) -> Answer {
+    Answer::text(503, format!("the node does not answer: {why}\n"))
 }
 
-async fn route(state: &State, request: Request<Incoming>) -> Response<Body> {
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        let mut response = respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "only GET is served here\n",
-        );
-        response.headers_mut().insert(
-            hyper::header::ALLOW,
-            hyper::header::HeaderValue::from_static("GET, HEAD"),
-        );
-        return response;
-    }
+async fn route(state: &State, path: &str) -> Answer {
     let node = &state.sources.node;
-    match request.uri().path() {
-        "/" => respond(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+    match path {
+        "/" => Answer::new(200, "text/html; charset=utf-8", PAGE),
         "/metrics" => match metrics::render(state, node).await {
-            Ok(text) => respond(
-                StatusCode::OK,
+            Ok(text) => Answer::new(
+                200,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 text,
             ),
@@ -288,10 +379,8 @@ async fn route(state: &State, request: Request<Incoming>) -> Response<Body> {
             Some(monitor) => json(&monitor.running()),
             None => json(&Vec::<()>::new()),
         },
-        "/events" => event_stream(node),
-        _ => respond(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
+        _ => Answer::text(
+            404,
             "not here: try /, /metrics, /sd, /peers, /events, /status or /jobs\n",
         ),
     }
@@ -371,52 +460,41 @@ pub fn service_discovery(peers: &[crate::Peer], port: u16) -> Vec<TargetGroup> {
 
 /// Peer events as server-sent events (`event: joined`, `data: {"event":..,"peer":..}`),
 /// with a comment every [`EVENT_KEEPALIVE`]; `event: resync` when events were missed
-/// (the client then reads `/peers` again).
-fn event_stream(node: &NodeHandle) -> Response<Body> {
-    let (mut sender, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(16);
+/// (the client then reads `/peers` again). The stream ends when the client goes; a
+/// client that reads nothing fills its socket's buffer and then misses events (the
+/// node's queue drops them for it), never holding the node up.
+async fn event_stream(
+    stream: &mut TcpStream,
+    node: &NodeHandle,
+    head_only: bool,
+) -> std::io::Result<()> {
     let mut events = node.subscribe();
-    tokio::spawn(async move {
-        if sender
-            .send_data(Bytes::from_static(b": localnet events\n\n"))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        loop {
-            let chunk = tokio::select! {
-                event = events.recv() => match event {
-                    Ok(event) => {
-                        let kind = match &event {
-                            crate::PeerEvent::Joined(_) => "joined",
-                            crate::PeerEvent::Updated(_) => "updated",
-                            crate::PeerEvent::Left(_) => "left",
-                            crate::PeerEvent::Failed(_) => "failed",
-                        };
-                        let data = serde_json::to_string(&event).unwrap_or_default();
-                        format!("event: {kind}\ndata: {data}\n\n")
-                    }
-                    Err(RecvError::Lagged(_)) => "event: resync\ndata: {}\n\n".to_string(),
-                    Err(RecvError::Closed) => return,
-                },
-                () = tokio::time::sleep(EVENT_KEEPALIVE) => ": keepalive\n\n".to_string(),
-            };
-            // A client that reads nothing holds 16 chunks, then this waits (the node's
-            // broadcast queue drops events for it instead, and it is told to resync).
-            if sender.send_data(Bytes::from(chunk)).await.is_err() {
-                return; // the client went away
-            }
-        }
-    });
-    let mut response = Response::new(body.boxed());
-    let headers = response.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(
-        hyper::header::CACHE_CONTROL,
-        hyper::header::HeaderValue::from_static("no-store"),
-    );
-    response
+    // No length: the body ends when the connection does.
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n\
+                Connection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).await?;
+    if head_only {
+        return Ok(());
+    }
+    stream.write_all(b": localnet events\n\n").await?;
+    loop {
+        let chunk = tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => {
+                    let kind = match &event {
+                        crate::PeerEvent::Joined(_) => "joined",
+                        crate::PeerEvent::Updated(_) => "updated",
+                        crate::PeerEvent::Left(_) => "left",
+                        crate::PeerEvent::Failed(_) => "failed",
+                    };
+                    let data = serde_json::to_string(&event).unwrap_or_default();
+                    format!("event: {kind}\ndata: {data}\n\n")
+                }
+                Err(RecvError::Lagged(_)) => "event: resync\ndata: {}\n\n".to_string(),
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            () = tokio::time::sleep(EVENT_KEEPALIVE) => ": keepalive\n\n".to_string(),
+        };
+        stream.write_all(chunk.as_bytes()).await?;
+    }
 }
