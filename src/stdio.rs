@@ -68,6 +68,13 @@ struct Queue {
     room: tokio::sync::Notify,
 }
 
+impl State {
+    /// Everything queued (a status line's redraw too) is written, or can never be.
+    fn written_out(&self) -> bool {
+        !self.writing && (self.failed.is_some() || (self.chunks.is_empty() && !self.redraw))
+    }
+}
+
 impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -360,8 +367,7 @@ impl OutputStream {
             tokio::pin!(room);
             room.as_mut().enable();
             {
-                let state = queue.lock();
-                if state.chunks.is_empty() && !state.writing {
+                if queue.lock().written_out() {
                     return;
                 }
             }
@@ -374,7 +380,7 @@ impl OutputStream {
     pub fn flush_blocking(&self) {
         let queue = self.queue();
         let mut state = queue.lock();
-        while !state.chunks.is_empty() || state.writing {
+        while !state.written_out() {
             state = queue.idle.wait(state).unwrap_or_else(|e| e.into_inner());
         }
     }

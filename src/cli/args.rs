@@ -98,7 +98,7 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N", value_parser = parse_name)]
     pub name: Option<String>,
     /// Serve HTTP on IP:PORT (off unless given): Prometheus metrics at /metrics,
-    /// Prometheus HTTP service discovery at /sd (every alive peer), a live status page
+    /// Prometheus HTTP service discovery at /sd (this node and its verified peers), a live status page
     /// at /, and /peers, /events (server-sent events) and /status for scripts. It
     /// serves anyone who can reach the address: bind to 127.0.0.1 or a private
     /// network's address.
@@ -185,7 +185,7 @@ pub struct SlaveArgs {
     #[arg(long)]
     pub insecure: bool,
     /// Serve HTTP on IP:PORT (off unless given): Prometheus metrics at /metrics,
-    /// Prometheus HTTP service discovery at /sd (every alive peer), a live status page
+    /// Prometheus HTTP service discovery at /sd (this node and its verified peers), a live status page
     /// at / (with the slave's running jobs), and /jobs, /peers, /events (server-sent events) and /status for scripts. It
     /// serves anyone who can reach the address: bind to 127.0.0.1 or a private
     /// network's address.

@@ -220,13 +220,13 @@ pub(super) async fn render(state: &super::State, node: &NodeHandle) -> Result<St
         );
         r.register_with_unit(
             "job_output",
-            "Bytes of command output sent to masters",
+            "Bytes of command output (to its master, or to the slave's log once the master has gone)",
             Unit::Bytes,
             counter(c.output_bytes),
         );
         r.register(
             "job_output_lines",
-            "Lines (newlines) of command output sent to masters",
+            "Lines (newlines) of command output",
             counter(c.output_lines),
         );
         r.register(

@@ -5,8 +5,8 @@
 //! by `httparse`, answers written here: five GET routes need no HTTP framework, and
 //! an idle node keeps less code resident without one), and the routes:
 //! `/metrics` (Prometheus text format, built in [`metrics`] from the node's counters at
-//! each scrape), `/sd` (Prometheus HTTP service discovery: every alive peer as a
-//! target), `/peers` (the peer table as JSON), `/events` (peer events as server-sent
+//! each scrape), `/sd` (Prometheus HTTP service discovery: the node and every
+//! verified peer as a target), `/peers` (the peer table as JSON), `/events` (peer events as server-sent
 //! events), `/jobs` (a slave's running commands) and `/` (a live status page, one
 //! self-contained HTML file). It only reads the node: nothing here changes what the
 //! node does.
@@ -31,8 +31,11 @@ use crate::runtime::logs::LogTargets;
 /// Most HTTP connections served at once (event streams included); one more is closed
 /// at once.
 pub const MAX_CONNECTIONS: usize = 32;
-/// How long a client has to send its request headers.
+/// How long a client has to send a request's head (request line and headers), from its
+/// first byte or from the end of the previous answer.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write to a client may wait for it to read.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an event stream with nothing to say sends a comment (so that proxies and
 /// browsers keep it open).
 pub const EVENT_KEEPALIVE: Duration = Duration::from_secs(15);
@@ -148,7 +151,8 @@ const MAX_HEAD: usize = 8192;
 async fn serve_connection(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     loop {
-        // The head of the next request, within the deadline.
+        // The head of the next request, whole within the deadline (however it trickles).
+        let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
         let (head_len, method, path, close) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut request = httparse::Request::new(&mut headers);
@@ -182,7 +186,7 @@ async fn serve_connection(mut stream: TcpStream, state: &State) -> std::io::Resu
                 }
             }
             let mut chunk = [0u8; 2048];
-            let n = match tokio::time::timeout(HEADER_TIMEOUT, stream.read(&mut chunk)).await {
+            let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
                 Ok(read) => read?,
                 Err(_) => return Ok(()), // silent: closed
             };
@@ -273,7 +277,7 @@ async fn write_answer(
     if !head_only {
         out.extend_from_slice(&answer.body);
     }
-    stream.write_all(&out).await?;
+    write_within(stream, &out).await?;
     if close {
         let _ = stream.shutdown().await;
     }
@@ -311,8 +315,12 @@ impl State {
 /// back the code pages serving faulted in (an event stream that stays open keeps the
 /// page's polling, so a watched node keeps them).
 async fn release_when_idle(state: Arc<State>) {
+    let mut released_at_ms = 0;
     loop {
         state.request_seen.notified().await;
+        if state.last_request_ms.load(Ordering::Relaxed) <= released_at_ms {
+            continue; // a wake-up left from the burst that was just released
+        }
         loop {
             let idle = state.idle_for();
             if idle >= RELEASE_WHEN_IDLE {
@@ -321,6 +329,7 @@ async fn release_when_idle(state: Arc<State>) {
             tokio::time::sleep(RELEASE_WHEN_IDLE - idle).await;
         }
         crate::memory::release_unused_code();
+        released_at_ms = state.started.elapsed().as_millis() as u64;
     }
 }
 
@@ -409,7 +418,7 @@ fn own_target(state: &State, status: &crate::Status) -> TargetGroup {
             .unwrap_or(state.listen.ip()),
     };
     TargetGroup {
-        targets: vec![SocketAddr::new(ip, state.sd_port).to_string()],
+        targets: vec![SocketAddr::new(ip, state.listen.port()).to_string()],
         labels: labels(
             &status.name,
             &status.role,
@@ -435,13 +444,18 @@ fn labels(
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        labels.insert(format!("localnet_tag_{key}"), value.clone());
+        // Two tags that read the same once sanitised (`a-b`, `a.b`): the first stays.
+        labels
+            .entry(format!("localnet_tag_{key}"))
+            .or_insert_with(|| value.clone());
     }
     labels
 }
 
-/// Every alive peer as a target at `port` of its address, with its name, role, id and
-/// tags as labels (`/sd` adds the node itself).
+/// Every verified peer in the table (alive or suspect) as a target at `port` of its
+/// address, with its name, role, id and tags as labels (`/sd` adds the node itself).
+/// A failed peer leaves the table, and so the targets, at the next refresh: alert on
+/// `localnet_peer_events_total{event="failed"}` too, not only on `up`.
 ///
 /// ```
 /// let groups = localnet::http::service_discovery(&[], 9464);
@@ -450,7 +464,9 @@ fn labels(
 pub fn service_discovery(peers: &[crate::Peer], port: u16) -> Vec<TargetGroup> {
     peers
         .iter()
-        .filter(|p| p.state == crate::PeerState::Alive)
+        // A suspect is still a target (its scrapes tell whether it is down); a peer
+        // known only by unverified means (mDNS in a keyed cluster) is not.
+        .filter(|p| p.verified)
         .map(|p| TargetGroup {
             targets: vec![SocketAddr::new(p.addr.ip(), port).to_string()],
             labels: labels(&p.name, &p.role, &p.id.to_string(), &p.tags),
@@ -472,11 +488,11 @@ async fn event_stream(
     // No length: the body ends when the connection does.
     let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n\
                 Connection: close\r\n\r\n";
-    stream.write_all(head.as_bytes()).await?;
+    write_within(stream, head.as_bytes()).await?;
     if head_only {
         return Ok(());
     }
-    stream.write_all(b": localnet events\n\n").await?;
+    write_within(stream, b": localnet events\n\n").await?;
     loop {
         let chunk = tokio::select! {
             event = events.recv() => match event {
@@ -495,6 +511,18 @@ async fn event_stream(
             },
             () = tokio::time::sleep(EVENT_KEEPALIVE) => ": keepalive\n\n".to_string(),
         };
-        stream.write_all(chunk.as_bytes()).await?;
+        write_within(stream, chunk.as_bytes()).await?;
+    }
+}
+
+/// Writes `bytes` within [`WRITE_TIMEOUT`]: a client that does not read loses its
+/// connection (and its place among [`MAX_CONNECTIONS`]) instead of holding it.
+async fn write_within(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client read nothing for 10 s",
+        )),
     }
 }

@@ -128,7 +128,13 @@ impl SlaveMonitor {
         self.output_lines.fetch_add(lines, Ordering::Relaxed);
     }
 
-    fn ended(&self, key: (u64, u64), exit: &JobExit) {
+    /// A command starts.
+    pub(crate) fn started(&self) {
+        self.jobs_started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Command `key` ended so.
+    pub(crate) fn ended(&self, key: (u64, u64), exit: &JobExit) {
         if let Ok(mut running) = self.running.lock() {
             running.remove(&key);
         }
@@ -212,27 +218,10 @@ impl Jobs {
 
 /// Runs `argv` as job `id` of connection `session`, in a process group of its own,
 /// streaming its output to `out` and `input` (if any) to its stdin; kills it after
-/// `timeout_ms`.
+/// `timeout_ms`. The slave counts it in its monitor (`started`, `ended`) around this
+/// call.
 pub(crate) async fn run_command(
     (session, id): (u64, u64),
-    argv: &[String],
-    master: &str,
-    timeout_ms: Option<u64>,
-    input: Option<InputReceiver>,
-    jobs: &Jobs,
-    out: &mpsc::Sender<Frame>,
-) -> JobExit {
-    let monitor = &jobs.monitor;
-    monitor.jobs_started.fetch_add(1, Ordering::Relaxed);
-    let exit = command_exit(session, id, argv, master, timeout_ms, input, jobs, out).await;
-    monitor.ended((session, id), &exit);
-    exit
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn command_exit(
-    session: u64,
-    id: u64,
     argv: &[String],
     master: &str,
     timeout_ms: Option<u64>,

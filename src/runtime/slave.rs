@@ -429,6 +429,20 @@ impl Served {
                 return;
             }
         };
+        self.answer(id, "the copy".into(), task, out, admission);
+    }
+
+    /// Runs `task` (call `id`, named `what` in errors) as a task of its own that `Kill`
+    /// can abort, and answers with its `Result` (a panic or a kill said as such); the
+    /// admission is held until then.
+    fn answer(
+        &self,
+        id: u64,
+        what: String,
+        task: impl Future<Output = Result<Value, String>> + Send + 'static,
+        out: &mpsc::Sender<Frame>,
+        admission: Admission,
+    ) {
         let out = out.clone();
         let task = tokio::spawn(task);
         self.jobs
@@ -439,7 +453,16 @@ impl Served {
             let (ok, err) = match task.await {
                 Ok(Ok(value)) => (Some(value), None),
                 Ok(Err(e)) => (None, Some(e)),
-                Err(_) => (None, Some("the copy was stopped".to_string())),
+                Err(e) if e.is_panic() => {
+                    let payload = e.into_panic();
+                    let msg = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "panic".into());
+                    (None, Some(format!("{what} panicked: {msg}")))
+                }
+                Err(_) => (None, Some(format!("{what} was killed"))),
             };
             jobs.remove((session, id));
             let _ = out.send(Frame::Result { id, ok, err }).await;
@@ -495,47 +518,8 @@ impl Served {
             let _ = out.send(refuse(err)).await;
             return;
         };
-        let out = out.clone();
-        let task = tokio::spawn(future);
-        self.jobs
-            .insert((self.id, id), Job::Task(task.abort_handle()));
-        let jobs = self.jobs.clone();
-        let session = self.id;
-        tokio::spawn(async move {
-            let frame = match task.await {
-                Ok(Ok(value)) => Frame::Result {
-                    id,
-                    ok: Some(value),
-                    err: None,
-                },
-                Ok(Err(e)) => Frame::Result {
-                    id,
-                    ok: None,
-                    err: Some(functions::error_text(e.as_ref())),
-                },
-                Err(e) if e.is_panic() => {
-                    let payload = e.into_panic();
-                    let msg = payload
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| payload.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "panic".into());
-                    Frame::Result {
-                        id,
-                        ok: None,
-                        err: Some(format!("{name} panicked: {msg}")),
-                    }
-                }
-                Err(_) => Frame::Result {
-                    id,
-                    ok: None,
-                    err: Some(format!("{name} was killed")),
-                },
-            };
-            jobs.remove((session, id));
-            let _ = out.send(frame).await;
-            drop(admission);
-        });
+        let future = async move { future.await.map_err(|e| functions::error_text(e.as_ref())) };
+        self.answer(id, name, future, out, admission);
     }
 
     async fn exec(&self, command: Command, out: &mpsc::Sender<Frame>) {
@@ -584,7 +568,9 @@ impl Served {
                 return; // the master went away while the job waited for a slot
             }
             let key = (session, id);
+            jobs.monitor.started();
             let exit = jobs::run_command(key, &argv, &master, timeout_ms, input, &jobs, &out).await;
+            jobs.monitor.ended(key, &exit);
             let _ = out.send(Frame::Exit { id, exit }).await;
         });
     }
