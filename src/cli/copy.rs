@@ -11,7 +11,9 @@ use tokio::io::AsyncReadExt;
 
 use super::Stdio;
 use super::args::CopyArgs;
-use super::master::{Chosen, Failure, choose, fold_names, new_master, substitute, to_usize};
+use super::master::{
+    Chosen, Failure, choose, count_missing, new_master, substitute, to_usize, verdict,
+};
 use super::progress::{Interrupted, Progress};
 
 /// A local file to send, as read before the copy.
@@ -95,7 +97,7 @@ pub async fn run(args: CopyArgs, stdio: &Stdio) -> Result<()> {
         }));
     }
     let mut failures = Vec::new();
-    let mut by_kind: std::collections::BTreeMap<Failure, Vec<String>> = Default::default();
+    let mut by_kind = std::collections::BTreeMap::<Failure, Vec<String>>::new();
     for (task, peer) in tasks.into_iter().zip(&slaves) {
         let outcome = task
             .await
@@ -109,29 +111,12 @@ pub async fn run(args: CopyArgs, stdio: &Stdio) -> Result<()> {
         }
     }
     progress.finish();
-    let mut verdict: String = failures
-        .iter()
-        .map(|f| format!("localnet: failed: {f}\n"))
-        .collect();
-    if !missing.is_empty() {
-        verdict += &format!(
-            "localnet: failed: {} ({}): not found within {} (missing)\n",
-            fold_names(&missing),
-            missing.len(),
-            humantime::format_duration(select.wait)
-        );
-        by_kind.insert(Failure::Missing, missing.clone());
-    }
-    if failures.len() + usize::from(!missing.is_empty()) > 1 {
-        for (kind, names) in &by_kind {
-            verdict += &format!(
-                "localnet: {kind}: {} ({})\n",
-                fold_names(names),
-                names.len()
-            );
-        }
-    }
-    stdio.err.write(verdict.into_bytes()).await?;
+    let failed = failures.len();
+    count_missing(&missing, select.wait, &mut failures, &mut by_kind);
+    stdio
+        .err
+        .write(verdict(&failures, &by_kind).into_bytes())
+        .await?;
     stdio.err.flush().await;
     if progress.killed() {
         return Err(super::ExitStatus {
@@ -140,7 +125,7 @@ pub async fn run(args: CopyArgs, stdio: &Stdio) -> Result<()> {
         }
         .into());
     }
-    match (failures.len(), missing.len()) {
+    match (failed, missing.len()) {
         (0, 0) => Ok(()),
         (0, m) => bail!("{m} named slave(s) not found"),
         (f, _) => bail!("the copy failed on {f} of {} slaves", slaves.len()),

@@ -118,15 +118,7 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     let mut failures = Vec::new();
     // Failed slaves' names by how they failed, for the summary.
     let mut by_kind: BTreeMap<Failure, Vec<String>> = BTreeMap::new();
-    if !missing.is_empty() {
-        failures.push(format!(
-            "{} ({}): not found within {} (missing)",
-            fold_names(&missing),
-            missing.len(),
-            humantime::format_duration(select.wait)
-        ));
-        by_kind.insert(Failure::Missing, missing.clone());
-    }
+    count_missing(&missing, select.wait, &mut failures, &mut by_kind);
     for (job, peer) in jobs.into_iter().zip(&slaves) {
         let (name, node, outcome) = match job.await {
             Ok(done) => done,
@@ -174,17 +166,10 @@ pub async fn run(args: MasterArgs, stdio: &Stdio) -> Result<()> {
     // failed slave, then (when several failed) one per way of failing, as a node set.
     progress.finish();
     stdio.out.flush().await;
-    let mut verdict: String = failures
-        .iter()
-        .map(|f| format!("localnet: failed: {f}\n"))
-        .collect();
-    if failures.len() > 1 {
-        for (kind, names) in &by_kind {
-            let set = fold_names(names);
-            verdict += &format!("localnet: {kind}: {set} ({})\n", names.len());
-        }
-    }
-    stdio.err.write(verdict.into_bytes()).await?;
+    stdio
+        .err
+        .write(verdict(&failures, &by_kind).into_bytes())
+        .await?;
     stdio.err.flush().await;
     if progress.killed() {
         return Err(super::ExitStatus {
@@ -306,6 +291,40 @@ pub(super) async fn choose(
     let nodes: Vec<NodeId> = slaves.iter().map(|p| NodeId::new(p.addr)).collect();
     master.add_known(&nodes);
     Ok(Chosen { slaves, missing })
+}
+
+/// The slaves of `--nodes` not found within `wait`, as one failure line and a kind.
+pub(super) fn count_missing(
+    missing: &[String],
+    wait: Duration,
+    failures: &mut Vec<String>,
+    by_kind: &mut BTreeMap<Failure, Vec<String>>,
+) {
+    if !missing.is_empty() {
+        failures.push(format!(
+            "{} ({}): not found within {} (missing)",
+            fold_names(missing),
+            missing.len(),
+            humantime::format_duration(wait)
+        ));
+        by_kind.insert(Failure::Missing, missing.to_vec());
+    }
+}
+
+/// What a run says at its end: a line per failure, then (when several failed) one per
+/// way of failing, as a node set with its count.
+pub(super) fn verdict(failures: &[String], by_kind: &BTreeMap<Failure, Vec<String>>) -> String {
+    let mut verdict: String = failures
+        .iter()
+        .map(|f| format!("localnet: failed: {f}\n"))
+        .collect();
+    if failures.len() > 1 {
+        for (kind, names) in by_kind {
+            let set = fold_names(names);
+            verdict += &format!("localnet: {kind}: {set} ({})\n", names.len());
+        }
+    }
+    verdict
 }
 
 /// Writes `--gather`'s or `--by-node`'s blocks: each header and its stdout on stdout,

@@ -28,9 +28,32 @@ pub(crate) struct PutRequest {
     pub into_dir: bool,
 }
 
-/// A temporary file, removed when dropped unless it was renamed into place (a task
-/// aborted half-way removes it too).
-struct TempFile(Option<PathBuf>);
+/// A temporary file, removed when dropped unless it was renamed into place ([`keep`]:
+/// a task aborted half-way removes it too). Both ends of a copy write through one.
+///
+/// [`keep`]: TempFile::keep
+pub(crate) struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Self(Some(path))
+    }
+
+    /// It was renamed into place: nothing to remove.
+    pub(crate) fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+/// The name of a temporary file beside `name` (so a leftover one says whose it was),
+/// short enough for any file name: the name's part is cut to 64 bytes.
+pub(crate) fn temp_name(name: &str) -> String {
+    let mut end = name.len().min(64);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(".{}.localnet-{:016x}", &name[..end], fastrand::u64(..))
+}
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -90,7 +113,7 @@ pub(crate) async fn put(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| name.clone());
-    let temp_path = dir.join(crate::runtime::master::temp_name(&file_name));
+    let temp_path = dir.join(temp_name(&file_name));
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -98,7 +121,7 @@ pub(crate) async fn put(
         .open(&temp_path)
         .await
         .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
-    let mut temp = TempFile(Some(temp_path.clone()));
+    let temp = TempFile::new(temp_path.clone());
     let mut hasher = Sha256::new();
     let mut written: u64 = 0;
     let expected = loop {
@@ -151,7 +174,7 @@ pub(crate) async fn put(
     tokio::fs::rename(&temp_path, &target)
         .await
         .map_err(|e| format!("cannot put {} in place: {e}", target.display()))?;
-    temp.0 = None; // renamed: nothing to remove
+    temp.keep();
     Ok(json!({
         "path": target.to_string_lossy(),
         "bytes": written,

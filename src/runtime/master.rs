@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::key::ClusterKey;
+use crate::runtime::files;
 use crate::runtime::protocol::{
     FEATURE_FILES, FEATURE_INPUT, Frame, INPUT_CHUNK, INPUT_WINDOW, JobExit, NodeId, Stream,
 };
@@ -726,7 +727,7 @@ impl Master {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let temp = local.with_file_name(temp_name(&file_name));
+        let temp = local.with_file_name(files::temp_name(&file_name));
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -734,7 +735,7 @@ impl Master {
             .open(&temp)
             .await
             .map_err(local_error)?;
-        let guard = RemoveOnDrop(Some(temp.clone()));
+        let guard = files::TempFile::new(temp.clone());
         let mut download = self.get_file(node, remote).await?;
         let mut hasher = sha2::Sha256::new();
         let copied = loop {
@@ -764,7 +765,7 @@ impl Master {
             .await
             .map_err(local_error)?;
         tokio::fs::rename(&temp, local).await.map_err(local_error)?;
-        drop(guard.disarm());
+        guard.keep();
         Ok(CopiedFile {
             path: local.to_string_lossy().into_owned(),
             mode,
@@ -819,34 +820,6 @@ impl Master {
         report.acknowledged.sort();
         report.failed.sort_by_key(|(n, _)| *n);
         report
-    }
-}
-
-/// The name of a temporary file beside `name` (so a leftover one says whose it was),
-/// short enough for any file name: the name's part is cut to 64 bytes.
-pub(crate) fn temp_name(name: &str) -> String {
-    let mut end = name.len().min(64);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!(".{}.localnet-{:016x}", &name[..end], fastrand::u64(..))
-}
-
-/// A file removed when dropped, unless disarmed.
-struct RemoveOnDrop(Option<std::path::PathBuf>);
-
-impl RemoveOnDrop {
-    fn disarm(mut self) -> Self {
-        self.0 = None;
-        self
-    }
-}
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }
 
